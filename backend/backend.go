@@ -1,0 +1,123 @@
+// Package backend defines the store contract behind the agent: the one
+// interface a new store implements to plug into discoverd. The agent
+// depends on this package only, never on a concrete store.
+//
+// A backend holds one liveness session in its store for the whole agent (an
+// etcd lease, a ZooKeeper session) and attaches every registration to it, so
+// that a dead agent's registrations vanish by themselves after the TTL and
+// the agent's per-registration heartbeats never reach the store.
+//
+//	b, _ := etcd.Open(ctx, etcd.Config{Endpoints: eps, TTL: 10 * time.Second})
+//	defer b.Close()
+//	_ = b.Register(ctx, "web", "10.0.0.1:80", map[string]string{"v": "1"})
+//	s, _ := b.Subscribe(ctx, "web")
+//	defer s.Close()
+//	for ev := range s.Events() {
+//		// Put events for the snapshot, one Current event, then live changes.
+//	}
+//
+// The conformance suite in package backendtest defines what "implements
+// the contract" means; a new backend is done when it passes it against a
+// real server.
+package backend
+
+import (
+	"context"
+	"errors"
+)
+
+// Backend is a consistent store of service registrations. All methods are
+// safe for concurrent use.
+type Backend interface {
+	// Register stores (or replaces the attributes of) the registration
+	// name/addr on this backend's session. Re-registering the same
+	// name/addr keeps its Created; an event is emitted to subscribers only
+	// if the attributes changed. The backend remembers the registration and
+	// stores it again if its session is lost and renewed. It blocks until
+	// the store acknowledges the write or ctx is done.
+	Register(ctx context.Context, name, addr string, attrs map[string]string) error
+
+	// Unregister removes the registration name/addr at once and forgets it.
+	// Removing a registration that does not exist is not an error.
+	Unregister(ctx context.Context, name, addr string) error
+
+	// Subscribe starts a stream of the registrations of name. The stream
+	// first delivers one Put event per registration that exists, then one
+	// Current event, then every change in store order, with nothing lost or
+	// reordered between the snapshot and the live part. When the store's
+	// history is compacted or the watch breaks, the stream recovers by
+	// itself and delivers the difference as ordinary Put and Delete events.
+	// It blocks until the stream is set up or ctx is done; ctx does not
+	// bound the life of the stream (Close does).
+	Subscribe(ctx context.Context, name string) (Stream, error)
+
+	// Ping reports whether the store is reachable now (nil) or why not. It
+	// blocks at most until ctx is done.
+	Ping(ctx context.Context) error
+
+	// Close ends the backend's session, which removes every registration
+	// made through it at once (best effort, bounded in time), closes all
+	// its streams, and stops its goroutines. It is idempotent.
+	Close() error
+}
+
+// EventType says what an Event means.
+type EventType uint8
+
+const (
+	// Put: the instance was registered, or its attributes changed.
+	Put EventType = iota + 1
+	// Delete: the instance is gone (unregistered, or its session expired).
+	// Only Name and Addr of the Instance are guaranteed to be set.
+	Delete
+	// Current: the snapshot is complete; the events that follow are live.
+	// Sent exactly once per stream. The Instance is zero.
+	Current
+)
+
+func (t EventType) String() string {
+	switch t {
+	case Put:
+		return "put"
+	case Delete:
+		return "delete"
+	case Current:
+		return "current"
+	}
+	return "unknown"
+}
+
+// Instance is one registration as the store holds it.
+type Instance struct {
+	Name  string
+	Addr  string
+	Attrs map[string]string
+	// Created is the store's creation index: stable across attribute updates,
+	// strictly larger for a registration created later (etcd CreateRevision,
+	// ZooKeeper czxid).
+	Created uint64
+}
+
+// Event is one item of a Stream.
+type Event struct {
+	Type     EventType
+	Instance Instance
+}
+
+// Stream is a subscription to one service name.
+type Stream interface {
+	// Events delivers the stream's events. The channel is closed by the
+	// stream when it ends: after Close, or after an error it cannot
+	// recover from (see Err). The consumer must keep reading; the backend
+	// may buffer but is allowed to block on a reader that stops.
+	Events() <-chan Event
+	// Err returns why the stream ended: nil after Close, the cause
+	// otherwise. Valid once Events is closed.
+	Err() error
+	// Close ends the stream and waits for its goroutines to stop. It is
+	// idempotent.
+	Close() error
+}
+
+// ErrClosed is returned by a Backend's methods after Close.
+var ErrClosed = errors.New("backend: closed")
