@@ -1,6 +1,8 @@
 GO ?= go
+FUZZTIME ?= 60s
+
 # The whole suite: unit, integration (embedded etcd, real ZooKeeper when
-# installed) and fault tests, with the race detector, then go vet.
+# installed) and fault tests, with the race detector, after go vet.
 test:
 	$(GO) vet ./...
 	$(GO) test -race -count=1 -timeout 15m ./...
@@ -14,6 +16,15 @@ run:
 lint:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); exit 1; }
 	$(GO) vet ./...
-	$(GO) run honnef.co/go/tools/cmd/staticcheck@2025.1.1 ./...
+	$(GO) run honnef.co/go/tools/cmd/staticcheck@v0.8.2 ./...
 
-.PHONY: test build run lint
+# Every fuzz target of every package, FUZZTIME each (default 60s).
+fuzz:
+	@set -e; for pkg in $$($(GO) list ./...); do \
+	  for f in $$($(GO) test -list '^Fuzz' $$pkg | grep '^Fuzz' || true); do \
+	    echo "== $$pkg $$f ($(FUZZTIME))"; \
+	    $(GO) test -run '^$$' -fuzz "^$$f\$$" -fuzztime $(FUZZTIME) $$pkg; \
+	  done; \
+	done
+
+.PHONY: test build run lint fuzz
