@@ -1,0 +1,353 @@
+package agent
+
+import (
+	"context"
+	"maps"
+	"time"
+
+	"github.com/flynn/discoverd/api"
+)
+
+// regKey identifies a registration: a service name and an expanded address.
+type regKey struct{ name, addr string }
+
+// registration is one name/addr held by this agent. Guarded by Agent.mu.
+type registration struct {
+	owner *Session
+	attrs map[string]string // as last written to the store
+	beat  time.Time         // last Register or Heartbeat
+	dirty bool              // a write of attrs failed: the store may hold others
+}
+
+// Session groups the registrations of one client connection. A
+// registration (name, addr) belongs to the session that last registered
+// it: a Register of the same name/addr from another session takes it over,
+// and only the owner's Close unregisters it. Heartbeat and Unregister may
+// come from any session of the agent.
+//
+// Its methods are safe for concurrent use. A Session is cheap; it holds no
+// goroutine.
+type Session struct {
+	a   *Agent
+	max int // <0: unlimited
+
+	// guarded by a.mu
+	regs    map[regKey]struct{}
+	pending int // new registrations being written, counted against max
+	closed  bool
+}
+
+// NewSession starts a session that may hold at most maxRegistrations
+// registrations at once: 0 selects Config.MaxRegistrationsPerSession, a
+// negative number means unlimited (for transports without connections,
+// such as HTTP). The caller must call Close when the client goes away.
+func (a *Agent) NewSession(maxRegistrations int) *Session {
+	if maxRegistrations == 0 {
+		maxRegistrations = a.cfg.MaxRegistrationsPerSession
+	}
+	s := &Session{a: a, max: maxRegistrations, regs: make(map[regKey]struct{})}
+	a.mu.Lock()
+	if a.closed {
+		s.closed = true
+	} else {
+		a.sessions++
+	}
+	a.mu.Unlock()
+	return s
+}
+
+var errSessionClosed = api.Errorf(api.CodeUnavailable, "session closed")
+
+// key expands and validates the name/addr of args.
+func (s *Session) key(args api.Args) (regKey, error) {
+	addr, err := api.ExpandAddr(args.Addr, s.a.cfg.ExternalIP)
+	if err != nil {
+		return regKey{}, err
+	}
+	if err := api.ValidateName(args.Name); err != nil {
+		return regKey{}, err
+	}
+	if err := api.ValidateAddr(addr); err != nil {
+		return regKey{}, err
+	}
+	return regKey{args.Name, addr}, nil
+}
+
+// usableLocked reports why s cannot be used now, if it cannot.
+func (s *Session) usableLocked() error {
+	switch {
+	case s.a.closed:
+		return errShutdown
+	case s.closed:
+		return errSessionClosed
+	}
+	return nil
+}
+
+// Register registers args as online and returns its address, with a
+// ":port" address expanded to Config.ExternalIP. Registering a name/addr
+// the agent already holds is a heartbeat plus an attribute update: the
+// registration keeps its Created, the store is written only when the
+// attributes changed, and the registration moves to this session if
+// another one held it.
+//
+// It blocks until the store acknowledged the write or ctx is done. Errors:
+// *api.Error with CodeInvalidArgument (bad name, addr or attrs, or ":port"
+// without ExternalIP), CodeResourceExhausted (the session's cap is
+// reached), CodeUnavailable (store unreachable, session or agent closed);
+// or ctx.Err(), in which case the registration may or may not have been
+// stored (a stored one is removed by the agent within about a TTL unless it
+// is registered again). The session stays usable after any error.
+func (s *Session) Register(ctx context.Context, args api.Args) (string, error) {
+	k, err := s.key(args)
+	if err != nil {
+		return "", err
+	}
+	if err := api.ValidateAttrs(args.Attrs); err != nil {
+		return "", err
+	}
+	a := s.a
+
+	// Fast path: a known registration with unchanged attributes is a
+	// heartbeat, answered from memory. A store operation in flight on this
+	// key is ordered after this one: a removal takes the registration out
+	// of a.regs before it calls the store.
+	a.mu.Lock()
+	if done, err := s.refreshLocked(k, args.Attrs); done {
+		a.mu.Unlock()
+		return k.addr, err
+	}
+	a.mu.Unlock()
+
+	unlock, err := a.lockKey(ctx, k)
+	if err != nil {
+		return "", err
+	}
+	defer unlock()
+
+	a.mu.Lock()
+	if done, err := s.refreshLocked(k, args.Attrs); done {
+		a.mu.Unlock()
+		return k.addr, err
+	}
+	r := a.regs[k] // stays in a.regs while we hold the key lock
+	reserved := r == nil || r.owner != s
+	if reserved {
+		if err := s.reserveLocked(); err != nil {
+			a.mu.Unlock()
+			return "", err
+		}
+	}
+	a.mu.Unlock()
+
+	attrs := maps.Clone(args.Attrs)
+	err = a.backend.Register(ctx, k.name, k.addr, attrs)
+
+	a.mu.Lock()
+	if reserved {
+		s.pending--
+	}
+	if err != nil {
+		if r != nil {
+			r.dirty = true
+		} else if !a.closed {
+			a.orphans[k] = struct{}{} // the write may have happened
+		}
+		a.mu.Unlock()
+		return "", a.backendError(ctx, "register", err, "name", k.name, "addr", k.addr)
+	}
+	delete(a.orphans, k)
+	if a.closed {
+		a.mu.Unlock()
+		return "", errShutdown
+	}
+	if r == nil && s.closed {
+		// Close ran while we were writing: it cannot have seen this
+		// registration, so withdraw it here.
+		a.mu.Unlock()
+		_ = a.removeFromStore(ctx, k)
+		return "", errSessionClosed
+	}
+	if r == nil {
+		r = &registration{owner: s}
+		a.regs[k] = r
+		s.regs[k] = struct{}{}
+	} else if r.owner != s && !s.closed {
+		delete(r.owner.regs, k)
+		r.owner = s
+		s.regs[k] = struct{}{}
+	}
+	// A registration that stays with its owner because s was closed
+	// meanwhile keeps the attributes just written.
+	r.attrs = attrs
+	r.dirty = false
+	r.beat = time.Now()
+	closed := s.closed
+	a.mu.Unlock()
+	if closed {
+		return "", errSessionClosed
+	}
+	return k.addr, nil
+}
+
+// refreshLocked handles a Register that needs no store write: the agent
+// holds k with the same attributes. It refreshes the heartbeat and takes
+// the registration over if another session owned it. done reports whether
+// the Register is complete (successfully or with err).
+func (s *Session) refreshLocked(k regKey, attrs map[string]string) (done bool, err error) {
+	if err := s.usableLocked(); err != nil {
+		return true, err
+	}
+	r := s.a.regs[k]
+	if r == nil || r.dirty || !maps.Equal(r.attrs, attrs) {
+		return false, nil
+	}
+	if r.owner != s {
+		if err := s.reserveLocked(); err != nil {
+			return true, err
+		}
+		s.pending--
+		delete(r.owner.regs, k)
+		r.owner = s
+		s.regs[k] = struct{}{}
+	}
+	r.beat = time.Now()
+	return true, nil
+}
+
+// reserveLocked counts one more registration against the session's cap.
+func (s *Session) reserveLocked() error {
+	if s.max >= 0 && len(s.regs)+s.pending >= s.max {
+		return api.Errorf(api.CodeResourceExhausted, "too many registrations on this connection: the limit is %d", s.max)
+	}
+	s.pending++
+	return nil
+}
+
+// Heartbeat marks the registration args.Name/args.Addr alive (a ":port"
+// address is expanded as in Register). It never writes to the store and
+// does not block. Errors: *api.Error with CodeNotFound when the agent does
+// not hold the registration (it expired or was never made: register it
+// again), CodeInvalidArgument for a bad name or addr, CodeUnavailable when
+// the session or agent is closed.
+func (s *Session) Heartbeat(ctx context.Context, args api.Args) error {
+	k, err := s.key(args)
+	if err != nil {
+		return err
+	}
+	a := s.a
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if err := s.usableLocked(); err != nil {
+		return err
+	}
+	r := a.regs[k]
+	if r == nil {
+		return notFound(k)
+	}
+	r.beat = time.Now()
+	return nil
+}
+
+func notFound(k regKey) error {
+	return api.Errorf(api.CodeNotFound, "unknown registration %s/%s; register it again", k.name, k.addr)
+}
+
+// Unregister removes the registration args.Name/args.Addr (a ":port"
+// address is expanded as in Register) from the store at once. It blocks
+// until the store acknowledged it or ctx is done. Errors: *api.Error with
+// CodeNotFound when the agent does not hold it, CodeInvalidArgument,
+// CodeUnavailable (the agent then keeps retrying the removal in the
+// background), or ctx.Err(). After any error other than CodeInvalidArgument
+// the agent no longer holds the registration.
+func (s *Session) Unregister(ctx context.Context, args api.Args) error {
+	k, err := s.key(args)
+	if err != nil {
+		return err
+	}
+	a := s.a
+	unlock, err := a.lockKey(ctx, k)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	a.mu.Lock()
+	if err := s.usableLocked(); err != nil {
+		a.mu.Unlock()
+		return err
+	}
+	r := a.regs[k]
+	_, orphan := a.orphans[k]
+	if r == nil && !orphan {
+		a.mu.Unlock()
+		return notFound(k)
+	}
+	if r != nil {
+		a.forgetLocked(k, r)
+	}
+	a.mu.Unlock()
+	return a.removeFromStore(ctx, k)
+}
+
+// forgetLocked drops the registration k from the agent and its owner.
+func (a *Agent) forgetLocked(k regKey, r *registration) {
+	delete(a.regs, k)
+	delete(r.owner.regs, k)
+}
+
+// Close unregisters every registration the session owns and ends the
+// session; later calls fail with CodeUnavailable. It blocks until the
+// store acknowledged the removals, bounded by an internal timeout; a
+// removal that fails is logged and retried by the agent in the background.
+// After Agent.Close it only marks the session closed. It is idempotent.
+func (s *Session) Close() {
+	a := s.a
+	a.mu.Lock()
+	if s.closed {
+		a.mu.Unlock()
+		return
+	}
+	s.closed = true
+	if a.closed {
+		a.mu.Unlock()
+		return
+	}
+	a.sessions--
+	keys := make([]regKey, 0, len(s.regs))
+	for k := range s.regs {
+		keys = append(keys, k)
+	}
+	a.mu.Unlock()
+
+	ctx, cancel := context.WithTimeout(a.ctx, backendTimeout)
+	defer cancel()
+	for _, k := range keys {
+		s.release(ctx, k)
+	}
+}
+
+// release unregisters k if s still owns it.
+func (s *Session) release(ctx context.Context, k regKey) {
+	a := s.a
+	unlock, err := a.lockKey(ctx, k)
+	if err != nil {
+		a.mu.Lock()
+		if r := a.regs[k]; r != nil && r.owner == s && !a.closed {
+			// Out of time: let the janitor remove it.
+			a.forgetLocked(k, r)
+			a.orphans[k] = struct{}{}
+		}
+		a.mu.Unlock()
+		return
+	}
+	defer unlock()
+	a.mu.Lock()
+	r := a.regs[k]
+	if r == nil || r.owner != s {
+		a.mu.Unlock()
+		return
+	}
+	a.forgetLocked(k, r)
+	a.mu.Unlock()
+	_ = a.removeFromStore(ctx, k) // logged; retried by the janitor
+}

@@ -1,0 +1,538 @@
+package agent
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"maps"
+	"math/rand/v2"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/flynn/discoverd/api"
+	"github.com/flynn/discoverd/backend"
+)
+
+// Backoff of a watch whose backend stream broke.
+const (
+	minRetry = 100 * time.Millisecond
+	maxRetry = 5 * time.Second
+)
+
+// watch is the one backend subscription of a service name, shared by all
+// local subscribers. Its goroutine (run) reads the backend's events into an
+// in-memory cache and fans each change out to the subscribers' queues. It
+// never blocks on a subscriber.
+type watch struct {
+	a      *Agent
+	name   string
+	ctx    context.Context // cancelled to stop the watch
+	cancel context.CancelFunc
+
+	readyOnce sync.Once
+	ready     chan struct{} // closed once the cache holds a complete snapshot
+	done      chan struct{} // closed when run has returned
+
+	// guarded by Agent.mu
+	refs      int       // subscriptions and one-shot lookups using the watch
+	idleSince time.Time // when refs last dropped to 0
+
+	// mu orders the fan-out: a subscriber takes its snapshot and joins
+	// subs under mu, and every change is applied to the cache and queued
+	// to every subscriber under mu, so nothing is lost or reordered.
+	mu      sync.Mutex
+	stopped bool
+	cache   map[string]api.ServiceUpdate // addr → online instance
+	leader  api.ServiceUpdate            // online instance with the smallest Created; zero if none
+	subs    map[*Subscription]struct{}   // Subscribe streams
+	leaders map[*Subscription]struct{}   // Leader streams
+}
+
+// acquireWatch returns the watch of name, starting it if needed, and
+// counts one more user. The caller must call releaseWatch.
+func (a *Agent) acquireWatch(name string) (*watch, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.closed {
+		return nil, errShutdown
+	}
+	w := a.watches[name]
+	if w == nil {
+		ctx, cancel := context.WithCancel(a.ctx)
+		w = &watch{
+			a:       a,
+			name:    name,
+			ctx:     ctx,
+			cancel:  cancel,
+			ready:   make(chan struct{}),
+			done:    make(chan struct{}),
+			cache:   make(map[string]api.ServiceUpdate),
+			subs:    make(map[*Subscription]struct{}),
+			leaders: make(map[*Subscription]struct{}),
+		}
+		a.watches[name] = w
+		a.wg.Add(1)
+		go w.run()
+	}
+	w.refs++
+	return w, nil
+}
+
+// releaseWatch counts one user less. A watch without users is stopped
+// after Config.WatchLinger by the janitor (at once if it is negative).
+func (a *Agent) releaseWatch(w *watch) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if w.refs--; w.refs > 0 {
+		return
+	}
+	w.idleSince = time.Now()
+	if a.cfg.WatchLinger < 0 && a.watches[w.name] == w {
+		delete(a.watches, w.name)
+		w.cancel()
+	}
+}
+
+// waitReady blocks until w's cache holds a complete snapshot.
+func (w *watch) waitReady(ctx context.Context) error {
+	select {
+	case <-w.ready:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-w.done:
+		return errShutdown
+	}
+}
+
+// run owns the backend stream of w: it subscribes, applies events, and
+// resubscribes with backoff when the stream breaks, until w.ctx is done.
+// While the store is unreachable the cache keeps its last known state.
+func (w *watch) run() {
+	defer w.a.wg.Done()
+	defer close(w.done)
+	defer w.shutdown()
+	delay := minRetry
+	for {
+		stream, err := w.a.backend.Subscribe(w.ctx, w.name)
+		if err == nil {
+			var current bool
+			current, err = w.consume(stream)
+			_ = stream.Close()
+			if current {
+				delay = minRetry
+			}
+		}
+		if w.ctx.Err() != nil {
+			return
+		}
+		w.a.stats.backendErrors.Add(1)
+		w.a.log.Warn("agent: backend watch broken; serving the last known state and resubscribing",
+			"name", w.name, "err", err, "retry_in", delay)
+		t := time.NewTimer(delay/2 + rand.N(delay/2+1))
+		select {
+		case <-w.ctx.Done():
+			t.Stop()
+			return
+		case <-t.C:
+		}
+		delay = min(2*delay, maxRetry)
+	}
+}
+
+// consume applies the events of one backend stream until it ends or w is
+// stopped. The stream's snapshot is collected apart and diffed into the
+// cache at its Current event, so a resubscription emits only what changed
+// while the stream was down. current reports whether that point was
+// reached.
+func (w *watch) consume(stream backend.Stream) (current bool, err error) {
+	fresh := make(map[string]api.ServiceUpdate)
+	for {
+		select {
+		case <-w.ctx.Done():
+			return current, nil
+		case ev, ok := <-stream.Events():
+			if !ok {
+				if err := stream.Err(); err != nil {
+					return current, err
+				}
+				return current, errors.New("backend stream ended without an error")
+			}
+			w.a.stats.events.Add(1)
+			if current {
+				w.mu.Lock()
+				w.applyLocked(ev.Type, w.update(ev.Instance))
+				w.mu.Unlock()
+				continue
+			}
+			switch ev.Type {
+			case backend.Put:
+				fresh[ev.Instance.Addr] = w.update(ev.Instance)
+			case backend.Delete:
+				delete(fresh, ev.Instance.Addr)
+			case backend.Current:
+				w.resync(fresh)
+				current, fresh = true, nil
+				w.readyOnce.Do(func() { close(w.ready) })
+			}
+		}
+	}
+}
+
+func (w *watch) update(in backend.Instance) api.ServiceUpdate {
+	return api.ServiceUpdate{Name: w.name, Addr: in.Addr, Online: true, Attrs: in.Attrs, Created: uint(in.Created)}
+}
+
+// resync makes the cache equal to a complete snapshot, emitting the
+// differences as ordinary changes: removals first, then additions and
+// updates, each oldest first.
+func (w *watch) resync(fresh map[string]api.ServiceUpdate) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	var gone []api.ServiceUpdate
+	for addr, u := range w.cache {
+		if _, ok := fresh[addr]; !ok {
+			gone = append(gone, u)
+		}
+	}
+	sortOldestFirst(gone)
+	for _, u := range gone {
+		w.applyLocked(backend.Delete, u)
+	}
+	for _, u := range sortOldestFirst(slices.Collect(maps.Values(fresh))) {
+		w.applyLocked(backend.Put, u)
+	}
+}
+
+func sortOldestFirst(us []api.ServiceUpdate) []api.ServiceUpdate {
+	slices.SortFunc(us, func(a, b api.ServiceUpdate) int {
+		return cmp.Or(cmp.Compare(a.Created, b.Created), cmp.Compare(a.Addr, b.Addr))
+	})
+	return us
+}
+
+// applyLocked applies one change to the cache and fans it out. A Put that
+// changes nothing (same Created and attributes) and a Delete of an unknown
+// instance emit nothing. A Delete carries the last known attributes and
+// Created.
+func (w *watch) applyLocked(typ backend.EventType, u api.ServiceUpdate) {
+	switch typ {
+	case backend.Put:
+		if old, ok := w.cache[u.Addr]; ok && old.Created == u.Created && maps.Equal(old.Attrs, u.Attrs) {
+			return
+		}
+		w.cache[u.Addr] = u
+	case backend.Delete:
+		old, ok := w.cache[u.Addr]
+		if !ok {
+			return
+		}
+		delete(w.cache, u.Addr)
+		u = old
+		u.Online = false
+	default:
+		return
+	}
+	w.fanOutLocked(w.subs, u)
+	if w.moveLeaderLocked(u) {
+		w.fanOutLocked(w.leaders, w.leader)
+	}
+}
+
+// fanOutLocked queues u to every subscription of set, cutting off those
+// whose queue is full.
+func (w *watch) fanOutLocked(set map[*Subscription]struct{}, u api.ServiceUpdate) {
+	limit := w.a.cfg.SubscriberBuffer
+	var queued uint64
+	for s := range set {
+		if s.push(u, limit) {
+			queued++
+			continue
+		}
+		delete(set, s)
+		w.a.stats.slowCut.Add(1)
+		w.a.log.Info("agent: subscriber cut off: too slow", "name", w.name, "queued", limit)
+	}
+	w.a.stats.fanout.Add(queued)
+}
+
+// moveLeaderLocked updates w.leader after the change u was applied to the
+// cache and reports whether the leader's identity (addr, Created) changed.
+// An attribute update of the leader updates w.leader but is not a change.
+func (w *watch) moveLeaderLocked(u api.ServiceUpdate) bool {
+	old := w.leader
+	switch {
+	case u.Online && (old.Addr == "" || u.Created < old.Created):
+		w.leader = u
+	case u.Addr == old.Addr && u.Online && u.Created == old.Created:
+		w.leader = u
+		return false
+	case u.Addr == old.Addr:
+		// The leader left (or was re-created later): the oldest remaining.
+		w.leader = api.ServiceUpdate{}
+		for _, c := range w.cache {
+			if w.leader.Addr == "" || c.Created < w.leader.Created {
+				w.leader = c
+			}
+		}
+	default:
+		return false
+	}
+	return w.leader.Addr != old.Addr || w.leader.Created != old.Created
+}
+
+// shutdown ends every subscription of w; run calls it when it returns.
+func (w *watch) shutdown() {
+	w.mu.Lock()
+	w.stopped = true
+	subs := slices.Collect(maps.Keys(w.subs))
+	subs = slices.AppendSeq(subs, maps.Keys(w.leaders))
+	clear(w.subs)
+	clear(w.leaders)
+	w.mu.Unlock()
+	for _, s := range subs {
+		s.end(errShutdown)
+	}
+}
+
+// Subscribe starts a subscription to the instances of name. Next then
+// returns every online instance (Online true, oldest first), then the zero
+// ServiceUpdate meaning "you are current", then every change in order:
+// Online true with the new attributes for a registration or an attribute
+// update, Online false (with the last known Attrs and Created) for a
+// removal. Nothing is lost or reordered between the snapshot and the live
+// part.
+//
+// If the name's watch has no complete snapshot yet, Subscribe blocks until
+// it has one (the store answered) or ctx is done. ctx does not bound the
+// subscription; Close does, and the caller must call it. Errors:
+// CodeInvalidArgument for a bad name, CodeUnavailable when the agent is
+// closed, or ctx.Err().
+func (a *Agent) Subscribe(ctx context.Context, name string) (*Subscription, error) {
+	return a.join(ctx, name, false)
+}
+
+// Leader starts a subscription to the leader of name: the online instance
+// with the smallest Created. Next first returns the current leader (the
+// zero ServiceUpdate when there is none), then each new leader whenever the
+// leader's identity (addr, Created) changes, and the zero ServiceUpdate when
+// the last instance leaves. An attribute update of the current leader is
+// not a change of leader and is not sent (LeaderOf returns it).
+// Blocking, lifetime and errors are as for Subscribe.
+func (a *Agent) Leader(ctx context.Context, name string) (*Subscription, error) {
+	return a.join(ctx, name, true)
+}
+
+func (a *Agent) join(ctx context.Context, name string, leader bool) (*Subscription, error) {
+	if err := api.ValidateName(name); err != nil {
+		return nil, err
+	}
+	w, err := a.acquireWatch(name)
+	if err != nil {
+		return nil, err
+	}
+	if err := w.waitReady(ctx); err != nil {
+		a.releaseWatch(w)
+		return nil, err
+	}
+	s := &Subscription{w: w, wake: make(chan struct{}, 1)}
+	w.mu.Lock()
+	if w.stopped {
+		w.mu.Unlock()
+		a.releaseWatch(w)
+		return nil, errShutdown
+	}
+	if leader {
+		s.q = []api.ServiceUpdate{w.leader}
+		w.leaders[s] = struct{}{}
+	} else {
+		s.q = append(w.snapshotLocked(1), api.ServiceUpdate{})
+		w.subs[s] = struct{}{}
+	}
+	s.snapLeft = len(s.q)
+	w.mu.Unlock()
+	a.stats.subscribers.Add(1)
+	return s, nil
+}
+
+// snapshotLocked returns the online instances, oldest first, in a slice
+// with room for extra more.
+func (w *watch) snapshotLocked(extra int) []api.ServiceUpdate {
+	us := make([]api.ServiceUpdate, 0, len(w.cache)+extra)
+	for _, u := range w.cache {
+		us = append(us, u)
+	}
+	return sortOldestFirst(us)
+}
+
+// Instances returns the online instances of name, oldest first, from the
+// agent's cache. It blocks only when the name is not watched yet, until
+// the store answered or ctx is done. Errors as for Subscribe.
+func (a *Agent) Instances(ctx context.Context, name string) ([]api.ServiceUpdate, error) {
+	var us []api.ServiceUpdate
+	err := a.lookup(ctx, name, func(w *watch) { us = w.snapshotLocked(0) })
+	return us, err
+}
+
+// LeaderOf returns the current leader of name (the online instance with
+// the smallest Created) and true, or false when name has no online
+// instance. Blocking and errors as for Instances.
+func (a *Agent) LeaderOf(ctx context.Context, name string) (api.ServiceUpdate, bool, error) {
+	var u api.ServiceUpdate
+	err := a.lookup(ctx, name, func(w *watch) { u = w.leader })
+	return u, u.Addr != "", err
+}
+
+func (a *Agent) lookup(ctx context.Context, name string, read func(*watch)) error {
+	if err := api.ValidateName(name); err != nil {
+		return err
+	}
+	w, err := a.acquireWatch(name)
+	if err != nil {
+		return err
+	}
+	defer a.releaseWatch(w)
+	if err := w.waitReady(ctx); err != nil {
+		return err
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.stopped {
+		return errShutdown
+	}
+	read(w)
+	return nil
+}
+
+// ErrSubscriptionClosed is returned by Next after Close.
+var ErrSubscriptionClosed = api.Errorf(api.CodeUnavailable, "subscription closed")
+
+// smallQueue is the capacity a drained queue may keep; a larger one is
+// released so that an idle subscriber costs little memory.
+const smallQueue = 16
+
+// Subscription is a stream of updates from Subscribe or Leader. It holds
+// no goroutine: the agent queues updates (never blocking on it) and Next
+// pulls them. A subscription whose live queue exceeds
+// Config.SubscriberBuffer is cut off.
+//
+// Next must be called from one goroutine at a time; Close may be called
+// concurrently with Next. The Attrs maps of the updates are shared between
+// subscribers and must not be modified.
+type Subscription struct {
+	w    *watch
+	wake chan struct{} // capacity 1: signalled after a push or an end
+
+	closeOnce sync.Once
+
+	mu       sync.Mutex
+	q        []api.ServiceUpdate // q[head:] is pending
+	head     int
+	snapLeft int   // pending items of the initial snapshot (not bounded)
+	err      error // why the stream ends, once q is drained
+}
+
+// push queues u unless the subscription ended. It reports false when the
+// live part of the queue is full: the subscription is then cut off. It
+// never blocks on the consumer.
+func (s *Subscription) push(u api.ServiceUpdate, limit int) bool {
+	s.mu.Lock()
+	if s.err != nil {
+		s.mu.Unlock()
+		return true
+	}
+	ok := true
+	if live := len(s.q) - s.head - s.snapLeft; live >= limit {
+		s.err = api.Errorf(api.CodeResourceExhausted, "subscriber too slow: %d updates queued", live)
+		ok = false
+	} else {
+		if len(s.q) == cap(s.q) && s.head > 0 {
+			n := copy(s.q, s.q[s.head:])
+			clear(s.q[n:])
+			s.q, s.head = s.q[:n], 0
+		}
+		s.q = append(s.q, u)
+	}
+	s.mu.Unlock()
+	s.signal()
+	return ok
+}
+
+func (s *Subscription) signal() {
+	select {
+	case s.wake <- struct{}{}:
+	default:
+	}
+}
+
+// end makes the stream end with err once the queue is drained, unless it
+// has already ended.
+func (s *Subscription) end(err error) {
+	s.mu.Lock()
+	if s.err == nil {
+		s.err = err
+	}
+	s.mu.Unlock()
+	s.signal()
+}
+
+// Next returns the next update, blocking until there is one or ctx is
+// done. When the stream has ended it first returns the updates still
+// queued, then the reason: an *api.Error with CodeResourceExhausted when
+// the subscriber was cut off as too slow, CodeUnavailable when the agent
+// closed (or ErrSubscriptionClosed after Close). It returns ctx.Err() when
+// ctx is done first; the subscription is then still usable.
+func (s *Subscription) Next(ctx context.Context) (api.ServiceUpdate, error) {
+	for {
+		s.mu.Lock()
+		if s.head < len(s.q) {
+			u := s.q[s.head]
+			s.q[s.head] = api.ServiceUpdate{}
+			s.head++
+			if s.snapLeft > 0 {
+				s.snapLeft--
+			}
+			if s.head == len(s.q) {
+				if cap(s.q) > smallQueue {
+					s.q = nil
+				} else {
+					s.q = s.q[:0]
+				}
+				s.head = 0
+			}
+			s.mu.Unlock()
+			return u, nil
+		}
+		err := s.err
+		s.mu.Unlock()
+		if err != nil {
+			return api.ServiceUpdate{}, err
+		}
+		select {
+		case <-s.wake:
+		case <-ctx.Done():
+			return api.ServiceUpdate{}, ctx.Err()
+		}
+	}
+}
+
+// Close ends the subscription, drops its queue and releases the name's
+// watch. A blocked Next returns ErrSubscriptionClosed. It is idempotent
+// and does not block for long.
+func (s *Subscription) Close() {
+	s.closeOnce.Do(func() {
+		w := s.w
+		w.mu.Lock()
+		delete(w.subs, s)
+		delete(w.leaders, s)
+		w.mu.Unlock()
+		s.mu.Lock()
+		s.q, s.head, s.snapLeft = nil, 0, 0
+		s.err = ErrSubscriptionClosed
+		s.mu.Unlock()
+		s.signal()
+		w.a.stats.subscribers.Add(-1)
+		w.a.releaseWatch(w)
+	})
+}
