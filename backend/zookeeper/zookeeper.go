@@ -1,0 +1,765 @@
+// Package zookeeper is discoverd's ZooKeeper backend: it implements
+// backend.Backend on github.com/go-zookeeper/zk.
+//
+//	b, err := zookeeper.Open(ctx, zookeeper.Config{
+//		Servers: []string{"10.0.0.1:2181", "10.0.0.2:2181", "10.0.0.3:2181"},
+//		TTL:     10 * time.Second,
+//	})
+//	if err != nil {
+//		return err
+//	}
+//	defer b.Close()
+//	err = b.Register(ctx, "web", "10.0.0.7:80", map[string]string{"v": "1"})
+//
+// Layout. Each registration is an ephemeral znode
+// <Prefix>/<name>/<addr> whose data is the attributes as a JSON object. The
+// parents are persistent znodes, created on demand. Created is the znode's
+// czxid: an attribute update (a setData) keeps it, a later creation has a
+// larger one.
+//
+// Liveness. A Backend holds exactly one ZooKeeper session, with session
+// timeout = Config.TTL (the server clamps it to its own min and max session
+// timeouts; the negotiated value is logged when it differs). All of the
+// backend's registrations are ephemeral znodes of that session, so they
+// vanish together when the agent dies and the session expires, or at once
+// when Close ends the session. Nothing is written per heartbeat.
+//
+// Recovery. The backend remembers every registration it holds. When the
+// session expires while the agent is alive (a long partition), the client
+// library opens a new session and the backend creates every remembered
+// registration again, under new czxids (subscribers see a Delete and a Put).
+// A stream keeps its last view while the connection is down and emits the
+// difference once it is back.
+package zookeeper
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"path"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/go-zookeeper/zk"
+
+	"github.com/flynn/discoverd/api"
+	"github.com/flynn/discoverd/backend"
+)
+
+// DefaultPrefix is the znode under which registrations live when
+// Config.Prefix is empty.
+const DefaultPrefix = "/discoverd/services"
+
+// maxPacket bounds one packet read from a server, so that a broken or
+// hostile peer cannot make the client allocate without limit. It is well
+// above ZooKeeper's own default jute.maxbuffer (1 MiB).
+const maxPacket = 16 << 20
+
+// maxWriteAttempts bounds the retries of one write that races with other
+// writers of the same znode (version conflicts, a node vanishing between
+// two requests).
+const maxWriteAttempts = 8
+
+// Config configures Open.
+type Config struct {
+	// Servers are the ZooKeeper servers as host:port. Required.
+	Servers []string
+	// TTL is the session timeout: how long the registrations of an agent
+	// that died (or is cut off) stay visible. Default api.DefaultTTL.
+	TTL time.Duration
+	// Prefix is the znode that holds one child per service name. It must
+	// be an absolute ZooKeeper path without a trailing slash. Default
+	// DefaultPrefix.
+	Prefix string
+	// Logger receives the backend's and the ZooKeeper client's log lines.
+	// Default slog.Default().
+	Logger *slog.Logger
+}
+
+// Backend is a backend.Backend on one ZooKeeper session. It is safe for
+// concurrent use. Create it with Open; stop it with Close.
+type Backend struct {
+	prefix string
+	log    *slog.Logger
+	conn   *zk.Conn
+	zkEv   <-chan zk.Event // the client's event channel; closed when its goroutines are done
+	dial   *cutDialer
+
+	// kick wakes the session goroutine after a client state change.
+	kick    chan struct{}
+	closing chan struct{} // closed by Close
+	wg      sync.WaitGroup
+
+	locks keyLocks // serialises writes per znode
+
+	mu      sync.Mutex
+	closed  bool
+	regs    map[string]registration // by znode path; the registrations this backend holds
+	streams map[string]map[*stream]struct{}
+
+	closeOnce sync.Once
+}
+
+var _ backend.Backend = (*Backend)(nil)
+
+// registration is what the backend remembers of one of its registrations:
+// enough to create it again under a new session.
+type registration struct {
+	data []byte // canonical attrs JSON
+}
+
+// Open connects to ZooKeeper, establishes a session and starts the
+// backend's session goroutine. It blocks until the session exists, or
+// returns an error when ctx ends first (the servers are unreachable) or the
+// configuration is invalid.
+func Open(ctx context.Context, cfg Config) (*Backend, error) {
+	if len(cfg.Servers) == 0 {
+		return nil, errors.New("zookeeper: no servers configured")
+	}
+	if cfg.TTL <= 0 {
+		cfg.TTL = api.DefaultTTL
+	}
+	if cfg.Prefix == "" {
+		cfg.Prefix = DefaultPrefix
+	}
+	if !strings.HasPrefix(cfg.Prefix, "/") || strings.HasSuffix(cfg.Prefix, "/") || path.Clean(cfg.Prefix) != cfg.Prefix {
+		return nil, fmt.Errorf("zookeeper: prefix %q is not a clean absolute path", cfg.Prefix)
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	b := &Backend{
+		prefix:  cfg.Prefix,
+		log:     cfg.Logger.With("backend", "zookeeper"),
+		dial:    &cutDialer{},
+		kick:    make(chan struct{}, 1),
+		closing: make(chan struct{}),
+		regs:    make(map[string]registration),
+		streams: make(map[string]map[*stream]struct{}),
+	}
+	conn, events, err := zk.Connect(cfg.Servers, cfg.TTL,
+		zk.WithDialer(b.dial.dial),
+		zk.WithLogger(zkLogger{b.log}),
+		zk.WithLogInfo(false),
+		zk.WithMaxBufferSize(maxPacket),
+		zk.WithEventCallback(b.onEvent),
+	)
+	if err != nil {
+		return nil, fmt.Errorf("zookeeper: connect %v: %w", cfg.Servers, err)
+	}
+	b.conn, b.zkEv = conn, events
+
+	if err := b.waitSession(ctx); err != nil {
+		b.shutdownConn()
+		return nil, fmt.Errorf("zookeeper: open session with %v: %w", cfg.Servers, err)
+	}
+	if err := b.do(ctx, func() error { return b.ensurePath(b.prefix) }); err != nil {
+		b.shutdownConn()
+		return nil, fmt.Errorf("zookeeper: create %s: %w", b.prefix, err)
+	}
+	session := conn.SessionID()
+	b.log.Info("zookeeper session established", "session", fmt.Sprintf("%#x", session), "servers", cfg.Servers)
+
+	b.wg.Add(1)
+	go b.sessionLoop(session)
+	return b, nil
+}
+
+// waitSession blocks until the client has a session or ctx ends.
+func (b *Backend) waitSession(ctx context.Context) error {
+	for b.conn.State() != zk.StateHasSession {
+		select {
+		case <-b.kick:
+		case <-ctx.Done():
+			return fmt.Errorf("no session (state %v): %w", b.conn.State(), context.Cause(ctx))
+		}
+	}
+	return nil
+}
+
+// onEvent is the client library's event callback. It runs on the
+// library's receive goroutine and must not block.
+func (b *Backend) onEvent(ev zk.Event) {
+	if ev.Type == zk.EventSession {
+		select {
+		case b.kick <- struct{}{}:
+		default:
+		}
+		if ev.State == zk.StateHasSession {
+			// Reconnected (same or new session): let every stream check
+			// its view.
+			b.forStreams(func(s *stream) { s.notifyAll() })
+		}
+		return
+	}
+	if ev.Path == "" {
+		return
+	}
+	// A watch fired (or was dropped: EventNotWatching) on a service
+	// directory or on one instance znode.
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for s := range b.streams[ev.Path] {
+		s.notifyDir()
+	}
+	dir, child := path.Split(ev.Path)
+	for s := range b.streams[strings.TrimSuffix(dir, "/")] {
+		s.notifyChild(child)
+	}
+}
+
+func (b *Backend) forStreams(f func(*stream)) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for _, set := range b.streams {
+		for s := range set {
+			f(s)
+		}
+	}
+}
+
+// sessionLoop is the backend's one goroutine: when the client gets a new
+// session (the old one expired), it creates the remembered registrations
+// again. It returns when Close is called.
+func (b *Backend) sessionLoop(session int64) {
+	defer b.wg.Done()
+	var retry <-chan time.Time
+	backoff := newBackoff()
+	pending := false // a restore failed and must be tried again
+	for {
+		select {
+		case <-b.closing:
+			return
+		case <-b.kick:
+		case <-retry:
+			retry = nil
+		}
+		if b.conn.State() != zk.StateHasSession {
+			continue
+		}
+		id := b.conn.SessionID()
+		if id == session && !pending {
+			continue
+		}
+		if id != session {
+			b.log.Warn("zookeeper session expired; registering again", "old", fmt.Sprintf("%#x", session), "new", fmt.Sprintf("%#x", id))
+			session = id
+		}
+		if err := b.restore(); err != nil {
+			b.log.Warn("zookeeper: restoring registrations", "err", err)
+			pending = true
+			retry = time.After(backoff.next())
+			continue
+		}
+		pending = false
+		backoff.reset()
+	}
+}
+
+// restore writes every remembered registration again.
+func (b *Backend) restore() error {
+	b.mu.Lock()
+	paths := make([]string, 0, len(b.regs))
+	for p := range b.regs {
+		paths = append(paths, p)
+	}
+	b.mu.Unlock()
+	var n int
+	for _, p := range paths {
+		if err := b.locks.lock(p, nil, b.closing); err != nil {
+			return err
+		}
+		b.mu.Lock()
+		reg, ok := b.regs[p]
+		b.mu.Unlock()
+		var err error
+		if ok {
+			err = b.put(p, reg.data, false)
+			n++
+		}
+		b.locks.unlock(p)
+		if err != nil {
+			return fmt.Errorf("%s: %w", p, err)
+		}
+	}
+	b.log.Info("zookeeper registrations restored", "count", n)
+	return nil
+}
+
+// Register stores name/addr with attrs as an ephemeral znode of the
+// backend's session, creating the parents as needed. Registering again
+// with equal attributes writes nothing; with other attributes it updates
+// the znode's data in place (Created stays). A znode left at the same path
+// by another session (a previous incarnation of this agent, or another
+// agent) is replaced by this backend's, under a new Created.
+//
+// It blocks until ZooKeeper answers or ctx ends. When ctx ends first the
+// write may still take effect; the backend then remembers it, so
+// Unregister and Close still remove it. Errors: backend.ErrClosed, ctx's
+// error, or the ZooKeeper error wrapped with the operation.
+func (b *Backend) Register(ctx context.Context, name, addr string, attrs map[string]string) error {
+	p, err := b.nodePath(name, addr)
+	if err != nil {
+		return err
+	}
+	data, err := encodeAttrs(attrs)
+	if err != nil {
+		return fmt.Errorf("zookeeper: register %s/%s: %w", name, addr, err)
+	}
+	err = b.withKey(ctx, p, func() error {
+		b.mu.Lock()
+		old, known := b.regs[p]
+		b.mu.Unlock()
+		if known && bytes.Equal(old.data, data) {
+			return nil // a heartbeat: nothing to write
+		}
+		if err := b.put(p, data, known); err != nil {
+			return err
+		}
+		b.mu.Lock()
+		b.regs[p] = registration{data: data}
+		b.mu.Unlock()
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("zookeeper: register %s/%s: %w", name, addr, err)
+	}
+	return nil
+}
+
+// put makes the znode p an ephemeral node of this session holding data.
+// known says whether the backend believes it already holds p (then an
+// update is tried first). It must be called with p's key lock held.
+func (b *Backend) put(p string, data []byte, known bool) error {
+	update := known
+	for range maxWriteAttempts {
+		if !update {
+			_, err := b.conn.Create(p, data, zk.FlagEphemeral, zk.WorldACL(zk.PermAll))
+			switch {
+			case err == nil:
+				return nil
+			case errors.Is(err, zk.ErrNoNode):
+				if err := b.ensurePath(path.Dir(p)); err != nil {
+					return err
+				}
+				continue
+			case errors.Is(err, zk.ErrNodeExists):
+				update = true
+				continue
+			default:
+				return err
+			}
+		}
+		cur, stat, err := b.conn.Get(p)
+		switch {
+		case errors.Is(err, zk.ErrNoNode):
+			update = false
+			continue
+		case err != nil:
+			return err
+		}
+		if stat.EphemeralOwner != b.conn.SessionID() {
+			// Someone else's znode at our path: replace it atomically, so
+			// that a concurrent change makes the swap fail rather than
+			// overwrite it.
+			_, err := b.conn.Multi(
+				&zk.DeleteRequest{Path: p, Version: stat.Version},
+				&zk.CreateRequest{Path: p, Data: data, Acl: zk.WorldACL(zk.PermAll), Flags: zk.FlagEphemeral},
+			)
+			switch {
+			case err == nil:
+				return nil
+			case errors.Is(err, zk.ErrNoNode), errors.Is(err, zk.ErrBadVersion), errors.Is(err, zk.ErrNodeExists):
+				continue
+			default:
+				return err
+			}
+		}
+		if bytes.Equal(cur, data) {
+			return nil
+		}
+		_, err = b.conn.Set(p, data, stat.Version)
+		switch {
+		case err == nil:
+			return nil
+		case errors.Is(err, zk.ErrNoNode):
+			update = false
+			continue
+		case errors.Is(err, zk.ErrBadVersion):
+			continue
+		default:
+			return err
+		}
+	}
+	return fmt.Errorf("%s: gave up after %d conflicting writes", p, maxWriteAttempts)
+}
+
+// ensurePath creates p and its missing ancestors as persistent znodes.
+func (b *Backend) ensurePath(p string) error {
+	if p == "/" {
+		return nil
+	}
+	_, err := b.conn.Create(p, nil, 0, zk.WorldACL(zk.PermAll))
+	switch {
+	case err == nil, errors.Is(err, zk.ErrNodeExists):
+		return nil
+	case errors.Is(err, zk.ErrNoNode):
+		if err := b.ensurePath(path.Dir(p)); err != nil {
+			return err
+		}
+		_, err = b.conn.Create(p, nil, 0, zk.WorldACL(zk.PermAll))
+		if err == nil || errors.Is(err, zk.ErrNodeExists) {
+			return nil
+		}
+	}
+	return fmt.Errorf("create %s: %w", p, err)
+}
+
+// Unregister deletes the znode of name/addr and forgets the registration.
+// A registration that does not exist is not an error. It blocks until
+// ZooKeeper answers or ctx ends; when ctx ends first, the delete may still
+// take effect. Errors: backend.ErrClosed, ctx's error, or the ZooKeeper
+// error wrapped with the operation.
+func (b *Backend) Unregister(ctx context.Context, name, addr string) error {
+	p, err := b.nodePath(name, addr)
+	if err != nil {
+		return err
+	}
+	err = b.withKey(ctx, p, func() error {
+		b.mu.Lock()
+		delete(b.regs, p)
+		b.mu.Unlock()
+		err := b.conn.Delete(p, -1)
+		if err != nil && !errors.Is(err, zk.ErrNoNode) {
+			return err
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("zookeeper: unregister %s/%s: %w", name, addr, err)
+	}
+	return nil
+}
+
+// Ping reports whether the backend has a live session with a reachable
+// server: an error at once when the client is not connected, else the
+// result of a read of "/". It blocks at most until ctx ends.
+func (b *Backend) Ping(ctx context.Context) error {
+	if b.isClosed() {
+		return backend.ErrClosed
+	}
+	if st := b.conn.State(); st != zk.StateHasSession {
+		return fmt.Errorf("zookeeper: ping: not connected (%v)", st)
+	}
+	err := b.do(ctx, func() error {
+		_, _, err := b.conn.Exists("/")
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("zookeeper: ping: %w", err)
+	}
+	return nil
+}
+
+// Close ends the session, which deletes every registration of this backend
+// at once, ends all streams (their Err is nil) and stops every goroutine.
+// Closing the session is bounded by the client library (about a second
+// when no server answers). It is idempotent and always returns nil.
+func (b *Backend) Close() error {
+	b.closeOnce.Do(func() {
+		b.mu.Lock()
+		b.closed = true
+		b.mu.Unlock()
+		close(b.closing)
+		// Cancel the streams first, then stop the client, which fails
+		// every request a stream may be blocked in, then wait for them.
+		streams := b.allStreams()
+		for _, s := range streams {
+			s.cancel(backend.ErrClosed)
+		}
+		b.shutdownConn()
+		for _, s := range streams {
+			s.Close()
+		}
+		b.wg.Wait()
+	})
+	return nil
+}
+
+// Abandon is a test and fault-injection hook: it makes the backend die the
+// way a SIGKILLed agent does. It cuts the TCP connection and forbids new
+// ones, so the session is never closed and its registrations vanish only
+// when ZooKeeper expires it after the TTL; then it stops everything like
+// Close. Calling Close afterwards is safe.
+func (b *Backend) Abandon() {
+	b.dial.cut()
+	b.Close()
+}
+
+func (b *Backend) allStreams() []*stream {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	var all []*stream
+	for _, set := range b.streams {
+		for s := range set {
+			all = append(all, s)
+		}
+	}
+	return all
+}
+
+// shutdownConn closes the client (sending closeSession when a connection is
+// up) and waits for the library's goroutines to end: its event channel is
+// closed last.
+func (b *Backend) shutdownConn() {
+	b.conn.Close()
+	timer := time.NewTimer(10 * time.Second)
+	defer timer.Stop()
+	for {
+		select {
+		case _, ok := <-b.zkEv:
+			if !ok {
+				return
+			}
+		case <-timer.C:
+			b.log.Error("zookeeper client did not stop within 10s")
+			return
+		}
+	}
+}
+
+func (b *Backend) isClosed() bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.closed
+}
+
+// withKey runs f with the key lock of p held, on a goroutine the backend
+// owns, and waits for it or for ctx. The ZooKeeper client cannot cancel a
+// request, so f runs to its end even when ctx ends first; it holds the key
+// lock until then, which keeps the writes to p in order.
+func (b *Backend) withKey(ctx context.Context, p string, f func() error) error {
+	return b.do(ctx, func() error {
+		if err := b.locks.lock(p, ctx.Done(), b.closing); err != nil {
+			return err
+		}
+		defer b.locks.unlock(p)
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		return f()
+	})
+}
+
+// do runs f on a goroutine the backend owns (Close waits for it) and waits
+// for its result or for ctx.
+func (b *Backend) do(ctx context.Context, f func() error) error {
+	b.mu.Lock()
+	if b.closed {
+		b.mu.Unlock()
+		return backend.ErrClosed
+	}
+	b.wg.Add(1)
+	b.mu.Unlock()
+	res := make(chan error, 1)
+	go func() {
+		defer b.wg.Done()
+		res <- f()
+	}()
+	select {
+	case err := <-res:
+		if b.isClosed() && isConnErr(err) {
+			return backend.ErrClosed
+		}
+		return err
+	case <-ctx.Done():
+		return context.Cause(ctx)
+	}
+}
+
+func isConnErr(err error) bool {
+	return errors.Is(err, zk.ErrClosing) || errors.Is(err, zk.ErrConnectionClosed) || errors.Is(err, zk.ErrNoServer) || errors.Is(err, errClosing)
+}
+
+// nodePath returns the znode of name/addr, refusing names and addresses
+// that would escape the service directory.
+func (b *Backend) nodePath(name, addr string) (string, error) {
+	if err := checkSegment("service name", name); err != nil {
+		return "", err
+	}
+	if err := checkSegment("address", addr); err != nil {
+		return "", err
+	}
+	return b.serviceDir(name) + "/" + addr, nil
+}
+
+func (b *Backend) serviceDir(name string) string { return b.prefix + "/" + name }
+
+func checkSegment(what, s string) error {
+	if s == "" || s == "." || s == ".." || strings.ContainsAny(s, "/\x00") {
+		return api.Errorf(api.CodeInvalidArgument, "%s %q cannot be a ZooKeeper node name", what, s)
+	}
+	return nil
+}
+
+// encodeAttrs returns the canonical JSON of attrs: keys sorted, and no
+// attributes (nil or empty) as "{}", so equal attributes have equal bytes.
+func encodeAttrs(attrs map[string]string) ([]byte, error) {
+	if len(attrs) == 0 {
+		return []byte("{}"), nil
+	}
+	return json.Marshal(attrs)
+}
+
+// decodeAttrs parses a znode's data. No attributes decode as nil.
+func decodeAttrs(data []byte) (map[string]string, error) {
+	if len(data) == 0 {
+		return nil, nil
+	}
+	var attrs map[string]string
+	if err := json.Unmarshal(data, &attrs); err != nil {
+		return nil, err
+	}
+	if len(attrs) == 0 {
+		return nil, nil
+	}
+	return attrs, nil
+}
+
+// errClosing is returned by key-lock waits cut short by Close.
+var errClosing = errors.New("backend closing")
+
+// keyLocks is a set of mutexes by key, created on demand and dropped when
+// unused.
+type keyLocks struct {
+	mu sync.Mutex
+	m  map[string]*keyLock
+}
+
+type keyLock struct {
+	ch   chan struct{} // holds a token while locked
+	refs int
+}
+
+// lock acquires the lock of key, or gives up when cancel or closing is
+// closed (either may be nil).
+func (l *keyLocks) lock(key string, cancel, closing <-chan struct{}) error {
+	l.mu.Lock()
+	if l.m == nil {
+		l.m = make(map[string]*keyLock)
+	}
+	k := l.m[key]
+	if k == nil {
+		k = &keyLock{ch: make(chan struct{}, 1)}
+		l.m[key] = k
+	}
+	k.refs++
+	l.mu.Unlock()
+	select {
+	case k.ch <- struct{}{}:
+		return nil
+	case <-cancel:
+		l.release(key, k)
+		return context.Canceled
+	case <-closing:
+		l.release(key, k)
+		return errClosing
+	}
+}
+
+func (l *keyLocks) unlock(key string) {
+	l.mu.Lock()
+	k := l.m[key]
+	l.mu.Unlock()
+	<-k.ch
+	l.release(key, k)
+}
+
+func (l *keyLocks) release(key string, k *keyLock) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if k.refs--; k.refs == 0 {
+		delete(l.m, key)
+	}
+}
+
+// cutDialer dials TCP and can cut the live connection and refuse new ones:
+// for good (Abandon), which leaves the session open on the server until it
+// expires, or for a while (tests of partitions).
+type cutDialer struct {
+	mu      sync.Mutex
+	isCut   bool // refuse for good
+	blocked bool // refuse until unblocked
+	active  net.Conn
+}
+
+var errCut = errors.New("zookeeper: connection cut")
+
+func (d *cutDialer) dial(network, addr string, timeout time.Duration) (net.Conn, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.isCut || d.blocked {
+		return nil, errCut
+	}
+	c, err := net.DialTimeout(network, addr, timeout)
+	if err != nil {
+		return nil, err
+	}
+	d.active = c
+	return c, nil
+}
+
+// cut closes the live connection and refuses new ones for good.
+func (d *cutDialer) cut() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.isCut = true
+	if d.active != nil {
+		d.active.Close()
+	}
+}
+
+// block closes the live connection and refuses new ones until unblock.
+func (d *cutDialer) block() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.blocked = true
+	if d.active != nil {
+		d.active.Close()
+	}
+}
+
+func (d *cutDialer) unblock() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.blocked = false
+}
+
+// zkLogger sends the client library's log lines to slog at debug level:
+// they are chatty about every reconnect; the backend logs what matters.
+type zkLogger struct{ log *slog.Logger }
+
+func (l zkLogger) Printf(format string, args ...any) {
+	l.log.Debug("zk: " + fmt.Sprintf(format, args...))
+}
+
+// backoff yields growing retry delays between 50 ms and 2 s.
+type backoffState struct{ d time.Duration }
+
+func newBackoff() *backoffState { return &backoffState{} }
+
+func (b *backoffState) next() time.Duration {
+	if b.d == 0 {
+		b.d = 50 * time.Millisecond
+	} else {
+		b.d = min(2*b.d, 2*time.Second)
+	}
+	return b.d
+}
+
+func (b *backoffState) reset() { b.d = 0 }

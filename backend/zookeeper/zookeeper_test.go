@@ -1,0 +1,414 @@
+package zookeeper_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/go-zookeeper/zk"
+	"go.uber.org/goleak"
+
+	"github.com/flynn/discoverd/backend"
+	"github.com/flynn/discoverd/backend/backendtest"
+	"github.com/flynn/discoverd/backend/zookeeper"
+	"github.com/flynn/discoverd/backend/zookeeper/zktest"
+)
+
+// srv is the ZooKeeper server shared by the package's tests (starting a JVM
+// per test would dominate the run time); nil when ZooKeeper is not
+// installed. Tests use unique service names, so they do not see each other.
+var srv *zktest.Server
+
+func TestMain(m *testing.M) {
+	os.Exit(run(m))
+}
+
+func run(m *testing.M) int {
+	if zktest.Available() == nil {
+		dir, err := os.MkdirTemp("", "zktest")
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+		defer os.RemoveAll(dir)
+		s, err := zktest.Start(dir)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+		srv = s
+		defer s.Close()
+	}
+	code := m.Run()
+	if code != 0 {
+		return code
+	}
+	srv.Close() // before the leak check: its process-wait goroutine is ours
+	if err := goleak.Find(); err != nil {
+		fmt.Fprintf(os.Stderr, "goleak: %v\n", err)
+		return 1
+	}
+	return 0
+}
+
+// server returns the shared server, or skips (fails under CI) when
+// ZooKeeper is not installed.
+func server(tb testing.TB) *zktest.Server {
+	tb.Helper()
+	zktest.SkipIfUnavailable(tb)
+	return srv
+}
+
+const testPrefix = "/discoverd-test/services"
+
+func open(tb testing.TB, ttl time.Duration) *zookeeper.Backend {
+	tb.Helper()
+	s := server(tb)
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	b, err := zookeeper.Open(ctx, zookeeper.Config{Servers: s.Servers(), TTL: ttl, Prefix: testPrefix})
+	if err != nil {
+		tb.Fatalf("Open: %v", err)
+	}
+	tb.Cleanup(func() { b.Close() })
+	return b
+}
+
+// rawConn is a plain ZooKeeper client, to look at what the backend stored.
+func rawConn(tb testing.TB) *zk.Conn {
+	tb.Helper()
+	s := server(tb)
+	c, events, err := zk.Connect(s.Servers(), 10*time.Second, zk.WithLogInfo(false), zk.WithLogger(nopLogger{}))
+	if err != nil {
+		tb.Fatalf("zk.Connect: %v", err)
+	}
+	tb.Cleanup(func() {
+		c.Close()
+		for range events { // closed when the client's goroutines are done
+		}
+	})
+	return c
+}
+
+type nopLogger struct{}
+
+func (nopLogger) Printf(string, ...any) {}
+
+var seq atomic.Uint64
+
+func uniqueName(tb testing.TB) string {
+	r := strings.NewReplacer("/", "-", "_", "-")
+	return fmt.Sprintf("%s-%d-%d", r.Replace(tb.Name()), time.Now().UnixNano()&0xffffff, seq.Add(1))
+}
+
+func ctxT(tb testing.TB) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	tb.Cleanup(cancel)
+	return ctx
+}
+
+func TestConformance(t *testing.T) {
+	s := server(t)
+	backendtest.Run(t, backendtest.Harness{
+		New: func(tb testing.TB, ttl time.Duration) backend.Backend { return open(tb, ttl) },
+		Kill: func(tb testing.TB, b backend.Backend) {
+			b.(*zookeeper.Backend).Abandon()
+		},
+		StopStore:  s.Stop,
+		StartStore: s.Start,
+		TTL:        2 * time.Second,
+	})
+}
+
+// nextEvent reads one event from st or fails after a generous bound.
+func nextEvent(tb testing.TB, st backend.Stream) backend.Event {
+	tb.Helper()
+	timer := time.NewTimer(20 * time.Second)
+	defer timer.Stop()
+	select {
+	case ev, ok := <-st.Events():
+		if !ok {
+			tb.Fatalf("stream ended: %v", st.Err())
+		}
+		return ev
+	case <-timer.C:
+		tb.Fatal("no event within 20s")
+	}
+	return backend.Event{}
+}
+
+func expectEvent(tb testing.TB, st backend.Stream, typ backend.EventType, addr string) backend.Event {
+	tb.Helper()
+	ev := nextEvent(tb, st)
+	if ev.Type != typ || ev.Instance.Addr != addr {
+		tb.Fatalf("got %v %s, want %v %s", ev.Type, ev.Instance.Addr, typ, addr)
+	}
+	return ev
+}
+
+func subscribe(tb testing.TB, b backend.Backend, name string) backend.Stream {
+	tb.Helper()
+	st, err := b.Subscribe(ctxT(tb), name)
+	if err != nil {
+		tb.Fatalf("Subscribe: %v", err)
+	}
+	tb.Cleanup(func() { st.Close() })
+	expectEvent(tb, st, backend.Current, "")
+	return st
+}
+
+// TestStoreLayout checks the znodes the backend writes, as documented: an
+// ephemeral node <prefix>/<name>/<addr> of the backend's session holding
+// the attrs as JSON; an attribute update rewrites the data in place, so its
+// czxid (Created) stays; equal attributes write nothing.
+func TestStoreLayout(t *testing.T) {
+	b := open(t, 5*time.Second)
+	raw := rawConn(t)
+	name := uniqueName(t)
+	p := testPrefix + "/" + name + "/10.0.0.1:80"
+
+	if err := b.Register(ctxT(t), name, "10.0.0.1:80", map[string]string{"v": "1"}); err != nil {
+		t.Fatal(err)
+	}
+	data, st1, err := raw.Get(p)
+	if err != nil {
+		t.Fatalf("Get %s: %v", p, err)
+	}
+	if st1.EphemeralOwner != b.SessionID() {
+		t.Errorf("ephemeral owner %#x, want the backend's session %#x", st1.EphemeralOwner, b.SessionID())
+	}
+	var attrs map[string]string
+	if err := json.Unmarshal(data, &attrs); err != nil || attrs["v"] != "1" || len(attrs) != 1 {
+		t.Errorf("data %q (%v), want {\"v\":\"1\"}", data, err)
+	}
+
+	if err := b.Register(ctxT(t), name, "10.0.0.1:80", map[string]string{"v": "1"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, st, err := raw.Get(p); err != nil || st.Mzxid != st1.Mzxid {
+		t.Errorf("re-register with equal attrs wrote the znode (mzxid %d -> %d, err %v)", st1.Mzxid, st.Mzxid, err)
+	}
+
+	if err := b.Register(ctxT(t), name, "10.0.0.1:80", map[string]string{"v": "2"}); err != nil {
+		t.Fatal(err)
+	}
+	data, st2, err := raw.Get(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st2.Czxid != st1.Czxid || st2.Mzxid <= st1.Mzxid {
+		t.Errorf("attr update: czxid %d -> %d, mzxid %d -> %d; want same czxid, larger mzxid", st1.Czxid, st2.Czxid, st1.Mzxid, st2.Mzxid)
+	}
+	if !strings.Contains(string(data), `"v":"2"`) {
+		t.Errorf("data after update %q", data)
+	}
+
+	if err := b.Unregister(ctxT(t), name, "10.0.0.1:80"); err != nil {
+		t.Fatal(err)
+	}
+	if ok, _, err := raw.Exists(p); err != nil || ok {
+		t.Errorf("after Unregister: exists=%v err=%v", ok, err)
+	}
+}
+
+// TestSessionExpiryRecreatesRegistrations partitions a backend from
+// ZooKeeper for longer than its session timeout: its znodes go, and when it
+// reconnects (under a new session) it creates them again, with new
+// Created values, and its own stream follows.
+func TestSessionExpiryRecreatesRegistrations(t *testing.T) {
+	const ttl = time.Second
+	b := open(t, ttl)
+	watcher := open(t, 10*time.Second)
+	name := uniqueName(t)
+	own := subscribe(t, b, name)
+	st := subscribe(t, watcher, name)
+
+	created := map[string]uint64{}
+	for _, addr := range []string{"10.0.0.1:80", "10.0.0.2:80"} {
+		if err := b.Register(ctxT(t), name, addr, map[string]string{"a": addr}); err != nil {
+			t.Fatal(err)
+		}
+		created[addr] = expectEvent(t, st, backend.Put, addr).Instance.Created
+		expectEvent(t, own, backend.Put, addr)
+	}
+	oldSession := b.SessionID()
+
+	heal := b.Partition()
+	// The server expires the session after the TTL and removes its znodes.
+	for range 2 {
+		ev := nextEvent(t, st)
+		if ev.Type != backend.Delete || created[ev.Instance.Addr] == 0 {
+			t.Fatalf("while partitioned: got %v %s, want a Delete of a registration", ev.Type, ev.Instance.Addr)
+		}
+	}
+	heal()
+
+	for range 2 {
+		ev := nextEvent(t, st)
+		addr := ev.Instance.Addr
+		if ev.Type != backend.Put || created[addr] == 0 {
+			t.Fatalf("after healing: got %v %s, want a Put of a registration", ev.Type, addr)
+		}
+		if ev.Instance.Created <= created[addr] {
+			t.Errorf("%s re-created with Created %d, not larger than %d", addr, ev.Instance.Created, created[addr])
+		}
+		if ev.Instance.Attrs["a"] != addr {
+			t.Errorf("%s re-created with attrs %v", addr, ev.Instance.Attrs)
+		}
+	}
+	if b.SessionID() == oldSession {
+		t.Errorf("session id unchanged after expiry")
+	}
+	// The partitioned backend's own stream converges to the same view:
+	// both instances present with their new Created.
+	view := map[string]uint64{}
+	for _, addr := range []string{"10.0.0.1:80", "10.0.0.2:80"} {
+		view[addr] = created[addr]
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for view["10.0.0.1:80"] == created["10.0.0.1:80"] || view["10.0.0.2:80"] == created["10.0.0.2:80"] {
+		if time.Now().After(deadline) {
+			t.Fatalf("own stream view %v, want new Created values", view)
+		}
+		ev := nextEvent(t, own)
+		switch ev.Type {
+		case backend.Put:
+			view[ev.Instance.Addr] = ev.Instance.Created
+		case backend.Delete:
+			delete(view, ev.Instance.Addr)
+		}
+	}
+	// Unregister still works on the re-created registration.
+	if err := b.Unregister(ctxT(t), name, "10.0.0.1:80"); err != nil {
+		t.Fatal(err)
+	}
+	expectEvent(t, st, backend.Delete, "10.0.0.1:80")
+}
+
+// TestStreamKeepsViewAcrossConnectionLoss partitions a subscriber for less
+// than its session timeout: it emits nothing while cut off (its view and
+// registrations stay), then the changes made meanwhile.
+func TestStreamKeepsViewAcrossConnectionLoss(t *testing.T) {
+	sub := open(t, 30*time.Second)
+	writer := open(t, 10*time.Second)
+	name := uniqueName(t)
+	if err := sub.Register(ctxT(t), name, "10.0.0.1:80", nil); err != nil {
+		t.Fatal(err)
+	}
+	st, err := sub.Subscribe(ctxT(t), name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	expectEvent(t, st, backend.Put, "10.0.0.1:80")
+	expectEvent(t, st, backend.Current, "")
+
+	heal := sub.Partition()
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	if err := sub.Ping(ctx); err == nil {
+		t.Error("Ping while partitioned = nil, want an error")
+	}
+	cancel()
+	if err := writer.Register(ctxT(t), name, "10.0.0.2:80", map[string]string{"k": "v"}); err != nil {
+		t.Fatal(err)
+	}
+	heal()
+	// The first event after healing is the change made meanwhile: the
+	// stream neither dropped its view nor lost the subscriber's own
+	// registration (a Delete would come first).
+	ev := expectEvent(t, st, backend.Put, "10.0.0.2:80")
+	if ev.Instance.Attrs["k"] != "v" {
+		t.Errorf("attrs %v", ev.Instance.Attrs)
+	}
+	if err := writer.Unregister(ctxT(t), name, "10.0.0.2:80"); err != nil {
+		t.Fatal(err)
+	}
+	expectEvent(t, st, backend.Delete, "10.0.0.2:80")
+}
+
+// TestAbandonKeepsSession: Abandon drops the connection without closing the
+// session, so the znodes are still there right after it (they go when the
+// session expires, checked by the conformance suite).
+func TestAbandonKeepsSession(t *testing.T) {
+	b := open(t, 30*time.Second)
+	raw := rawConn(t)
+	name := uniqueName(t)
+	if err := b.Register(ctxT(t), name, "10.0.0.1:80", nil); err != nil {
+		t.Fatal(err)
+	}
+	b.Abandon()
+	ok, _, err := raw.Exists(testPrefix + "/" + name + "/10.0.0.1:80")
+	if err != nil || !ok {
+		t.Errorf("after Abandon: exists=%v err=%v, want the znode kept until the session expires", ok, err)
+	}
+}
+
+// TestUnreadableAttrs: a znode with data that is not a JSON object (written
+// by something else) is delivered without attributes; nothing breaks.
+func TestUnreadableAttrs(t *testing.T) {
+	b := open(t, 5*time.Second)
+	raw := rawConn(t)
+	name := uniqueName(t)
+	st := subscribe(t, b, name)
+	_, err := raw.Create(testPrefix+"/"+name+"/10.0.0.9:80", []byte("\xff not json"), zk.FlagEphemeral, zk.WorldACL(zk.PermAll))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ev := expectEvent(t, st, backend.Put, "10.0.0.9:80")
+	if ev.Instance.Attrs != nil || ev.Instance.Created == 0 {
+		t.Errorf("got %+v, want no attrs and a Created", ev.Instance)
+	}
+}
+
+// TestRegisterReplacesForeignZnode: a znode left at the path by another
+// session (say, this agent before a restart) is replaced by the backend's
+// own, so it lives and dies with this backend's session.
+func TestRegisterReplacesForeignZnode(t *testing.T) {
+	other, b := open(t, 30*time.Second), open(t, 5*time.Second)
+	raw := rawConn(t)
+	name := uniqueName(t)
+	st := subscribe(t, b, name)
+	if err := other.Register(ctxT(t), name, "10.0.0.1:80", nil); err != nil {
+		t.Fatal(err)
+	}
+	first := expectEvent(t, st, backend.Put, "10.0.0.1:80")
+	if err := b.Register(ctxT(t), name, "10.0.0.1:80", nil); err != nil {
+		t.Fatal(err)
+	}
+	expectEvent(t, st, backend.Delete, "10.0.0.1:80")
+	again := expectEvent(t, st, backend.Put, "10.0.0.1:80")
+	if again.Instance.Created <= first.Instance.Created {
+		t.Errorf("Created %d, want > %d", again.Instance.Created, first.Instance.Created)
+	}
+	_, stat, err := raw.Get(testPrefix + "/" + name + "/10.0.0.1:80")
+	if err != nil || stat.EphemeralOwner != b.SessionID() {
+		t.Errorf("owner %#x (err %v), want %#x", stat.EphemeralOwner, err, b.SessionID())
+	}
+}
+
+func TestOpenErrors(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	for _, cfg := range []zookeeper.Config{
+		{},
+		{Servers: []string{"127.0.0.1:1"}, Prefix: "relative"},
+		{Servers: []string{"127.0.0.1:1"}, Prefix: "/trailing/"},
+	} {
+		if b, err := zookeeper.Open(ctx, cfg); err == nil {
+			b.Close()
+			t.Errorf("Open(%+v) = nil error", cfg)
+		}
+	}
+	// Nothing listens: Open gives up when ctx ends.
+	short, cancel2 := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel2()
+	if b, err := zookeeper.Open(short, zookeeper.Config{Servers: []string{"127.0.0.1:1"}}); err == nil {
+		b.Close()
+		t.Error("Open with no server = nil error")
+	}
+}
