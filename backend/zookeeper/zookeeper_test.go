@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"log/slog"
 	"os"
 	"strings"
 	"sync/atomic"
@@ -66,12 +67,20 @@ func server(tb testing.TB) *zktest.Server {
 
 const testPrefix = "/discoverd-test/services"
 
+// testLogger discards the backends' logs unless ZKTEST_LOG is set.
+func testLogger() *slog.Logger {
+	if os.Getenv("ZKTEST_LOG") != "" {
+		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	return slog.New(slog.DiscardHandler)
+}
+
 func open(tb testing.TB, ttl time.Duration) *zookeeper.Backend {
 	tb.Helper()
 	s := server(tb)
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 	defer cancel()
-	b, err := zookeeper.Open(ctx, zookeeper.Config{Servers: s.Servers(), TTL: ttl, Prefix: testPrefix})
+	b, err := zookeeper.Open(ctx, zookeeper.Config{Servers: s.Servers(), TTL: ttl, Prefix: testPrefix, Logger: testLogger()})
 	if err != nil {
 		tb.Fatalf("Open: %v", err)
 	}
@@ -355,6 +364,9 @@ func TestUnreadableAttrs(t *testing.T) {
 	raw := rawConn(t)
 	name := uniqueName(t)
 	st := subscribe(t, b, name)
+	if _, err := raw.Create(testPrefix+"/"+name, nil, 0, zk.WorldACL(zk.PermAll)); err != nil {
+		t.Fatal(err)
+	}
 	_, err := raw.Create(testPrefix+"/"+name+"/10.0.0.9:80", []byte("\xff not json"), zk.FlagEphemeral, zk.WorldACL(zk.PermAll))
 	if err != nil {
 		t.Fatal(err)
