@@ -1,0 +1,435 @@
+package rpc
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"reflect"
+	"sync"
+	"time"
+)
+
+// Client is an rpcplus client over one connection. It is safe for
+// concurrent use; many calls and streams may be in flight at once.
+//
+// It owns one reader goroutine, started by NewClient or Dial and stopped by
+// Close or by the loss of the connection. The reader delivers stream
+// replies on the callers' channels and blocks while a channel is full, so
+// every stream's channel must be drained (or the stream closed) for the
+// other calls on the connection to progress.
+type Client struct {
+	codecKind Codec
+	codec     clientCodec
+	rwc       io.ReadWriteCloser
+
+	sendMu sync.Mutex // serialises writeRequest
+
+	mu       sync.Mutex
+	seq      uint64
+	pending  map[uint64]*Call
+	streams  map[uint64]*StreamCall
+	shutdown bool // no new calls: closing or connection lost
+	closing  bool // Close was called
+
+	closingCh chan struct{} // closed by Close: the reader stops delivering
+	done      chan struct{} // closed when the reader has ended every call
+}
+
+// Call is an asynchronous unary call started by Go.
+type Call struct {
+	ServiceMethod string
+	Args          any
+	Reply         any
+	// Error is set when Done delivers the call: nil, a ServerError (the
+	// method's error text), ErrShutdown, or a local encoding/decoding error.
+	Error error
+	// Done receives the call when it completes.
+	Done chan *Call
+
+	seq uint64
+}
+
+func (call *Call) done() {
+	select {
+	case call.Done <- call:
+	default:
+		// The caller's channel is full; net/rpc drops the completion too.
+	}
+}
+
+// Dial connects to addr over TCP, performs the CONNECT upgrade at
+// DefaultPath asking for codec, and returns a client on the connection.
+// ctx bounds the dial and the upgrade only.
+func Dial(ctx context.Context, addr string, codec Codec) (*Client, error) {
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("rpc: dial %s: %w", addr, err)
+	}
+	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Unix(1, 0)) })
+	br, err := upgrade(conn, codec)
+	if !stop() {
+		err = ctx.Err()
+	}
+	if err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("rpc: upgrade %s: %w", addr, err)
+	}
+	var rwc io.ReadWriteCloser = conn
+	if br.Buffered() > 0 {
+		rwc = &bufferedConn{Conn: conn, r: br}
+	}
+	return NewClient(rwc, codec), nil
+}
+
+func upgrade(conn net.Conn, codec Codec) (*bufio.Reader, error) {
+	accept := gobAccept
+	if codec == JSON {
+		accept = jsonAccept
+	}
+	if _, err := io.WriteString(conn, "CONNECT "+DefaultPath+" HTTP/1.0\r\nAccept: "+accept+"\r\n\r\n"); err != nil {
+		return nil, err
+	}
+	br := bufio.NewReader(conn)
+	resp, err := http.ReadResponse(br, &http.Request{Method: http.MethodConnect})
+	if err != nil {
+		return nil, err
+	}
+	if resp.Status != connectedStatus {
+		return nil, fmt.Errorf("unexpected HTTP response %q", resp.Status)
+	}
+	return br, nil
+}
+
+// NewClient returns a client speaking codec on conn, which must already be
+// upgraded (or be a raw rpcplus stream). The client owns conn and closes it.
+func NewClient(conn io.ReadWriteCloser, codec Codec) *Client {
+	c := &Client{
+		codecKind: codec,
+		codec:     newClientCodec(codec, conn),
+		rwc:       conn,
+		pending:   make(map[uint64]*Call),
+		streams:   make(map[uint64]*StreamCall),
+		closingCh: make(chan struct{}),
+		done:      make(chan struct{}),
+	}
+	go c.readLoop()
+	return c
+}
+
+// Done is closed when the connection is lost or the client is closed, after
+// every pending call and stream has ended with ErrShutdown.
+func (c *Client) Done() <-chan struct{} { return c.done }
+
+// Close closes the connection, ends every pending call and stream with
+// ErrShutdown, and waits for the reader goroutine to exit. A second Close
+// returns ErrShutdown.
+func (c *Client) Close() error {
+	c.mu.Lock()
+	if c.closing {
+		c.mu.Unlock()
+		<-c.done
+		return ErrShutdown
+	}
+	c.closing, c.shutdown = true, true
+	c.mu.Unlock()
+	close(c.closingCh)
+	err := c.rwc.Close()
+	<-c.done
+	if errors.Is(err, net.ErrClosed) {
+		err = nil // the connection was already lost
+	}
+	return err
+}
+
+// Call calls method with args and waits for its reply, decoded into reply
+// (a pointer). It returns nil, a ServerError carrying the method's error
+// text, ErrShutdown, or ctx.Err() if ctx ends first (the reply, when it
+// comes, is then discarded; the server is not told).
+func (c *Client) Call(ctx context.Context, method string, args, reply any) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	call := c.Go(method, args, reply, make(chan *Call, 1))
+	select {
+	case <-call.Done:
+		return call.Error
+	case <-ctx.Done():
+		c.mu.Lock()
+		if c.pending[call.seq] == call {
+			delete(c.pending, call.seq)
+		}
+		c.mu.Unlock()
+		return ctx.Err()
+	}
+}
+
+// Go starts a call and returns at once; the call is sent on done when it
+// completes. done must be buffered (Go panics otherwise); nil allocates a
+// channel. Go blocks only while the request is written.
+func (c *Client) Go(method string, args, reply any, done chan *Call) *Call {
+	if done == nil {
+		done = make(chan *Call, 1)
+	} else if cap(done) == 0 {
+		panic("rpc: Go: done channel is unbuffered")
+	}
+	call := &Call{ServiceMethod: method, Args: args, Reply: reply, Done: done}
+	c.sendMu.Lock()
+	defer c.sendMu.Unlock()
+	c.mu.Lock()
+	if c.shutdown {
+		c.mu.Unlock()
+		call.Error = ErrShutdown
+		call.done()
+		return call
+	}
+	c.seq++
+	call.seq = c.seq
+	c.pending[call.seq] = call
+	c.mu.Unlock()
+	if err := c.codec.writeRequest(method, call.seq, args); err != nil {
+		c.mu.Lock()
+		mine := c.pending[call.seq] == call
+		delete(c.pending, call.seq)
+		c.mu.Unlock()
+		// The encoder's state is unknown after a failed write: end the
+		// connection, as net/rpc does.
+		c.rwc.Close()
+		if mine {
+			call.Error = fmt.Errorf("rpc: sending %s: %w", method, err)
+			call.done()
+		}
+	}
+	return call
+}
+
+// StreamCall is a streaming call started by Client.Stream.
+type StreamCall struct {
+	c      *Client
+	seq    uint64
+	method string
+	ch     reflect.Value
+	elem   reflect.Type // the type a reply is decoded into
+	ptr    bool         // ch carries *elem
+
+	closeOnce sync.Once
+	closeErr  error
+	closed    chan struct{} // Close was called: stop delivering
+	stopCtx   func() bool
+
+	err  error         // set before done is closed
+	done chan struct{} // closed after ch is closed
+}
+
+// Stream calls a streaming method. ch must be a chan T or chan *T (T the
+// method's reply type); each reply is sent on it, and ch is closed when the
+// stream ends, after which Err tells why. Sending on ch blocks the client's
+// reader, so the caller must keep draining ch until it is closed (buffer
+// it, or add buffering on top).
+//
+// Cancelling ctx closes the stream as Close does. Stream returns an error
+// only when ch is not a suitable channel, ctx is already done or the client
+// is shut down; once a StreamCall is returned, every failure is reported by
+// Err after ch is closed.
+func (c *Client) Stream(ctx context.Context, method string, args any, ch any) (*StreamCall, error) {
+	chv := reflect.ValueOf(ch)
+	if chv.Kind() != reflect.Chan || chv.Type().ChanDir()&reflect.SendDir == 0 || chv.IsNil() {
+		return nil, fmt.Errorf("rpc: Stream %s: ch must be a non-nil sendable channel, not %T", method, ch)
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	sc := &StreamCall{
+		c:      c,
+		method: method,
+		ch:     chv,
+		elem:   chv.Type().Elem(),
+		closed: make(chan struct{}),
+		done:   make(chan struct{}),
+	}
+	if sc.elem.Kind() == reflect.Pointer {
+		sc.elem, sc.ptr = sc.elem.Elem(), true
+	}
+	c.sendMu.Lock()
+	defer c.sendMu.Unlock()
+	c.mu.Lock()
+	if c.shutdown {
+		c.mu.Unlock()
+		return nil, ErrShutdown
+	}
+	c.seq++
+	sc.seq = c.seq
+	c.streams[sc.seq] = sc
+	sc.stopCtx = context.AfterFunc(ctx, func() { sc.Close() })
+	c.mu.Unlock()
+	if err := c.codec.writeRequest(method, sc.seq, args); err != nil {
+		// The encoder's state is unknown: end the connection. The reader
+		// then ends the stream with ErrShutdown (it alone may close ch).
+		c.rwc.Close()
+	}
+	return sc, nil
+}
+
+// Close cancels the stream: it sends CloseStream, stops delivering replies,
+// and the stream then ends (normally with EOS, so Err returns nil); the
+// caller should still drain ch until it is closed. It is idempotent and
+// safe to call concurrently with everything else. It returns the error of
+// writing the cancel, if any.
+func (sc *StreamCall) Close() error {
+	sc.closeOnce.Do(func() {
+		close(sc.closed)
+		c := sc.c
+		c.sendMu.Lock()
+		defer c.sendMu.Unlock()
+		c.mu.Lock()
+		active := !c.shutdown && c.streams[sc.seq] == sc
+		c.mu.Unlock()
+		if !active {
+			return
+		}
+		if err := c.codec.writeRequest(closeStream, sc.seq, nil); err != nil {
+			c.rwc.Close()
+			sc.closeErr = fmt.Errorf("rpc: sending CloseStream: %w", err)
+		}
+	})
+	return sc.closeErr
+}
+
+// Done is closed when the stream has ended, after ch was closed.
+func (sc *StreamCall) Done() <-chan struct{} { return sc.done }
+
+// Err reports why the stream ended: nil after EOS (a clean end or a
+// cancel), a ServerError with the method's error text, ErrShutdown when the
+// connection was lost or the client closed, or a decoding error. It returns
+// nil while the stream is still running.
+func (sc *StreamCall) Err() error {
+	select {
+	case <-sc.done:
+		return sc.err
+	default:
+		return nil
+	}
+}
+
+// finish ends the stream once it has been removed from the client's map;
+// only the goroutine that removed it calls finish.
+func (sc *StreamCall) finish(err error) {
+	sc.stopCtx()
+	sc.err = err
+	sc.ch.Close()
+	close(sc.done)
+}
+
+// deliver sends one reply on the caller's channel unless the stream or the
+// client is being closed.
+func (sc *StreamCall) deliver(v reflect.Value) {
+	if sc.ch.TrySend(v) {
+		return
+	}
+	reflect.Select([]reflect.SelectCase{
+		{Dir: reflect.SelectSend, Chan: sc.ch, Send: v},
+		{Dir: reflect.SelectRecv, Chan: reflect.ValueOf(sc.closed)},
+		{Dir: reflect.SelectRecv, Chan: reflect.ValueOf(sc.c.closingCh)},
+	})
+}
+
+// readLoop reads replies until the connection fails, then ends every
+// pending call and stream.
+func (c *Client) readLoop() {
+	var err error
+	for err == nil {
+		var resp response
+		if err = c.codec.readResponseHeader(&resp); err != nil {
+			break
+		}
+		err = c.handleReply(&resp)
+	}
+	c.terminate()
+}
+
+// handleReply reads the body of one reply and routes it. It returns an
+// error only when the connection can no longer be read.
+func (c *Client) handleReply(resp *response) error {
+	c.mu.Lock()
+	call := c.pending[resp.seq]
+	delete(c.pending, resp.seq)
+	sc := c.streams[resp.seq]
+	if sc != nil && resp.errText != "" {
+		delete(c.streams, resp.seq)
+	}
+	c.mu.Unlock()
+
+	switch {
+	case call != nil:
+		if resp.errText != "" {
+			call.Error = ServerError(resp.errText)
+			err := c.codec.readResponseBody(nil)
+			call.done()
+			return err
+		}
+		if call.Reply == nil {
+			err := c.codec.readResponseBody(nil)
+			call.done()
+			return err
+		}
+		rv := reflect.ValueOf(call.Reply)
+		if rv.Kind() != reflect.Pointer || rv.IsNil() {
+			call.Error = fmt.Errorf("rpc: reply of %s must be a non-nil pointer, not %T", call.ServiceMethod, call.Reply)
+			err := c.codec.readResponseBody(nil)
+			call.done()
+			return err
+		}
+		if err := decodeInto(c.codecKind, rv, c.codec.readResponseBody); err != nil {
+			// Like net/rpc: the call fails; the connection goes on (the
+			// message was consumed). A corrupt stream fails the next read.
+			call.Error = fmt.Errorf("rpc: decoding reply of %s: %w", call.ServiceMethod, err)
+		}
+		call.done()
+		return nil
+	case sc != nil && resp.errText == "":
+		v := reflect.New(sc.elem)
+		if err := decodeInto(c.codecKind, v, c.codec.readResponseBody); err != nil {
+			return fmt.Errorf("rpc: decoding reply of stream %s: %w", sc.method, err)
+		}
+		if !sc.ptr {
+			v = v.Elem()
+		}
+		sc.deliver(v)
+		return nil
+	case sc != nil:
+		err := c.codec.readResponseBody(nil)
+		if resp.errText == eos {
+			sc.finish(nil)
+		} else {
+			sc.finish(ServerError(resp.errText))
+		}
+		return err
+	default:
+		// A reply to a call abandoned by its ctx, or to a stream already
+		// ended: discard it.
+		return c.codec.readResponseBody(nil)
+	}
+}
+
+// terminate ends every pending call and stream with ErrShutdown and marks
+// the client done.
+func (c *Client) terminate() {
+	c.rwc.Close()
+	c.mu.Lock()
+	c.shutdown = true
+	pending, streams := c.pending, c.streams
+	c.pending, c.streams = make(map[uint64]*Call), make(map[uint64]*StreamCall)
+	c.mu.Unlock()
+	for _, call := range pending {
+		call.Error = ErrShutdown
+		call.done()
+	}
+	for _, sc := range streams {
+		sc.finish(ErrShutdown)
+	}
+	close(c.done)
+}

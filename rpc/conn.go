@@ -1,0 +1,425 @@
+package rpc
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"reflect"
+	"runtime/debug"
+	"sync"
+)
+
+// Stream is the sending side of a streaming call, handed to a streaming
+// method. It is safe for concurrent use.
+type Stream interface {
+	// Send queues v to be written as the next reply of the stream. It never
+	// blocks. It returns ErrStreamClosed once the stream has ended (the
+	// client cancelled it, the connection closed, or the method returned),
+	// and ErrSlowReader when StreamBuffer replies are already waiting: the
+	// stream is then ended with that error and later Sends return it too.
+	// v is encoded later by the connection's writer and must not be
+	// modified after Send.
+	Send(v any) error
+	// Context is the stream's context: done when the client cancels the
+	// stream, the stream is ended as slow, the connection closes or the
+	// server closes. It carries the connection (ConnFromContext).
+	Context() context.Context
+}
+
+// Conn identifies the connection a call arrived on.
+type Conn interface {
+	// ID is unique among the connections of one Server.
+	ID() uint64
+	// RemoteAddr is the peer's address, "" when the transport has none.
+	RemoteAddr() string
+	// Done is closed when the connection has ended.
+	Done() <-chan struct{}
+}
+
+type connKey struct{}
+
+// ConnFromContext returns the connection a call arrived on, given the
+// call's context (or one derived from it), and nil outside a call.
+func ConnFromContext(ctx context.Context) Conn {
+	if c, ok := ctx.Value(connKey{}).(*serverConn); ok && c != nil {
+		return c
+	}
+	return nil
+}
+
+// serverConn is one connection being served. Its reader runs on the
+// ServeConn goroutine; it owns one writer goroutine and one goroutine per
+// executing call, and waits for all of them before ServeConn returns.
+type serverConn struct {
+	srv       *Server
+	id        uint64
+	rwc       io.ReadWriteCloser
+	codecKind Codec
+	codec     serverCodec
+	remote    string
+	log       *slog.Logger
+
+	ctx     context.Context // done when the connection ends
+	cancel  context.CancelCauseFunc
+	callCtx context.Context // ctx carrying the connection
+
+	sem        chan struct{} // one token per unary reply not yet written
+	handlers   sync.WaitGroup
+	writerDone chan struct{}
+	wake       chan struct{} // capacity 1: the writer has work
+	closeOnce  sync.Once
+
+	mu      sync.Mutex
+	dead    bool
+	ready   []*outQueue // queues with replies to write, in round-robin order
+	streams map[uint64]*serverStream
+}
+
+// outQueue holds the replies of one call waiting for the writer. The writer
+// takes one reply from each ready queue in turn, so a stream with a long
+// backlog delays other calls by at most one message.
+type outQueue struct {
+	msgs   []response
+	queued bool // in serverConn.ready
+	unary  bool // its (single) reply holds a token of sem
+}
+
+func newServerConn(s *Server, id uint64, rwc io.ReadWriteCloser, codec Codec) *serverConn {
+	c := &serverConn{
+		srv:        s,
+		id:         id,
+		rwc:        rwc,
+		codecKind:  codec,
+		codec:      newServerCodec(codec, rwc, s.maxMessageSize()),
+		sem:        make(chan struct{}, s.maxCalls()),
+		writerDone: make(chan struct{}),
+		wake:       make(chan struct{}, 1),
+		streams:    make(map[uint64]*serverStream),
+	}
+	if a, ok := rwc.(interface{ RemoteAddr() net.Addr }); ok && a.RemoteAddr() != nil {
+		c.remote = a.RemoteAddr().String()
+	}
+	c.log = s.logger().With("conn", id, "remote", c.remote, "codec", codec.String())
+	c.ctx, c.cancel = context.WithCancelCause(context.Background())
+	c.callCtx = context.WithValue(c.ctx, connKey{}, c)
+	return c
+}
+
+func (c *serverConn) ID() uint64            { return c.id }
+func (c *serverConn) RemoteAddr() string    { return c.remote }
+func (c *serverConn) Done() <-chan struct{} { return c.ctx.Done() }
+
+// serve runs the reader until the connection ends, then tears down.
+func (c *serverConn) serve() {
+	go c.writeLoop()
+	err := c.readLoop()
+	c.shutdown(err)
+	c.handlers.Wait()
+	<-c.writerDone
+}
+
+// shutdown ends the connection once: no more replies are written, every
+// call's context is cancelled and the transport is closed, which unblocks
+// the reader and the writer.
+func (c *serverConn) shutdown(reason error) {
+	c.closeOnce.Do(func() {
+		c.mu.Lock()
+		c.dead = true
+		c.ready = nil
+		c.mu.Unlock()
+		c.cancel(reason)
+		c.rwc.Close()
+		switch {
+		case reason == nil, errors.Is(reason, io.EOF), errors.Is(reason, errServerClosed), errors.Is(reason, net.ErrClosed):
+			c.log.Debug("rpc: connection ended", "reason", reason)
+		default:
+			c.log.Warn("rpc: closing connection", "reason", reason)
+		}
+	})
+}
+
+func (c *serverConn) readLoop() error {
+	for {
+		var req request
+		if err := c.codec.readRequestHeader(&req); err != nil {
+			if err == io.EOF {
+				return io.EOF
+			}
+			return fmt.Errorf("reading request header: %w", err)
+		}
+		if req.method == closeStream {
+			if err := c.codec.readRequestBody(nil); err != nil {
+				return fmt.Errorf("reading body of CloseStream: %w", err)
+			}
+			c.closeStream(req.seq)
+			continue
+		}
+		svc, m, lookupErr := c.srv.lookup(req.method)
+		if lookupErr != nil {
+			if err := c.codec.readRequestBody(nil); err != nil {
+				return fmt.Errorf("reading body of %q: %w", req.method, err)
+			}
+			if !c.replyError(req, lookupErr.Error()) {
+				return nil
+			}
+			continue
+		}
+		argv := reflect.New(m.argType)
+		if err := decodeInto(c.codecKind, argv, c.codec.readRequestBody); err != nil {
+			var pe *paramsError
+			if !errors.As(err, &pe) {
+				return fmt.Errorf("reading body of %s: %w", req.method, err)
+			}
+			if !c.replyError(req, pe.Error()) {
+				return nil
+			}
+			continue
+		}
+		if m.stream {
+			if !c.startStream(req, svc, m, argv) {
+				return nil
+			}
+		} else if !c.startCall(req, svc, m, argv) {
+			return nil
+		}
+	}
+}
+
+// acquire takes a unary-reply token, blocking while MaxCallsPerConn replies
+// are pending. It returns false when the connection has ended.
+func (c *serverConn) acquire() bool {
+	select {
+	case c.sem <- struct{}{}:
+		return true
+	case <-c.ctx.Done():
+		return false
+	}
+}
+
+// replyError queues an error reply to req. It returns false when the
+// connection has ended.
+func (c *serverConn) replyError(req request, text string) bool {
+	if !c.acquire() {
+		return false
+	}
+	c.mu.Lock()
+	c.enqueueLocked(&outQueue{unary: true}, response{method: req.method, seq: req.seq, errText: text, final: true})
+	c.mu.Unlock()
+	return true
+}
+
+func (c *serverConn) startCall(req request, svc *service, m *method, argv reflect.Value) bool {
+	if !c.acquire() {
+		return false
+	}
+	c.handlers.Add(1)
+	go func() {
+		defer c.handlers.Done()
+		replyv := reflect.New(m.replyType)
+		switch m.replyType.Kind() {
+		case reflect.Map:
+			replyv.Elem().Set(reflect.MakeMap(m.replyType))
+		case reflect.Slice:
+			replyv.Elem().Set(reflect.MakeSlice(m.replyType, 0, 0))
+		}
+		err := c.invoke(req.method, svc, m, c.callCtx, argv, replyv)
+		resp := response{method: req.method, seq: req.seq, final: true}
+		if err != nil {
+			resp.errText = errorText(err)
+		} else {
+			resp.body = replyv.Interface()
+		}
+		c.mu.Lock()
+		c.enqueueLocked(&outQueue{unary: true}, resp)
+		c.mu.Unlock()
+	}()
+	return true
+}
+
+func (c *serverConn) startStream(req request, svc *service, m *method, argv reflect.Value) bool {
+	st := &serverStream{c: c, seq: req.seq, method: req.method}
+	st.ctx, st.cancel = context.WithCancel(c.callCtx)
+	c.mu.Lock()
+	if c.streams[req.seq] != nil {
+		c.mu.Unlock()
+		st.cancel()
+		return c.replyError(req, fmt.Sprintf("rpc: sequence number %d is in use by a stream", req.seq))
+	}
+	c.streams[req.seq] = st
+	c.mu.Unlock()
+	c.handlers.Add(1)
+	go func() {
+		defer c.handlers.Done()
+		err := c.invoke(req.method, svc, m, st.ctx, argv, reflect.ValueOf(st))
+		c.mu.Lock()
+		if !st.ended {
+			text := eos
+			if err != nil {
+				text = errorText(err)
+			}
+			st.endLocked(ErrStreamClosed, text, false)
+		}
+		c.mu.Unlock()
+	}()
+	return true
+}
+
+// invoke calls the method, turning a panic into an error (logged with its
+// stack) so that one faulty method does not take the process down.
+func (c *serverConn) invoke(name string, svc *service, m *method, ctx context.Context, argv, last reflect.Value) (err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			c.log.Error("rpc: method panicked", "method", name, "panic", p, "stack", string(debug.Stack()))
+			err = fmt.Errorf("rpc: method %s failed (internal error)", name)
+		}
+	}()
+	in := make([]reflect.Value, 0, 4)
+	in = append(in, svc.rcvr)
+	if m.withCtx {
+		in = append(in, reflect.ValueOf(ctx))
+	}
+	if m.argIsPtr {
+		in = append(in, argv)
+	} else {
+		in = append(in, argv.Elem())
+	}
+	in = append(in, last)
+	out := m.fn.Call(in)
+	if e := out[0].Interface(); e != nil {
+		return e.(error)
+	}
+	return nil
+}
+
+func errorText(err error) string {
+	if t := err.Error(); t != "" {
+		return t
+	}
+	return "rpc: method returned an error with empty text"
+}
+
+// enqueueLocked appends r to q and makes q ready. Replies to a dead
+// connection are dropped. c.mu must be held.
+func (c *serverConn) enqueueLocked(q *outQueue, r response) {
+	if c.dead {
+		return
+	}
+	q.msgs = append(q.msgs, r)
+	if !q.queued {
+		q.queued = true
+		c.ready = append(c.ready, q)
+	}
+	select {
+	case c.wake <- struct{}{}:
+	default:
+	}
+}
+
+// writeLoop is the connection's only writer. It flushes whenever it has
+// nothing more to write, and ends the connection on a write error.
+func (c *serverConn) writeLoop() {
+	defer close(c.writerDone)
+	for {
+		c.mu.Lock()
+		for len(c.ready) == 0 && !c.dead {
+			c.mu.Unlock()
+			if err := c.codec.flush(); err != nil {
+				c.shutdown(fmt.Errorf("writing: %w", err))
+				return
+			}
+			select {
+			case <-c.wake:
+			case <-c.ctx.Done():
+			}
+			c.mu.Lock()
+		}
+		if c.dead {
+			c.mu.Unlock()
+			return
+		}
+		q := c.ready[0]
+		c.ready[0] = nil
+		c.ready = c.ready[1:]
+		msg := q.msgs[0]
+		q.msgs[0] = response{}
+		q.msgs = q.msgs[1:]
+		if len(q.msgs) > 0 {
+			c.ready = append(c.ready, q)
+		} else {
+			q.queued = false
+		}
+		c.mu.Unlock()
+
+		err := c.codec.writeResponse(&msg)
+		if q.unary {
+			<-c.sem
+		}
+		if err != nil {
+			c.shutdown(err)
+			return
+		}
+	}
+}
+
+// closeStream handles a client's CloseStream: the stream's pending replies
+// are dropped, it ends with EOS and its context is cancelled. An unknown
+// seq (a stream that already ended) is ignored.
+func (c *serverConn) closeStream(seq uint64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if st := c.streams[seq]; st != nil && !st.ended {
+		st.endLocked(ErrStreamClosed, eos, true)
+	}
+}
+
+type serverStream struct {
+	c      *serverConn
+	seq    uint64
+	method string
+	ctx    context.Context
+	cancel context.CancelFunc
+
+	// Guarded by c.mu.
+	q       outQueue
+	ended   bool
+	sendErr error
+}
+
+func (st *serverStream) Context() context.Context { return st.ctx }
+
+func (st *serverStream) Send(v any) error {
+	c := st.c
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	switch {
+	case st.ended:
+		return st.sendErr
+	case c.dead:
+		return ErrStreamClosed
+	case len(st.q.msgs) >= c.srv.streamBuffer():
+		st.endLocked(ErrSlowReader, ErrSlowReader.Error(), false)
+		return ErrSlowReader
+	}
+	c.enqueueLocked(&st.q, response{method: st.method, seq: st.seq, body: v})
+	return nil
+}
+
+// endLocked ends the stream: later Sends return sendErr, the final header
+// with text is queued (after the pending replies, or instead of them when
+// dropPending), and the stream's context is cancelled. c.mu must be held.
+func (st *serverStream) endLocked(sendErr error, text string, dropPending bool) {
+	c := st.c
+	st.ended, st.sendErr = true, sendErr
+	if dropPending {
+		clear(st.q.msgs)
+		st.q.msgs = st.q.msgs[:0]
+	}
+	c.enqueueLocked(&st.q, response{method: st.method, seq: st.seq, errText: text, final: true})
+	if c.streams[st.seq] == st {
+		delete(c.streams, st.seq)
+	}
+	st.cancel()
+}

@@ -1,0 +1,324 @@
+package rpc
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"go/token"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"reflect"
+	"strings"
+	"sync"
+	"time"
+)
+
+// Server serves the methods of registered receivers to rpcplus clients.
+//
+// Configure the exported fields before the first connection is served and
+// do not change them afterwards. All methods are safe for concurrent use.
+type Server struct {
+	// MaxMessageSize caps, in bytes, one decoded message (a gob message or
+	// a JSON object). A connection that sends a larger one is closed before
+	// the message is read into memory. Default DefaultMaxMessageSize.
+	MaxMessageSize int
+	// StreamBuffer is how many replies may wait per stream to be written.
+	// A Send beyond it ends the stream with ErrSlowReader. Default
+	// DefaultStreamBuffer.
+	StreamBuffer int
+	// MaxCallsPerConn caps the unary calls of one connection that are
+	// executing or whose reply waits to be written; the server stops
+	// reading that connection while the cap is reached. Streams are not
+	// counted (their owner caps them). Default DefaultMaxCallsPerConn.
+	MaxCallsPerConn int
+	// Logger receives the reasons connections are closed and handler
+	// panics. Default slog.Default().
+	Logger *slog.Logger
+
+	svcMu    sync.RWMutex
+	services map[string]*service
+
+	mu      sync.Mutex
+	conns   map[*serverConn]struct{}
+	closed  bool
+	nextID  uint64
+	connsWG sync.WaitGroup
+}
+
+// NewServer returns a Server with default settings and no receivers. The
+// zero Server is equally usable.
+func NewServer() *Server { return &Server{} }
+
+type service struct {
+	name    string
+	rcvr    reflect.Value
+	methods map[string]*method
+}
+
+type method struct {
+	fn        reflect.Value // func value taking the receiver first
+	withCtx   bool
+	argType   reflect.Type // the type to allocate (pointee when argIsPtr)
+	argIsPtr  bool
+	replyType reflect.Type // pointee of the reply pointer; nil for streams
+	stream    bool
+}
+
+var (
+	ctxType    = reflect.TypeFor[context.Context]()
+	errType    = reflect.TypeFor[error]()
+	streamType = reflect.TypeFor[Stream]()
+)
+
+// Register publishes the methods of rcvr under the name of its concrete
+// type. See RegisterName.
+func (s *Server) Register(rcvr any) error {
+	t := reflect.TypeOf(rcvr)
+	if t == nil {
+		return errors.New("rpc: Register of nil")
+	}
+	return s.RegisterName(reflect.Indirect(reflect.ValueOf(rcvr)).Type().Name(), rcvr)
+}
+
+// RegisterName publishes, as "name.Method", every exported method of rcvr
+// with one of these shapes (A exported or builtin, R likewise):
+//
+//	func (t *T) M(ctx context.Context, args *A, reply *R) error        // unary
+//	func (t *T) M(args *A, reply *R) error                             // unary
+//	func (t *T) M(ctx context.Context, args *A, stream rpc.Stream) error // stream
+//	func (t *T) M(args *A, stream rpc.Stream) error                    // stream
+//
+// args may also be passed by value. Methods of other shapes are ignored. It
+// returns an error if name is taken or empty, if rcvr has no such method,
+// or if an argument type holds a map that gob would size from the peer's
+// count (a map inside a slice, a map or behind a pointer; maps in struct
+// fields are fine).
+func (s *Server) RegisterName(name string, rcvr any) error {
+	if name == "" {
+		return errors.New("rpc: Register: empty service name")
+	}
+	svc := &service{name: name, rcvr: reflect.ValueOf(rcvr), methods: make(map[string]*method)}
+	t := reflect.TypeOf(rcvr)
+	for i := range t.NumMethod() {
+		m := t.Method(i)
+		mt, ok := methodShape(m)
+		if !ok {
+			continue
+		}
+		if err := checkArgType(mt.argType); err != nil {
+			return fmt.Errorf("rpc: Register %s.%s: argument %w", name, m.Name, err)
+		}
+		svc.methods[m.Name] = mt
+	}
+	if len(svc.methods) == 0 {
+		return fmt.Errorf("rpc: Register %s: type %v has no exported methods of a suitable shape", name, t)
+	}
+	s.svcMu.Lock()
+	defer s.svcMu.Unlock()
+	if s.services == nil {
+		s.services = make(map[string]*service)
+	}
+	if _, dup := s.services[name]; dup {
+		return fmt.Errorf("rpc: Register: service %q already defined", name)
+	}
+	s.services[name] = svc
+	return nil
+}
+
+// methodShape recognises the accepted method signatures.
+func methodShape(m reflect.Method) (*method, bool) {
+	if !m.IsExported() {
+		return nil, false
+	}
+	t := m.Type // receiver is In(0)
+	if t.NumOut() != 1 || t.Out(0) != errType {
+		return nil, false
+	}
+	in := make([]reflect.Type, 0, 3)
+	for i := 1; i < t.NumIn(); i++ {
+		in = append(in, t.In(i))
+	}
+	mt := &method{fn: m.Func}
+	if len(in) == 3 {
+		if in[0] != ctxType {
+			return nil, false
+		}
+		mt.withCtx = true
+		in = in[1:]
+	}
+	if len(in) != 2 {
+		return nil, false
+	}
+	arg, last := in[0], in[1]
+	if !exportedOrBuiltin(arg) {
+		return nil, false
+	}
+	if arg.Kind() == reflect.Pointer {
+		mt.argType, mt.argIsPtr = arg.Elem(), true
+	} else {
+		mt.argType = arg
+	}
+	switch {
+	case last == streamType:
+		mt.stream = true
+	case last.Kind() == reflect.Pointer && exportedOrBuiltin(last):
+		mt.replyType = last.Elem()
+	default:
+		return nil, false
+	}
+	return mt, true
+}
+
+func exportedOrBuiltin(t reflect.Type) bool {
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	return token.IsExported(t.Name()) || t.PkgPath() == ""
+}
+
+func (s *Server) lookup(serviceMethod string) (*service, *method, error) {
+	dot := strings.LastIndex(serviceMethod, ".")
+	if dot < 0 {
+		return nil, nil, fmt.Errorf("rpc: service/method request ill-formed: %q", serviceMethod)
+	}
+	s.svcMu.RLock()
+	svc := s.services[serviceMethod[:dot]]
+	s.svcMu.RUnlock()
+	if svc == nil {
+		return nil, nil, fmt.Errorf("rpc: can't find service %q", serviceMethod)
+	}
+	m := svc.methods[serviceMethod[dot+1:]]
+	if m == nil {
+		return nil, nil, fmt.Errorf("rpc: can't find method %q", serviceMethod)
+	}
+	return svc, m, nil
+}
+
+func (s *Server) maxMessageSize() int {
+	if s.MaxMessageSize > 0 {
+		return s.MaxMessageSize
+	}
+	return DefaultMaxMessageSize
+}
+
+func (s *Server) streamBuffer() int {
+	if s.StreamBuffer > 0 {
+		return s.StreamBuffer
+	}
+	return DefaultStreamBuffer
+}
+
+func (s *Server) maxCalls() int {
+	if s.MaxCallsPerConn > 0 {
+		return s.MaxCallsPerConn
+	}
+	return DefaultMaxCallsPerConn
+}
+
+func (s *Server) logger() *slog.Logger {
+	if s.Logger != nil {
+		return s.Logger
+	}
+	return slog.Default()
+}
+
+// ServeHTTP performs the rpcplus CONNECT upgrade and then serves the
+// hijacked connection until it ends (it blocks like ServeConn). Mount it at
+// DefaultPath on any mux; other paths of the same listener keep serving
+// plain HTTP. Any method other than CONNECT gets 405. The Accept header
+// "application/vnd.flynn.rpc-hijack+json" selects JSON, anything else gob.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodConnect {
+		w.Header().Set("Allow", http.MethodConnect)
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		w.WriteHeader(http.StatusMethodNotAllowed)
+		io.WriteString(w, "405 must CONNECT\n")
+		return
+	}
+	codec := Gob
+	if r.Header.Get("Accept") == jsonAccept {
+		codec = JSON
+	}
+	conn, brw, err := http.NewResponseController(w).Hijack()
+	if err != nil {
+		s.logger().Error("rpc: cannot hijack connection", "remote", r.RemoteAddr, "err", err)
+		http.Error(w, "rpc: cannot hijack connection", http.StatusInternalServerError)
+		return
+	}
+	// Clear deadlines the HTTP server may have set for the request.
+	_ = conn.SetDeadline(time.Time{})
+	if _, err := io.WriteString(conn, connectedReply); err != nil {
+		conn.Close()
+		return
+	}
+	var rwc io.ReadWriteCloser = conn
+	if brw.Reader.Buffered() > 0 {
+		// The client pipelined bytes after the CONNECT request.
+		rwc = &bufferedConn{Conn: conn, r: brw.Reader}
+	}
+	s.ServeConn(rwc, codec)
+}
+
+// bufferedConn reads through the bufio.Reader that holds bytes the HTTP
+// server read ahead.
+type bufferedConn struct {
+	net.Conn
+	r io.Reader
+}
+
+func (c *bufferedConn) Read(p []byte) (int, error) { return c.r.Read(p) }
+
+// ServeConn serves one already-upgraded connection with the given codec. It
+// blocks until the connection ends (the peer closes it, it sends a
+// malformed or oversized message, or the server is closed), then cancels
+// the context of every call on it, waits for their methods to return, and
+// closes conn. Methods must therefore return once their ctx is done.
+// Calling ServeConn after Close closes conn at once.
+func (s *Server) ServeConn(conn io.ReadWriteCloser, codec Codec) {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		conn.Close()
+		return
+	}
+	s.nextID++
+	c := newServerConn(s, s.nextID, conn, codec)
+	if s.conns == nil {
+		s.conns = make(map[*serverConn]struct{})
+	}
+	s.conns[c] = struct{}{}
+	s.connsWG.Add(1)
+	s.mu.Unlock()
+
+	defer func() {
+		s.mu.Lock()
+		delete(s.conns, c)
+		s.mu.Unlock()
+		s.connsWG.Done()
+	}()
+	c.serve()
+}
+
+// Close closes every connection, which cancels the context of every call,
+// waits for all methods to return and for every ServeConn to finish, and
+// makes later ServeConn calls close their connection at once. It does not
+// close listeners or HTTP servers (their owner does). It returns nil; a
+// second call only waits.
+func (s *Server) Close() error {
+	s.mu.Lock()
+	s.closed = true
+	conns := make([]*serverConn, 0, len(s.conns))
+	for c := range s.conns {
+		conns = append(conns, c)
+	}
+	s.mu.Unlock()
+	for _, c := range conns {
+		c.shutdown(errServerClosed)
+	}
+	s.connsWG.Wait()
+	return nil
+}
+
+var errServerClosed = errors.New("rpc: server closed")
