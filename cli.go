@@ -2,15 +2,339 @@ package main
 
 import (
 	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
 	"io"
+	"log/slog"
+	"maps"
+	"os"
+	"os/signal"
+	"slices"
+	"strings"
+	"syscall"
+
+	"github.com/flynn/discoverd/api"
+	discoverd "github.com/flynn/discoverd/client"
 )
 
-// isCommand reports whether name is a CLI subcommand (register, services,
-// watch, leader) rather than the agent's flags.
-func isCommand(name string) bool { return false }
+// The CLI subcommands. Each talks to an agent through the client library.
+var commands = map[string]struct {
+	usage string
+	run   func(cl *cli, ctx context.Context, args []string) error
+}{
+	"register": {"register [-agent ADDR] NAME ADDR [key=value...]", (*cli).register},
+	"services": {"services [-agent ADDR] [-json] NAME", (*cli).services},
+	"watch":    {"watch [-agent ADDR] NAME", (*cli).watch},
+	"leader":   {"leader [-agent ADDR] [-watch] NAME", (*cli).leader},
+}
 
-// runCommand runs the CLI subcommand args[0] with args[1:], reading the
-// environment through getenv, and returns the process exit code.
+// isCommand reports whether name is a CLI subcommand (register, services,
+// watch, leader), or the global -agent flag that may precede one, rather
+// than the agent's own flags.
+func isCommand(name string) bool {
+	if _, ok := commands[name]; ok {
+		return true
+	}
+	flagName, _, _ := strings.Cut(strings.TrimLeft(name, "-"), "=")
+	return strings.HasPrefix(name, "-") && flagName == "agent"
+}
+
+// usageError is a bad invocation: runCommand prints it with the usage line
+// and exits 2.
+type usageError struct{ msg string }
+
+func (e *usageError) Error() string { return e.msg }
+
+func usagef(format string, args ...any) error { return &usageError{fmt.Sprintf(format, args...)} }
+
+type cli struct {
+	agent  string
+	stdout io.Writer
+	stderr io.Writer
+	// client is connected lazily by connect; runCommand closes it.
+	client *discoverd.Client
+}
+
+// runCommand runs the CLI subcommand args[0] (optionally preceded by
+// "-agent ADDR") with the rest of args, reading DISCOVERD through getenv,
+// and returns the process exit code: 0 on success, 1 on a runtime error
+// (its message on stderr), 2 on bad arguments (with a usage line).
+// Commands that run until interrupted stop on SIGINT, SIGTERM or when ctx
+// is done.
 func runCommand(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) int {
-	return 2
+	cl := &cli{agent: getenv("DISCOVERD"), stdout: stdout, stderr: stderr}
+	if cl.agent == "" {
+		cl.agent = api.DefaultAgentAddr
+	}
+	global := flag.NewFlagSet("discoverd", flag.ContinueOnError)
+	global.SetOutput(io.Discard)
+	global.StringVar(&cl.agent, "agent", cl.agent, "agent address (default $DISCOVERD or "+api.DefaultAgentAddr+")")
+	if err := global.Parse(args); err != nil {
+		fmt.Fprintf(stderr, "discoverd: %v\n", err)
+		printUsage(stderr)
+		return 2
+	}
+	args = global.Args()
+	if len(args) == 0 {
+		printUsage(stderr)
+		return 2
+	}
+	cmd, ok := commands[args[0]]
+	if !ok {
+		fmt.Fprintf(stderr, "discoverd: unknown command %q\n", args[0])
+		printUsage(stderr)
+		return 2
+	}
+
+	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	err := cmd.run(cl, ctx, args[1:])
+	if cl.client != nil {
+		cl.client.Close()
+	}
+	var ue *usageError
+	switch {
+	case errors.As(err, &ue):
+		fmt.Fprintf(stderr, "discoverd %s: %s\nusage: discoverd %s\n", args[0], ue.msg, cmd.usage)
+		return 2
+	case errors.Is(err, flag.ErrHelp):
+		fmt.Fprintf(stderr, "usage: discoverd %s\n", cmd.usage)
+		return 2
+	case err != nil:
+		fmt.Fprintf(stderr, "discoverd %s: %v\n", args[0], err)
+		return 1
+	}
+	return 0
+}
+
+func printUsage(w io.Writer) {
+	fmt.Fprintln(w, "usage: discoverd [-agent ADDR] COMMAND ...   (or: discoverd [agent flags] to run the agent)")
+	for _, name := range slices.Sorted(maps.Keys(commands)) {
+		fmt.Fprintf(w, "  discoverd %s\n", commands[name].usage)
+	}
+	fmt.Fprintln(w, "The agent address defaults to $DISCOVERD, else "+api.DefaultAgentAddr+".")
+}
+
+// parse parses a subcommand's flags, which may come before, between or
+// after its positional arguments, and checks the positional count.
+func (cl *cli) parse(fs *flag.FlagSet, args []string, minArgs, maxArgs int) ([]string, error) {
+	fs.SetOutput(io.Discard)
+	fs.StringVar(&cl.agent, "agent", cl.agent, "agent address")
+	var pos []string
+	for {
+		if err := fs.Parse(args); err != nil {
+			if errors.Is(err, flag.ErrHelp) {
+				return nil, err
+			}
+			return nil, usagef("%v", err)
+		}
+		args = fs.Args()
+		if len(args) == 0 {
+			break
+		}
+		if args[0] == "--" {
+			pos = append(pos, args[1:]...)
+			break
+		}
+		pos = append(pos, args[0])
+		args = args[1:]
+	}
+	switch {
+	case len(pos) < minArgs:
+		return nil, usagef("missing arguments")
+	case maxArgs >= 0 && len(pos) > maxArgs:
+		return nil, usagef("unexpected argument %q", pos[maxArgs])
+	}
+	return pos, nil
+}
+
+func (cl *cli) connect() (*discoverd.Client, error) {
+	c, err := discoverd.NewClientWithConfig(discoverd.Config{
+		Addr:   cl.agent,
+		Logger: slog.New(slog.NewTextHandler(cl.stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
+	})
+	if err != nil {
+		return nil, err
+	}
+	cl.client = c
+	return c, nil
+}
+
+// register NAME ADDR [key=value...]: register, stay registered until
+// interrupted, then unregister.
+func (cl *cli) register(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("register", flag.ContinueOnError)
+	pos, err := cl.parse(fs, args, 2, -1)
+	if err != nil {
+		return err
+	}
+	name, addr := pos[0], pos[1]
+	attrs := make(map[string]string)
+	for _, kv := range pos[2:] {
+		k, v, ok := strings.Cut(kv, "=")
+		if !ok || k == "" {
+			return usagef("attribute %q is not key=value", kv)
+		}
+		attrs[k] = v
+	}
+	c, err := cl.connect()
+	if err != nil {
+		return err
+	}
+	events := c.WatchReconnects()
+	set, err := c.RegisterWithSet(name, addr, attrs)
+	if err != nil {
+		return err
+	}
+	set.Close() // only used to learn the expanded address
+	fmt.Fprintf(cl.stdout, "registered %s %s\n", name, set.SelfAddr())
+	for {
+		select {
+		case <-ctx.Done():
+			if err := c.Unregister(name, addr); err != nil {
+				return err
+			}
+			fmt.Fprintf(cl.stdout, "unregistered %s %s\n", name, set.SelfAddr())
+			return nil
+		case ev := <-events:
+			switch ev.Status {
+			case discoverd.ConnStatusDisconnected:
+				fmt.Fprintln(cl.stderr, "discoverd register: lost the agent; reconnecting")
+			case discoverd.ConnStatusConnected:
+				fmt.Fprintln(cl.stderr, "discoverd register: reconnected; registered again")
+			}
+		}
+	}
+}
+
+// jsonService is one instance in the output of "services -json".
+type jsonService struct {
+	Name    string            `json:"name"`
+	Addr    string            `json:"addr"`
+	Created uint              `json:"created"`
+	Attrs   map[string]string `json:"attrs,omitempty"`
+}
+
+// services NAME [-json]: print the online instances, oldest first.
+func (cl *cli) services(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("services", flag.ContinueOnError)
+	asJSON := fs.Bool("json", false, "print JSON")
+	pos, err := cl.parse(fs, args, 1, 1)
+	if err != nil {
+		return err
+	}
+	c, err := cl.connect()
+	if err != nil {
+		return err
+	}
+	set, err := c.NewServiceSet(pos[0])
+	if err != nil {
+		return err
+	}
+	defer set.Close()
+	services := set.Services()
+	if *asJSON {
+		out := make([]jsonService, 0, len(services))
+		for _, s := range services {
+			out = append(out, jsonService{Name: s.Name, Addr: s.Addr, Created: s.Created, Attrs: s.Attrs})
+		}
+		enc := json.NewEncoder(cl.stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(out)
+	}
+	for _, s := range services {
+		fmt.Fprintln(cl.stdout, s.Addr)
+	}
+	return nil
+}
+
+// watch NAME: print the agent's stream as lines until interrupted:
+// "online ADDR [key=value...]", "offline ADDR", and "current" once the
+// instances that already existed have been listed.
+func (cl *cli) watch(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("watch", flag.ContinueOnError)
+	pos, err := cl.parse(fs, args, 1, 1)
+	if err != nil {
+		return err
+	}
+	c, err := cl.connect()
+	if err != nil {
+		return err
+	}
+	stream, err := c.Subscribe(ctx, pos[0])
+	if err != nil {
+		return err
+	}
+	defer stream.Close()
+	for u := range stream.Updates() {
+		fmt.Fprintln(cl.stdout, formatUpdate(u))
+	}
+	if ctx.Err() != nil {
+		return nil // interrupted
+	}
+	return stream.Err()
+}
+
+func formatUpdate(u *discoverd.ServiceUpdate) string {
+	if u.IsSentinel() {
+		return "current"
+	}
+	var b strings.Builder
+	if u.Online {
+		b.WriteString("online ")
+	} else {
+		b.WriteString("offline ")
+	}
+	b.WriteString(u.Addr)
+	for _, k := range slices.Sorted(maps.Keys(u.Attrs)) {
+		fmt.Fprintf(&b, " %s=%s", k, u.Attrs[k])
+	}
+	return b.String()
+}
+
+// leader NAME [-watch]: print the leader's address (an error if there is
+// none); with -watch, print each new leader ("none" when the service has
+// no instance) until interrupted.
+func (cl *cli) leader(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("leader", flag.ContinueOnError)
+	follow := fs.Bool("watch", false, "print each new leader until interrupted")
+	pos, err := cl.parse(fs, args, 1, 1)
+	if err != nil {
+		return err
+	}
+	c, err := cl.connect()
+	if err != nil {
+		return err
+	}
+	set, err := c.NewServiceSet(pos[0])
+	if err != nil {
+		return err
+	}
+	defer set.Close()
+	if !*follow {
+		l := set.Leader()
+		if l == nil {
+			return fmt.Errorf("service %q has no online instance", pos[0])
+		}
+		fmt.Fprintln(cl.stdout, l.Addr)
+		return nil
+	}
+	leaders := set.Leaders()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case l, ok := <-leaders:
+			if !ok {
+				return errors.New("the service set was closed")
+			}
+			if l == nil {
+				fmt.Fprintln(cl.stdout, "none")
+			} else {
+				fmt.Fprintln(cl.stdout, l.Addr)
+			}
+		}
+	}
 }
