@@ -12,8 +12,10 @@
 //	err = b.Register(ctx, "web", "10.0.0.7:80", map[string]string{"v": "1"})
 //
 // Layout. Each registration is an ephemeral znode
-// <Prefix>/<name>/<addr> whose data is the attributes as a JSON object. The
-// parents are persistent znodes, created on demand. Created is the znode's
+// <Prefix>/<name>/<addr> whose data is the attributes as a JSON object.
+// <Prefix> and its ancestors are persistent znodes; <Prefix>/<name> is a
+// container znode (ZooKeeper deletes it once it has been empty for a
+// while). All are created on demand. Created is the znode's
 // czxid: an attribute update (a setData) keeps it, a later creation has a
 // larger one.
 //
@@ -344,7 +346,7 @@ func (b *Backend) put(p string, data []byte, known bool) error {
 			case err == nil:
 				return nil
 			case errors.Is(err, zk.ErrNoNode):
-				if err := b.ensurePath(path.Dir(p)); err != nil {
+				if err := b.ensureServiceDir(path.Dir(p)); err != nil {
 					return err
 				}
 				continue
@@ -397,6 +399,27 @@ func (b *Backend) put(p string, data []byte, known bool) error {
 		}
 	}
 	return fmt.Errorf("%s: gave up after %d conflicting writes", p, maxWriteAttempts)
+}
+
+// ensureServiceDir creates the znode of a service as a container node, which
+// ZooKeeper removes by itself some time after its last instance is gone,
+// so that names no longer used do not pile up. Its ancestors (the prefix)
+// are persistent.
+func (b *Backend) ensureServiceDir(dir string) error {
+	for range 2 {
+		_, err := b.conn.CreateContainer(dir, nil, zk.FlagContainer, zk.WorldACL(zk.PermAll))
+		switch {
+		case err == nil, errors.Is(err, zk.ErrNodeExists):
+			return nil
+		case errors.Is(err, zk.ErrNoNode):
+			if err := b.ensurePath(path.Dir(dir)); err != nil {
+				return err
+			}
+		default:
+			return fmt.Errorf("create %s: %w", dir, err)
+		}
+	}
+	return fmt.Errorf("create %s: parent keeps vanishing", dir)
 }
 
 // ensurePath creates p and its missing ancestors as persistent znodes.

@@ -225,6 +225,46 @@ func TestStoreLayout(t *testing.T) {
 	}
 }
 
+// TestServiceZnodeIsContainer: the service's znode goes by itself once its
+// last instance is gone (the test server checks containers every 100 ms),
+// and a stream on the service survives that and sees the next
+// registration.
+func TestServiceZnodeIsContainer(t *testing.T) {
+	b := open(t, 5*time.Second)
+	raw := rawConn(t)
+	name := uniqueName(t)
+	dir := testPrefix + "/" + name
+	st := subscribe(t, b, name)
+	if err := b.Register(ctxT(t), name, "10.0.0.1:80", nil); err != nil {
+		t.Fatal(err)
+	}
+	expectEvent(t, st, backend.Put, "10.0.0.1:80")
+	if err := b.Unregister(ctxT(t), name, "10.0.0.1:80"); err != nil {
+		t.Fatal(err)
+	}
+	expectEvent(t, st, backend.Delete, "10.0.0.1:80")
+	timer := time.NewTimer(20 * time.Second)
+	defer timer.Stop()
+	for {
+		ok, _, ch, err := raw.ExistsW(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !ok {
+			break
+		}
+		select {
+		case <-ch:
+		case <-timer.C:
+			t.Fatalf("%s still exists 20s after its last instance went", dir)
+		}
+	}
+	if err := b.Register(ctxT(t), name, "10.0.0.2:80", nil); err != nil {
+		t.Fatal(err)
+	}
+	expectEvent(t, st, backend.Put, "10.0.0.2:80")
+}
+
 // TestSessionExpiryRecreatesRegistrations partitions a backend from
 // ZooKeeper for longer than its session timeout: its znodes go, and when it
 // reconnects (under a new session) it creates them again, with new
