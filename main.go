@@ -1,0 +1,404 @@
+// Command discoverd is the service-discovery agent, and its command-line
+// client.
+//
+//	discoverd                                  # agent, embedded etcd, on 127.0.0.1:1111
+//	discoverd -etcd http://h1:2379,http://h2:2379
+//	discoverd -zookeeper h1:2181,h2:2181
+//	discoverd register|services|watch|leader ...   # CLI subcommands (see cli.go)
+//
+// Flags and operation are described in docs/OPERATIONS.md.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/flynn/discoverd/agent"
+	"github.com/flynn/discoverd/api"
+	"github.com/flynn/discoverd/backend"
+	"github.com/flynn/discoverd/backend/etcd"
+	"github.com/flynn/discoverd/backend/zookeeper"
+	"github.com/flynn/discoverd/server"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	// After the first signal, restore the default handling so that a
+	// second one kills a shutdown that hangs.
+	context.AfterFunc(ctx, stop)
+	code := run(ctx, os.Args[1:], os.Getenv, os.Stdout, os.Stderr)
+	stop()
+	os.Exit(code)
+}
+
+// run is main without the process: it dispatches CLI subcommands, or runs
+// the agent until ctx is done, and returns the exit code: 0 after a clean
+// stop, 1 when the agent cannot start or fails, 2 for bad flags.
+func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) int {
+	if len(args) > 0 && isCommand(args[0]) {
+		return runCommand(ctx, args, getenv, stdout, stderr)
+	}
+	m := NewMain()
+	if err := m.ParseFlags(args, getenv, stderr); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
+		fmt.Fprintf(stderr, "discoverd: %v\n", err)
+		return 2
+	}
+	m.Logger = slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: m.LogLevel}))
+	if err := m.Run(ctx); err != nil {
+		fmt.Fprintf(stderr, "discoverd: %v\n", oneLine(err))
+		return 1
+	}
+	return 0
+}
+
+// oneLine joins the lines of a (possibly joined) error.
+func oneLine(err error) string { return strings.ReplaceAll(err.Error(), "\n", "; ") }
+
+// Defaults of the agent's flags.
+const (
+	DefaultEtcdClientAddr = "127.0.0.1:2379"
+	DefaultEtcdPeerAddr   = "127.0.0.1:2380"
+	// DefaultStoreTimeout bounds how long the agent retries a store it
+	// cannot reach when it starts, before it gives up and exits 1.
+	DefaultStoreTimeout = 30 * time.Second
+	// shutdownTimeout bounds the wait for in-flight HTTP requests on stop.
+	shutdownTimeout = 5 * time.Second
+)
+
+// Main is the discoverd agent process: its configuration (set by
+// ParseFlags, or directly by tests) and the pieces it wires together. Start
+// builds them in order; Close stops them in reverse order.
+type Main struct {
+	// Bind is the host:port of the RPC and HTTP listener ("-bind").
+	Bind string
+	// Etcd lists the client URLs of an external etcd cluster ("-etcd").
+	// Empty, with ZooKeeper empty too, means: run an embedded etcd.
+	Etcd []string
+	// ZooKeeper lists host:port of ZooKeeper servers ("-zookeeper").
+	ZooKeeper []string
+	// DataDir is the embedded etcd's data directory ("-data-dir").
+	DataDir string
+	// EtcdClientAddr and EtcdPeerAddr are where the embedded etcd listens
+	// ("-etcd-client-addr", "-etcd-peer-addr"); "" picks a free loopback
+	// port.
+	EtcdClientAddr, EtcdPeerAddr string
+	// TTL is how long a registration lives without a heartbeat, and how
+	// long the store keeps a dead agent's registrations ("-ttl").
+	TTL time.Duration
+	// ExternalIP expands addresses written as ":port" ("-external-ip",
+	// env EXTERNAL_IP).
+	ExternalIP string
+	// LogLevel is the minimum level logged ("-log-level").
+	LogLevel slog.Level
+	// StoreTimeout bounds the retries of an unreachable store at start
+	// ("-store-timeout").
+	StoreTimeout time.Duration
+	// Logger receives every log line. Default slog.Default().
+	Logger *slog.Logger
+
+	ln        net.Listener
+	embedded  *etcd.Embedded
+	backend   backend.Backend
+	agent     *agent.Agent
+	server    *server.Server
+	http      *http.Server
+	serveDone chan error // Serve's result; buffered
+
+	closeOnce sync.Once
+	closeErr  error
+}
+
+// NewMain returns a Main with every field at its default.
+func NewMain() *Main {
+	return &Main{
+		Bind:           api.DefaultAgentAddr,
+		DataDir:        defaultDataDir(os.Getenv),
+		EtcdClientAddr: DefaultEtcdClientAddr,
+		EtcdPeerAddr:   DefaultEtcdPeerAddr,
+		TTL:            api.DefaultTTL,
+		LogLevel:       slog.LevelInfo,
+		StoreTimeout:   DefaultStoreTimeout,
+	}
+}
+
+// defaultDataDir is $XDG_STATE_HOME/discoverd/etcd, else
+// $HOME/.local/state/discoverd/etcd, else ./discoverd.etcd.
+func defaultDataDir(getenv func(string) string) string {
+	if d := getenv("XDG_STATE_HOME"); filepath.IsAbs(d) {
+		return filepath.Join(d, "discoverd", "etcd")
+	}
+	if h := getenv("HOME"); filepath.IsAbs(h) {
+		return filepath.Join(h, ".local", "state", "discoverd", "etcd")
+	}
+	return "discoverd.etcd"
+}
+
+// ParseFlags sets m from the command-line arguments and the environment
+// (read through getenv). Usage and help go to usage. It returns
+// flag.ErrHelp for -h, and an error that names the flag for anything it
+// cannot accept.
+func (m *Main) ParseFlags(args []string, getenv func(string) string, usage io.Writer) error {
+	fs := flag.NewFlagSet("discoverd", flag.ContinueOnError)
+	fs.SetOutput(io.Discard) // errors are returned, printed once by the caller
+	m.DataDir = defaultDataDir(getenv)
+	m.ExternalIP = getenv("EXTERNAL_IP")
+	fs.StringVar(&m.Bind, "bind", m.Bind, "`host:port` to serve RPC and HTTP on")
+	fs.Func("etcd", "comma-separated client `URLs` of an etcd cluster (default: run an embedded etcd)", func(s string) error {
+		m.Etcd = splitList(s)
+		return nil
+	})
+	fs.Func("zookeeper", "comma-separated `host:port` list of ZooKeeper servers", func(s string) error {
+		m.ZooKeeper = splitList(s)
+		return nil
+	})
+	fs.StringVar(&m.DataDir, "data-dir", m.DataDir, "embedded etcd data `dir`")
+	fs.StringVar(&m.EtcdClientAddr, "etcd-client-addr", m.EtcdClientAddr, "embedded etcd client `host:port` (empty: a free port)")
+	fs.StringVar(&m.EtcdPeerAddr, "etcd-peer-addr", m.EtcdPeerAddr, "embedded etcd peer `host:port` (empty: a free port)")
+	fs.DurationVar(&m.TTL, "ttl", m.TTL, "registration lifetime without a heartbeat; also how long a dead agent's registrations remain")
+	fs.StringVar(&m.ExternalIP, "external-ip", m.ExternalIP, "`IP` that expands \":port\" addresses (default $EXTERNAL_IP)")
+	fs.TextVar(&m.LogLevel, "log-level", m.LogLevel, "minimum log `level`: debug, info, warn or error")
+	fs.DurationVar(&m.StoreTimeout, "store-timeout", m.StoreTimeout, "how long to retry an unreachable store at start")
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			fs.SetOutput(usage)
+			fmt.Fprintln(usage, "Usage: discoverd [flags]\n       discoverd <command> [args]  (register, services, watch, leader)")
+			fs.PrintDefaults()
+		}
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unknown command %q (the agent takes flags only)", fs.Arg(0))
+	}
+	return m.validate()
+}
+
+// validate checks the combination of settings.
+func (m *Main) validate() error {
+	switch {
+	case len(m.Etcd) > 0 && len(m.ZooKeeper) > 0:
+		return errors.New("-etcd and -zookeeper are mutually exclusive")
+	case m.TTL < time.Second:
+		return fmt.Errorf("-ttl %v: must be at least 1s", m.TTL)
+	case m.StoreTimeout <= 0:
+		return fmt.Errorf("-store-timeout %v: must be positive", m.StoreTimeout)
+	case len(m.Etcd) == 0 && len(m.ZooKeeper) == 0 && m.DataDir == "":
+		return errors.New("-data-dir is empty")
+	}
+	if m.ExternalIP != "" {
+		if err := api.ValidateAddr(net.JoinHostPort(m.ExternalIP, "1")); err != nil {
+			return fmt.Errorf("external IP %q is not an IP address or host name", m.ExternalIP)
+		}
+	}
+	return nil
+}
+
+func splitList(s string) []string {
+	var out []string
+	for part := range strings.SplitSeq(s, ",") {
+		if part = strings.TrimSpace(part); part != "" {
+			out = append(out, part)
+		}
+	}
+	return out
+}
+
+// Start binds the listener (so "address in use" is an error here), starts
+// the embedded etcd if no store is configured, opens the backend
+// (retrying an unreachable store for up to StoreTimeout), and starts the
+// agent and its front ends. It blocks until the agent serves, or fails and
+// leaves nothing running. Call Close after a successful Start.
+func (m *Main) Start(ctx context.Context) (err error) {
+	if err := m.validate(); err != nil {
+		return err
+	}
+	if m.Logger == nil {
+		m.Logger = slog.Default()
+	}
+	defer func() {
+		if err != nil {
+			m.Close()
+		}
+	}()
+	m.ln, err = net.Listen("tcp", m.Bind)
+	if err != nil {
+		return fmt.Errorf("listen: %w", err)
+	}
+	if m.backend, err = m.openBackend(ctx); err != nil {
+		return err
+	}
+	m.agent, err = agent.New(agent.Config{
+		Backend:    m.backend,
+		TTL:        m.TTL,
+		ExternalIP: m.ExternalIP,
+		Logger:     m.Logger.With("component", "agent"),
+	})
+	if err != nil {
+		return err
+	}
+	m.server, err = server.New(m.agent, server.Options{Logger: m.Logger.With("component", "server")})
+	if err != nil {
+		return err
+	}
+	m.http = &http.Server{
+		Handler:           m.server,
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		ErrorLog:          slog.NewLogLogger(m.Logger.Handler(), slog.LevelWarn),
+	}
+	m.serveDone = make(chan error, 1)
+	go func() { m.serveDone <- m.http.Serve(m.ln) }() // stopped by Close
+	m.Logger.Info("discoverd serving", "addr", m.ln.Addr().String(), "store", m.storeName(), "ttl", m.TTL)
+	return nil
+}
+
+// Addr is the address the agent listens on; valid after Start.
+func (m *Main) Addr() net.Addr { return m.ln.Addr() }
+
+// Run starts the agent, serves until ctx is done (SIGINT/SIGTERM) or the
+// listener fails, then closes everything. It returns the start or serve
+// error, else Close's error.
+func (m *Main) Run(ctx context.Context) error {
+	if err := m.Start(ctx); err != nil {
+		return err
+	}
+	var serveErr error
+	select {
+	case <-ctx.Done():
+		m.Logger.Info("discoverd stopping", "reason", context.Cause(ctx))
+	case serveErr = <-m.serveDone:
+		m.serveDone <- serveErr // for Close
+		serveErr = fmt.Errorf("serve: %w", serveErr)
+	}
+	return errors.Join(serveErr, m.Close())
+}
+
+// Close stops the agent in reverse order of Start: the agent (its
+// subscriptions end with "unavailable"), the front ends (RPC connections
+// and SSE streams close), the HTTP server (in-flight requests get up to
+// shutdownTimeout), the backend (which revokes the agent's lease or
+// session, so its registrations vanish from the store at once), and the
+// embedded etcd. It is idempotent.
+func (m *Main) Close() error {
+	m.closeOnce.Do(func() {
+		var errs []error
+		if m.agent != nil {
+			errs = append(errs, m.agent.Close())
+		}
+		if m.server != nil {
+			errs = append(errs, m.server.Close())
+		}
+		if m.http != nil {
+			ctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
+			if err := m.http.Shutdown(ctx); err != nil {
+				errs = append(errs, fmt.Errorf("http shutdown: %w", err), m.http.Close())
+			}
+			cancel()
+			if err := <-m.serveDone; !errors.Is(err, http.ErrServerClosed) {
+				errs = append(errs, err)
+			}
+		} else if m.ln != nil {
+			errs = append(errs, m.ln.Close())
+		}
+		if m.backend != nil {
+			errs = append(errs, m.backend.Close())
+		}
+		if m.embedded != nil {
+			errs = append(errs, m.embedded.Close())
+		}
+		m.closeErr = errors.Join(errs...)
+	})
+	return m.closeErr
+}
+
+func (m *Main) storeName() string {
+	switch {
+	case len(m.ZooKeeper) > 0:
+		return "zookeeper " + strings.Join(m.ZooKeeper, ",")
+	case len(m.Etcd) > 0:
+		return "etcd " + strings.Join(m.Etcd, ",")
+	}
+	return "embedded etcd in " + m.DataDir
+}
+
+// openBackend starts the embedded etcd when no store is configured, then
+// opens the backend, retrying with backoff until StoreTimeout.
+func (m *Main) openBackend(ctx context.Context) (backend.Backend, error) {
+	log := m.Logger.With("component", "backend")
+	if len(m.ZooKeeper) > 0 {
+		return m.retry(ctx, "zookeeper", func(ctx context.Context) (backend.Backend, error) {
+			b, err := zookeeper.Open(ctx, zookeeper.Config{Servers: m.ZooKeeper, TTL: m.TTL, Logger: log})
+			if err != nil {
+				return nil, err
+			}
+			return b, nil
+		})
+	}
+	endpoints := m.Etcd
+	if len(endpoints) == 0 {
+		if err := os.MkdirAll(filepath.Dir(m.DataDir), 0o700); err != nil {
+			return nil, fmt.Errorf("embedded etcd: %w", err)
+		}
+		e, err := etcd.StartEmbedded(ctx, etcd.EmbedConfig{
+			Dir:        m.DataDir,
+			ClientAddr: m.EtcdClientAddr,
+			PeerAddr:   m.EtcdPeerAddr,
+			Name:       "discoverd",
+			Logger:     m.Logger.With("component", "etcd"),
+		})
+		if err != nil {
+			return nil, err
+		}
+		m.embedded = e
+		endpoints = e.Endpoints()
+	}
+	return m.retry(ctx, "etcd", func(ctx context.Context) (backend.Backend, error) {
+		b, err := etcd.Open(ctx, etcd.Config{Endpoints: endpoints, TTL: m.TTL, Logger: log})
+		if err != nil {
+			return nil, err
+		}
+		return b, nil
+	})
+}
+
+// retry calls open until it succeeds, ctx is done, or StoreTimeout has
+// passed; each attempt is bounded by attemptTimeout. Between attempts it
+// backs off from 100 ms to 2 s.
+func (m *Main) retry(ctx context.Context, store string, open func(context.Context) (backend.Backend, error)) (backend.Backend, error) {
+	const attemptTimeout = 5 * time.Second
+	ctx, cancel := context.WithTimeout(ctx, m.StoreTimeout)
+	defer cancel()
+	wait := 100 * time.Millisecond
+	for attempt := 1; ; attempt++ {
+		actx, acancel := context.WithTimeout(ctx, attemptTimeout)
+		b, err := open(actx)
+		acancel()
+		if err == nil {
+			return b, nil
+		}
+		m.Logger.Warn("store unreachable; retrying", "store", store, "attempt", attempt, "err", err)
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil, fmt.Errorf("%s unreachable after %d attempts in %v: %w", store, attempt, m.StoreTimeout, err)
+		case <-t.C:
+		}
+		wait = min(2*wait, 2*time.Second)
+	}
+}

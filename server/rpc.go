@@ -1,0 +1,176 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/flynn/discoverd/agent"
+	"github.com/flynn/discoverd/api"
+	"github.com/flynn/discoverd/rpc"
+)
+
+// connState is what the server keeps per RPC connection: the agent session
+// that owns the connection's registrations and the count of its open
+// streams. It lives from the connection's first call until the connection
+// ends; a watcher goroutine then closes the session.
+type connState struct {
+	session *agent.Session
+	streams int // guarded by Server.mu
+}
+
+// conn returns the state of the connection the call in ctx arrived on,
+// creating it (and its watcher) on the first call.
+func (s *Server) conn(ctx context.Context) (*connState, error) {
+	c := rpc.ConnFromContext(ctx)
+	if c == nil {
+		return nil, api.Errorf(api.CodeInternal, "call without an rpc connection")
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return nil, api.Errorf(api.CodeUnavailable, "agent is shutting down")
+	}
+	if st, ok := s.conns[c.ID()]; ok {
+		return st, nil
+	}
+	st := &connState{session: s.agent.NewSession(s.opts.MaxRegistrationsPerConn)}
+	s.conns[c.ID()] = st
+	s.wg.Add(1)
+	go s.watchConn(c, st)
+	return st, nil
+}
+
+// watchConn closes the session of c once c ends (the rpc server closes
+// every connection on Close, so this always returns).
+func (s *Server) watchConn(c rpc.Conn, st *connState) {
+	defer s.wg.Done()
+	<-c.Done()
+	s.mu.Lock()
+	delete(s.conns, c.ID())
+	s.mu.Unlock()
+	st.session.Close()
+}
+
+// acquireStream reserves one of the connection's stream slots; release
+// returns it.
+func (s *Server) acquireStream(st *connState) (release func(), err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if st.streams >= s.opts.MaxStreamsPerConn {
+		return nil, api.Errorf(api.CodeResourceExhausted, "connection already has %d streams open, the limit", st.streams)
+	}
+	st.streams++
+	return func() {
+		s.mu.Lock()
+		st.streams--
+		s.mu.Unlock()
+	}, nil
+}
+
+// rpcAgent is the RPC receiver registered as "Agent". Its methods follow
+// DESIGN §5; every error is an *api.Error, so its text starts with the
+// code.
+type rpcAgent struct{ s *Server }
+
+// Register registers args on the connection's session (or heartbeats and
+// updates the attributes of an existing registration) and replies with the
+// expanded address.
+func (r *rpcAgent) Register(ctx context.Context, args *api.Args, reply *string) (err error) {
+	defer r.s.metrics.observeRPC(api.MethodRegister, time.Now(), &err)
+	st, err := r.s.conn(ctx)
+	if err != nil {
+		return err
+	}
+	addr, err := st.session.Register(ctx, *args)
+	if err != nil {
+		return r.s.wireError("register", err)
+	}
+	*reply = addr
+	return nil
+}
+
+// Heartbeat marks the registration args.Name/args.Addr alive; not_found
+// when this connection does not hold it.
+func (r *rpcAgent) Heartbeat(ctx context.Context, args *api.Args, _ *struct{}) (err error) {
+	defer r.s.metrics.observeRPC(api.MethodHeartbeat, time.Now(), &err)
+	st, err := r.s.conn(ctx)
+	if err != nil {
+		return err
+	}
+	if err := st.session.Heartbeat(ctx, *args); err != nil {
+		return r.s.wireError("heartbeat", err)
+	}
+	return nil
+}
+
+// Unregister removes the registration args.Name/args.Addr now.
+func (r *rpcAgent) Unregister(ctx context.Context, args *api.Args, _ *struct{}) (err error) {
+	defer r.s.metrics.observeRPC(api.MethodUnregister, time.Now(), &err)
+	st, err := r.s.conn(ctx)
+	if err != nil {
+		return err
+	}
+	if err := st.session.Unregister(ctx, *args); err != nil {
+		return r.s.wireError("unregister", err)
+	}
+	return nil
+}
+
+// Subscribe streams the instances of args.Name: the snapshot, the empty
+// sentinel, then every change. It ends with EOS when the client closes the
+// stream or the connection, and with the error otherwise.
+func (r *rpcAgent) Subscribe(ctx context.Context, args *api.Args, stream rpc.Stream) (err error) {
+	defer r.s.metrics.observeRPC(api.MethodSubscribe, time.Now(), &err)
+	return r.s.stream(ctx, "subscribe", args.Name, r.s.agent.Subscribe, stream)
+}
+
+// Leader streams the leader of args.Name: the current one (the empty update
+// when there is none), then each change.
+func (r *rpcAgent) Leader(ctx context.Context, args *api.Args, stream rpc.Stream) (err error) {
+	defer r.s.metrics.observeRPC(api.MethodLeader, time.Now(), &err)
+	return r.s.stream(ctx, "leader", args.Name, r.s.agent.Leader, stream)
+}
+
+// stream runs one Subscribe or Leader stream: it pulls the agent
+// subscription and sends each update until ctx ends (EOS) or an error.
+func (s *Server) stream(ctx context.Context, op, name string,
+	open func(context.Context, string) (*agent.Subscription, error), stream rpc.Stream) error {
+	st, err := s.conn(ctx)
+	if err != nil {
+		return err
+	}
+	release, err := s.acquireStream(st)
+	if err != nil {
+		return err
+	}
+	defer release()
+	s.metrics.rpcStreams.Inc()
+	defer s.metrics.rpcStreams.Dec()
+	sub, err := open(ctx, name)
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil
+		}
+		return s.wireError(op, err)
+	}
+	defer sub.Close()
+	for {
+		u, err := sub.Next(ctx)
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil // the client closed the stream or the connection
+			}
+			return s.wireError(op, err)
+		}
+		if err := stream.Send(&u); err != nil {
+			switch {
+			case errors.Is(err, rpc.ErrStreamClosed) && ctx.Err() != nil:
+				return nil
+			case errors.Is(err, rpc.ErrSlowReader):
+				return api.Errorf(api.CodeResourceExhausted, "%s stream of %q: the client reads too slowly", op, name)
+			}
+			return s.wireError(op, err)
+		}
+	}
+}

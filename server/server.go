@@ -1,0 +1,212 @@
+// Package server is the agent's front ends on one listener: the rpcplus
+// compatible RPC receiver named "Agent" (mounted at rpc.DefaultPath), an
+// HTTP/JSON API with Server-Sent Events streams, /health and /metrics.
+// It holds no discovery logic: validation, limits and semantics are the
+// agent's, so RPC and HTTP callers get the same answers.
+//
+//	a, _ := agent.New(agent.Config{Backend: b})
+//	srv, _ := server.New(a, server.Options{})
+//	hs := &http.Server{Handler: srv}
+//	go hs.Serve(ln)
+//	...
+//	srv.Close()            // ends RPC connections and SSE streams
+//	hs.Shutdown(ctx)
+//	a.Close()
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/flynn/discoverd/agent"
+	"github.com/flynn/discoverd/api"
+	"github.com/flynn/discoverd/rpc"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Agent is what the front ends need of the agent. *agent.Agent implements
+// it.
+type Agent interface {
+	NewSession(maxRegistrations int) *agent.Session
+	Subscribe(ctx context.Context, name string) (*agent.Subscription, error)
+	Leader(ctx context.Context, name string) (*agent.Subscription, error)
+	Instances(ctx context.Context, name string) ([]api.ServiceUpdate, error)
+	LeaderOf(ctx context.Context, name string) (api.ServiceUpdate, bool, error)
+	Ping(ctx context.Context) error
+	Stats() agent.Stats
+}
+
+var _ Agent = (*agent.Agent)(nil)
+
+// Options configures a Server. The zero value is usable: every field has a
+// default.
+type Options struct {
+	// MaxStreamsPerConn caps the concurrent Subscribe and Leader streams of
+	// one RPC connection; one more fails with CodeResourceExhausted.
+	// Default api.DefaultMaxStreamsPerConn.
+	MaxStreamsPerConn int
+	// MaxRegistrationsPerConn caps the registrations one RPC connection
+	// holds; 0 means the agent's default. HTTP registrations share one
+	// session without a cap.
+	MaxRegistrationsPerConn int
+	// MaxBodySize caps the body of a PUT request, in bytes. Default
+	// DefaultMaxBodySize.
+	MaxBodySize int64
+	// SSEKeepAlive is how often an idle SSE stream gets a comment line, so
+	// that proxies keep it open and a vanished client is noticed. Default
+	// 25 s.
+	SSEKeepAlive time.Duration
+	// WriteTimeout bounds each write to an SSE client; a client that does
+	// not read for that long is disconnected. Default 10 s.
+	WriteTimeout time.Duration
+	// HealthTimeout bounds the store ping of GET /health. Default 2 s.
+	HealthTimeout time.Duration
+	// RPC tunes the RPC server (message size, stream buffer); nil means
+	// rpc.NewServer() with its defaults. Its Logger defaults to Logger.
+	RPC *rpc.Server
+	// Logger receives the front ends' logs. Default slog.Default().
+	Logger *slog.Logger
+}
+
+// DefaultMaxBodySize is the default cap on a PUT body: room for the largest
+// valid set of attributes (api.MaxAttrs keys and values at their limits)
+// with JSON quoting.
+const DefaultMaxBodySize = 256 << 10
+
+// Server serves the agent over RPC and HTTP. It is an http.Handler; mount
+// it at "/" of the agent's listener. Its methods are safe for concurrent
+// use.
+type Server struct {
+	agent   Agent
+	opts    Options
+	log     *slog.Logger
+	rpc     *rpc.Server
+	mux     *http.ServeMux
+	metrics *metrics
+
+	// ctx is cancelled by Close; it ends SSE streams and connection
+	// watchers.
+	ctx    context.Context
+	cancel context.CancelFunc
+
+	httpSession *agent.Session // shared by every HTTP registration
+
+	mu     sync.Mutex
+	closed bool
+	conns  map[uint64]*connState // RPC connections that made a call
+	wg     sync.WaitGroup        // connection watchers and SSE handlers
+
+	closeOnce sync.Once
+	closeErr  error
+}
+
+// New returns a Server for a. It registers the RPC receiver "Agent" on its
+// RPC server and mounts it at rpc.DefaultPath. Call Close when done; the
+// caller still owns a.
+func New(a Agent, opts Options) (*Server, error) {
+	if a == nil {
+		return nil, errors.New("server: nil agent")
+	}
+	if opts.MaxStreamsPerConn <= 0 {
+		opts.MaxStreamsPerConn = api.DefaultMaxStreamsPerConn
+	}
+	if opts.MaxBodySize <= 0 {
+		opts.MaxBodySize = DefaultMaxBodySize
+	}
+	if opts.SSEKeepAlive <= 0 {
+		opts.SSEKeepAlive = 25 * time.Second
+	}
+	if opts.WriteTimeout <= 0 {
+		opts.WriteTimeout = 10 * time.Second
+	}
+	if opts.HealthTimeout <= 0 {
+		opts.HealthTimeout = 2 * time.Second
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	rs := opts.RPC
+	if rs == nil {
+		rs = rpc.NewServer()
+		rs.Logger = opts.Logger
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	s := &Server{
+		agent:   a,
+		opts:    opts,
+		log:     opts.Logger,
+		rpc:     rs,
+		mux:     http.NewServeMux(),
+		ctx:     ctx,
+		cancel:  cancel,
+		conns:   make(map[uint64]*connState),
+		metrics: newMetrics(a),
+	}
+	if err := rs.RegisterName("Agent", &rpcAgent{s: s}); err != nil {
+		cancel()
+		return nil, fmt.Errorf("server: register rpc receiver: %w", err)
+	}
+	s.httpSession = a.NewSession(-1)
+	s.routes()
+	return s, nil
+}
+
+// ServeHTTP dispatches to the RPC upgrade, the HTTP API, /health and
+// /metrics.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	s.mux.ServeHTTP(w, r)
+}
+
+// Registry returns the Prometheus registry behind GET /metrics, so that an
+// embedding program can add its own collectors.
+func (s *Server) Registry() *prometheus.Registry { return s.metrics.reg }
+
+// Close closes every RPC connection (their sessions then unregister what
+// they held), ends every SSE stream, withdraws the HTTP registrations and
+// waits for its goroutines and handlers to return. It does not close the
+// agent. Later RPC upgrades and SSE requests are refused. It is
+// idempotent and returns the RPC server's Close error.
+func (s *Server) Close() error {
+	s.closeOnce.Do(func() {
+		s.mu.Lock()
+		s.closed = true
+		s.mu.Unlock()
+		s.cancel()
+		s.closeErr = s.rpc.Close()
+		s.wg.Wait()
+		s.httpSession.Close()
+	})
+	return s.closeErr
+}
+
+// track adds one goroutine or handler to the set Close waits for. It
+// returns false when the server is closed; the caller must then not start.
+func (s *Server) track() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return false
+	}
+	s.wg.Add(1)
+	return true
+}
+
+// wireError returns err in the form the front ends send: the *api.Error in
+// its chain (so the text is "code: message"), or, for anything else, a
+// CodeInternal error whose detail goes to the log only.
+func (s *Server) wireError(op string, err error) *api.Error {
+	var e *api.Error
+	if errors.As(err, &e) {
+		return e
+	}
+	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+		return api.Errorf(api.CodeUnavailable, "%s: %v", op, err)
+	}
+	s.log.Error("request failed", "op", op, "err", err)
+	return api.Errorf(api.CodeInternal, "%s failed; see the agent's log", op)
+}
