@@ -331,13 +331,9 @@ func (s *Session) release(ctx context.Context, k regKey) {
 	a := s.a
 	unlock, err := a.lockKey(ctx, k)
 	if err != nil {
-		a.mu.Lock()
-		if r := a.regs[k]; r != nil && r.owner == s && !a.closed {
-			// Out of time: let the janitor remove it.
-			a.forgetLocked(k, r)
-			a.orphans[k] = struct{}{}
-		}
-		a.mu.Unlock()
+		// Out of time, or the agent is closing: without heartbeats the
+		// registration expires within a TTL (or goes with the backend).
+		a.log.Warn("agent: session close: registration left to expire", "name", k.name, "addr", k.addr, "err", err)
 		return
 	}
 	defer unlock()
