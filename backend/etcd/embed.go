@@ -1,0 +1,205 @@
+package etcd
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/url"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"go.etcd.io/etcd/server/v3/embed"
+	"go.uber.org/zap/zapcore"
+	"google.golang.org/grpc"
+)
+
+// EmbedConfig configures an etcd server run inside this process.
+type EmbedConfig struct {
+	// Dir is the data directory (created if missing, mode 0700). Required.
+	// Restarting on the same Dir resumes the member with its data.
+	Dir string
+	// ClientAddr and PeerAddr are the host:port the server listens on for
+	// clients and for raft peers. Empty picks a free port on 127.0.0.1.
+	ClientAddr, PeerAddr string
+	// Name is the member name. Default "default".
+	Name string
+	// InitialCluster lists every member of a new cluster as
+	// "name=http://host:port,..." (peer URLs). Default: this member alone.
+	// It is ignored when Dir already holds a member.
+	InitialCluster string
+	// HeartbeatInterval and ElectionTimeout are raft's timing. Defaults:
+	// 50 ms and 500 ms for a single member (fast start, and leases as short
+	// as 1 s), 100 ms and 1 s (etcd's defaults) for a cluster. The smallest
+	// lease TTL etcd grants is 1.5 × ElectionTimeout, rounded up to seconds.
+	HeartbeatInterval, ElectionTimeout time.Duration
+	// Logger receives etcd's errors. Default slog.Default().
+	Logger *slog.Logger
+}
+
+// Embedded is an etcd server running in this process. Its methods are safe
+// for concurrent use.
+type Embedded struct {
+	etcd      *embed.Etcd
+	endpoints []string
+	closing   context.CancelFunc // ends client streams, so that Close need not wait for them
+	closeOnce sync.Once
+}
+
+// startAttempts bounds the retries when a port picked as free was taken
+// by someone else before etcd bound it.
+const startAttempts = 3
+
+// StartEmbedded starts an etcd server and blocks until it serves clients
+// (for a cluster member: until it has joined the cluster), ctx is done, or
+// it fails. On error nothing is left running. The caller must Close the
+// server.
+//
+// The server compacts its history every hour, keeping an hour of it
+// (watchers further behind recover by re-reading, see Subscribe).
+func StartEmbedded(ctx context.Context, cfg EmbedConfig) (*Embedded, error) {
+	if cfg.Dir == "" {
+		return nil, errors.New("etcd: embedded server: EmbedConfig.Dir is required")
+	}
+	picked := cfg.ClientAddr == "" || cfg.PeerAddr == ""
+	for attempt := 1; ; attempt++ {
+		e, err := startEmbedded(ctx, cfg)
+		if err == nil {
+			return e, nil
+		}
+		if !picked || !isAddrInUse(err) || attempt == startAttempts || ctx.Err() != nil {
+			return nil, fmt.Errorf("etcd: embedded server: %w", err)
+		}
+	}
+}
+
+func startEmbedded(ctx context.Context, cfg EmbedConfig) (*Embedded, error) {
+	var err error
+	clientAddr, peerAddr := cfg.ClientAddr, cfg.PeerAddr
+	if clientAddr == "" {
+		if clientAddr, err = freeLoopbackAddr(); err != nil {
+			return nil, err
+		}
+	}
+	if peerAddr == "" {
+		if peerAddr, err = freeLoopbackAddr(); err != nil {
+			return nil, err
+		}
+	}
+	clientURL := url.URL{Scheme: "http", Host: clientAddr}
+	peerURL := url.URL{Scheme: "http", Host: peerAddr}
+
+	ec := embed.NewConfig()
+	ec.Dir = cfg.Dir
+	ec.Name = cfg.Name
+	if ec.Name == "" {
+		ec.Name = "default"
+	}
+	ec.ListenClientUrls = []url.URL{clientURL}
+	ec.AdvertiseClientUrls = []url.URL{clientURL}
+	ec.ListenPeerUrls = []url.URL{peerURL}
+	ec.AdvertisePeerUrls = []url.URL{peerURL}
+	ec.InitialCluster = cfg.InitialCluster
+	if ec.InitialCluster == "" {
+		ec.InitialCluster = ec.InitialClusterFromName(ec.Name)
+	}
+	single := !strings.Contains(ec.InitialCluster, ",")
+	tick, election := 100*time.Millisecond, time.Second
+	if single {
+		tick, election = 50*time.Millisecond, 500*time.Millisecond
+	}
+	if cfg.HeartbeatInterval > 0 {
+		tick = cfg.HeartbeatInterval
+	}
+	if cfg.ElectionTimeout > 0 {
+		election = cfg.ElectionTimeout
+	}
+	ec.TickMs = uint(tick.Milliseconds())
+	ec.ElectionMs = uint(election.Milliseconds())
+	ec.AutoCompactionMode = embed.CompactorModePeriodic
+	ec.AutoCompactionRetention = "1h"
+	ec.EnableGRPCGateway = false
+	ec.LogLevel = "error"
+	ec.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zapLogger(cfg.Logger, zapcore.ErrorLevel))
+	// etcd's Close waits (up to its request timeout, over 5 s) for client
+	// streams to end, and watch and lease keepalive streams never end by
+	// themselves: end them when Close starts.
+	closingCtx, closing := context.WithCancel(context.Background())
+	ec.GRPCAdditionalServerOptions = []grpc.ServerOption{grpc.ChainStreamInterceptor(endStreamsOn(closingCtx))}
+
+	e, err := embed.StartEtcd(ec)
+	if err != nil {
+		closing()
+		return nil, err
+	}
+	stop := func() { closing(); e.Close() }
+	select {
+	case <-e.Server.ReadyNotify():
+	case <-e.Server.StopNotify():
+		stop()
+		return nil, errors.New("server stopped before it was ready")
+	case err := <-e.Err():
+		stop()
+		if err == nil {
+			err = errors.New("server stopped before it was ready")
+		}
+		return nil, err
+	case <-ctx.Done():
+		stop()
+		return nil, fmt.Errorf("waiting for the server to be ready: %w", ctx.Err())
+	}
+	return &Embedded{etcd: e, endpoints: []string{clientURL.String()}, closing: closing}, nil
+}
+
+// endStreamsOn returns a gRPC stream interceptor that cancels the context
+// of every stream when ctx is done.
+func endStreamsOn(ctx context.Context) grpc.StreamServerInterceptor {
+	return func(srv any, ss grpc.ServerStream, _ *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+		sctx, cancel := context.WithCancel(ss.Context())
+		defer cancel()
+		stop := context.AfterFunc(ctx, cancel)
+		defer stop()
+		return handler(srv, &ctxStream{ServerStream: ss, ctx: sctx})
+	}
+}
+
+type ctxStream struct {
+	grpc.ServerStream
+	ctx context.Context
+}
+
+func (s *ctxStream) Context() context.Context { return s.ctx }
+
+// Endpoints returns the client URLs of the server, for Config.Endpoints.
+func (e *Embedded) Endpoints() []string { return append([]string(nil), e.endpoints...) }
+
+// Close stops the server and waits for it to stop. Clients still connected
+// are cut off (after up to etcd's request timeout for open watches). It is
+// idempotent and always returns nil.
+func (e *Embedded) Close() error {
+	e.closeOnce.Do(func() {
+		e.closing()
+		e.etcd.Close()
+	})
+	return nil
+}
+
+// freeLoopbackAddr returns a 127.0.0.1 address whose port was free a
+// moment ago. Another process may take it before etcd binds it;
+// StartEmbedded retries then.
+func freeLoopbackAddr() (string, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", fmt.Errorf("picking a free port: %w", err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+	return addr, nil
+}
+
+func isAddrInUse(err error) bool {
+	return errors.Is(err, syscall.EADDRINUSE) || strings.Contains(err.Error(), "address already in use")
+}

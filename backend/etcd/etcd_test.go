@@ -1,0 +1,403 @@
+package etcd_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"testing"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/goleak"
+	"go.uber.org/zap"
+
+	"github.com/flynn/discoverd/backend"
+	"github.com/flynn/discoverd/backend/backendtest"
+	"github.com/flynn/discoverd/backend/etcd"
+	"github.com/flynn/discoverd/backend/etcd/etcdtest"
+)
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m)
+}
+
+const waitTimeout = 15 * time.Second // bound on waits for events; not a speed assertion
+
+func TestConformance(t *testing.T) {
+	// A one-member cluster rather than NewServer, for StopStore/StartStore.
+	c := etcdtest.NewCluster(t, 1)
+	backendtest.Run(t, backendtest.Harness{
+		New: func(tb testing.TB, ttl time.Duration) backend.Backend {
+			return mustOpen(tb, c.Endpoints(), ttl)
+		},
+		Kill:      func(tb testing.TB, b backend.Backend) { b.(*etcd.Backend).Abandon() },
+		StopStore: func(tb testing.TB) { c.Member(0).Stop() },
+		StartStore: func(tb testing.TB) {
+			if err := c.Member(0).Restart(); err != nil {
+				tb.Fatal(err)
+			}
+		},
+	})
+}
+
+func mustOpen(tb testing.TB, endpoints []string, ttl time.Duration) *etcd.Backend {
+	tb.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
+	defer cancel()
+	b, err := etcd.Open(ctx, etcd.Config{Endpoints: endpoints, TTL: ttl})
+	if err != nil {
+		tb.Fatalf("Open: %v", err)
+	}
+	tb.Cleanup(func() { b.Close() })
+	return b
+}
+
+func mustClient(tb testing.TB, endpoints []string) *clientv3.Client {
+	tb.Helper()
+	cli, err := clientv3.New(clientv3.Config{Endpoints: endpoints, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
+	if err != nil {
+		tb.Fatalf("etcd client: %v", err)
+	}
+	tb.Cleanup(func() { cli.Close() })
+	return cli
+}
+
+func ctxT(tb testing.TB) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
+	tb.Cleanup(cancel)
+	return ctx
+}
+
+// view is what a stream has told its reader.
+type view struct {
+	tb     testing.TB
+	s      backend.Stream
+	addrs  map[string]backend.Instance
+	events []backend.Event // every event read, in order
+}
+
+func mustSubscribe(tb testing.TB, b backend.Backend, name string) *view {
+	tb.Helper()
+	s, err := b.Subscribe(ctxT(tb), name)
+	if err != nil {
+		tb.Fatalf("Subscribe: %v", err)
+	}
+	tb.Cleanup(func() { s.Close() })
+	return &view{tb: tb, s: s, addrs: map[string]backend.Instance{}}
+}
+
+func (v *view) next() backend.Event {
+	v.tb.Helper()
+	timer := time.NewTimer(waitTimeout)
+	defer timer.Stop()
+	select {
+	case ev, ok := <-v.s.Events():
+		if !ok {
+			v.tb.Fatalf("stream ended: %v", v.s.Err())
+		}
+		switch ev.Type {
+		case backend.Put:
+			v.addrs[ev.Instance.Addr] = ev.Instance
+		case backend.Delete:
+			delete(v.addrs, ev.Instance.Addr)
+		}
+		v.events = append(v.events, ev)
+		return ev
+	case <-timer.C:
+		v.tb.Fatalf("no event within %v; view has %d instances", waitTimeout, len(v.addrs))
+	}
+	return backend.Event{}
+}
+
+// waitFor reads events until cond holds for the view.
+func (v *view) waitFor(what string, cond func(map[string]backend.Instance) bool) {
+	v.tb.Helper()
+	deadline := time.Now().Add(waitTimeout)
+	for !cond(v.addrs) {
+		if time.Now().After(deadline) {
+			v.tb.Fatalf("waiting for %s: view has %d instances", what, len(v.addrs))
+		}
+		v.next()
+	}
+}
+
+func addr(i int) string { return fmt.Sprintf("10.0.%d.%d:80", i/250, i%250+1) }
+
+// TestCompactionWhileStreamBehind: history the stream still needs is
+// compacted away; the stream resyncs and converges on the store's state.
+func TestCompactionWhileStreamBehind(t *testing.T) {
+	srv := etcdtest.NewServer(t)
+	b := mustOpen(t, srv.Endpoints(), 2*time.Second)
+	cli := mustClient(t, srv.Endpoints())
+	ctx := ctxT(t)
+	const name, n = "compacted", 40
+
+	for i := range n {
+		if err := b.Register(ctx, name, addr(i), map[string]string{"v": "1"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The snapshot (n events) overflows the stream's buffer, so the stream
+	// cannot start its watch until we read: it is behind for sure.
+	v := mustSubscribe(t, b, name)
+	for i := range n {
+		switch {
+		case i%4 == 0:
+			err := b.Unregister(ctx, name, addr(i))
+			if err != nil {
+				t.Fatal(err)
+			}
+		case i%4 == 1:
+			if err := b.Register(ctx, name, addr(i), map[string]string{"v": "2"}); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if err := b.Register(ctx, name, addr(n), nil); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := cli.Get(ctx, "compaction-point")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cli.Compact(ctx, resp.Header.Revision, clientv3.WithCompactPhysical()); err != nil {
+		t.Fatalf("Compact: %v", err)
+	}
+
+	want := map[string]string{addr(n): ""} // addr -> attr v
+	for i := range n {
+		switch i % 4 {
+		case 0:
+		case 1:
+			want[addr(i)] = "2"
+		default:
+			want[addr(i)] = "1"
+		}
+	}
+	v.waitFor("the state after compaction", func(got map[string]backend.Instance) bool {
+		if len(got) != len(want) {
+			return false
+		}
+		for a, attr := range want {
+			if in, ok := got[a]; !ok || in.Attrs["v"] != attr {
+				return false
+			}
+		}
+		return true
+	})
+	// Live changes still arrive after the resync.
+	if err := b.Register(ctx, name, addr(n+1), nil); err != nil {
+		t.Fatal(err)
+	}
+	v.waitFor("a live put after the resync", func(got map[string]backend.Instance) bool {
+		_, ok := got[addr(n+1)]
+		return ok
+	})
+}
+
+// TestLeaseRevokedUnderneath: someone else revokes the backend's lease;
+// the backend takes a new one and puts its registrations back.
+func TestLeaseRevokedUnderneath(t *testing.T) {
+	srv := etcdtest.NewServer(t)
+	b := mustOpen(t, srv.Endpoints(), 2*time.Second)
+	watcher := mustOpen(t, srv.Endpoints(), 2*time.Second)
+	cli := mustClient(t, srv.Endpoints())
+	ctx := ctxT(t)
+	const name = "revoked"
+	attrs := map[string]string{"k": "v"}
+	for i := range 3 {
+		if err := b.Register(ctx, name, addr(i), attrs); err != nil {
+			t.Fatal(err)
+		}
+	}
+	v := mustSubscribe(t, watcher, name)
+	v.waitFor("the snapshot", func(got map[string]backend.Instance) bool { return len(got) == 3 })
+	before := v.addrs[addr(0)].Created
+
+	old := leaseOf(t, cli, etcd.DefaultPrefix+name+"/"+addr(0))
+	if _, err := cli.Revoke(ctx, old); err != nil {
+		t.Fatalf("Revoke: %v", err)
+	}
+	// The keys go with the lease, then come back under a new one.
+	v.waitFor("the deletes", func(got map[string]backend.Instance) bool { return len(got) == 0 })
+	v.waitFor("the registrations restored", func(got map[string]backend.Instance) bool { return len(got) == 3 })
+	if in := v.addrs[addr(0)]; in.Attrs["k"] != "v" || in.Created <= before {
+		t.Errorf("restored %+v, want attrs k=v and Created > %d", in, before)
+	}
+	var lease clientv3.LeaseID
+	for i := range 3 {
+		l := leaseOf(t, cli, etcd.DefaultPrefix+name+"/"+addr(i))
+		if l == old || (lease != 0 && l != lease) {
+			t.Fatalf("key %d on lease %x; old lease %x, others on %x", i, l, old, lease)
+		}
+		lease = l
+	}
+	ttl, err := cli.TimeToLive(ctx, lease)
+	if err != nil || ttl.TTL <= 0 {
+		t.Fatalf("new lease %x: TTL %v, err %v", lease, ttl, err)
+	}
+	// The backend works on: a new registration lands on the new lease, and
+	// Close removes everything at once.
+	if err := b.Register(ctx, name, addr(3), nil); err != nil {
+		t.Fatal(err)
+	}
+	if l := leaseOf(t, cli, etcd.DefaultPrefix+name+"/"+addr(3)); l != lease {
+		t.Errorf("new registration on lease %x, want %x", l, lease)
+	}
+	if err := b.Close(); err != nil {
+		t.Fatalf("Close: %v", err)
+	}
+	v.waitFor("Close to remove everything", func(got map[string]backend.Instance) bool { return len(got) == 0 })
+}
+
+func leaseOf(tb testing.TB, cli *clientv3.Client, key string) clientv3.LeaseID {
+	tb.Helper()
+	resp, err := cli.Get(ctxT(tb), key)
+	if err != nil {
+		tb.Fatalf("Get %s: %v", key, err)
+	}
+	if len(resp.Kvs) != 1 || resp.Kvs[0].Lease == 0 {
+		tb.Fatalf("key %s: %d keys, want one on a lease", key, len(resp.Kvs))
+	}
+	return clientv3.LeaseID(resp.Kvs[0].Lease)
+}
+
+// TestAbandonKeepsLease: Abandon leaves the lease (and the keys) to expire
+// by themselves; the backend refuses further use.
+func TestAbandonKeepsLease(t *testing.T) {
+	srv := etcdtest.NewServer(t)
+	b := mustOpen(t, srv.Endpoints(), 30*time.Second)
+	cli := mustClient(t, srv.Endpoints())
+	ctx := ctxT(t)
+	if err := b.Register(ctx, "abandoned", addr(0), nil); err != nil {
+		t.Fatal(err)
+	}
+	b.Abandon()
+	lease := leaseOf(t, cli, etcd.DefaultPrefix+"abandoned/"+addr(0))
+	ttl, err := cli.TimeToLive(ctx, lease)
+	if err != nil || ttl.TTL <= 0 {
+		t.Fatalf("lease after Abandon: TTL %v, err %v; want it alive", ttl, err)
+	}
+	if err := b.Register(ctx, "abandoned", addr(1), nil); !errors.Is(err, backend.ErrClosed) {
+		t.Errorf("Register after Abandon: %v, want ErrClosed", err)
+	}
+	if err := b.Close(); err != nil {
+		t.Errorf("Close after Abandon: %v", err)
+	}
+	if _, err := cli.Revoke(ctx, lease); err != nil {
+		t.Fatalf("Revoke: %v", err)
+	}
+}
+
+// TestHeartbeatIsNoWrite: registering the same attributes again does not
+// touch the store (no new revision).
+func TestHeartbeatIsNoWrite(t *testing.T) {
+	srv := etcdtest.NewServer(t)
+	b := mustOpen(t, srv.Endpoints(), 2*time.Second)
+	cli := mustClient(t, srv.Endpoints())
+	ctx := ctxT(t)
+	attrs := map[string]string{"a": "1", "b": "2"}
+	if err := b.Register(ctx, "hb", addr(0), attrs); err != nil {
+		t.Fatal(err)
+	}
+	rev := func() int64 {
+		resp, err := cli.Get(ctx, "rev")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return resp.Header.Revision
+	}
+	before := rev()
+	for range 10 {
+		if err := b.Register(ctx, "hb", addr(0), map[string]string{"b": "2", "a": "1"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if after := rev(); after != before {
+		t.Errorf("10 heartbeats moved the store from revision %d to %d", before, after)
+	}
+	if err := b.Register(ctx, "hb", addr(0), map[string]string{"a": "1"}); err != nil {
+		t.Fatal(err)
+	}
+	if after := rev(); after != before+1 {
+		t.Errorf("an attribute change moved the store from revision %d to %d, want one write", before, after)
+	}
+}
+
+func TestRejectsWhatEscapesTheKeyLayout(t *testing.T) {
+	srv := etcdtest.NewServer(t)
+	b := mustOpen(t, srv.Endpoints(), 2*time.Second)
+	ctx := ctxT(t)
+	for _, tc := range []struct{ name, addr string }{
+		{"", "10.0.0.1:80"},
+		{"a/b", "10.0.0.1:80"},
+		{"web", "10.0.0.1/x:80"},
+		{"web", ""},
+		{"web", ":80"},
+	} {
+		if err := b.Register(ctx, tc.name, tc.addr, nil); err == nil {
+			t.Errorf("Register(%q, %q) = nil, want an error", tc.name, tc.addr)
+		}
+	}
+	if _, err := b.Subscribe(ctx, "a/b"); err == nil {
+		t.Error(`Subscribe("a/b") = nil error, want an error`)
+	}
+}
+
+func TestOpenFailsWhenStoreUnreachable(t *testing.T) {
+	srv := etcdtest.NewServer(t)
+	eps := srv.Endpoints()
+	srv.Close()
+	_, err := etcd.Open(ctxT(t), etcd.Config{Endpoints: eps, DialTimeout: 500 * time.Millisecond})
+	if err == nil {
+		t.Fatal("Open with the store down = nil error")
+	}
+	if _, err := etcd.Open(ctxT(t), etcd.Config{}); err == nil {
+		t.Fatal("Open without endpoints = nil error")
+	}
+}
+
+// TestClusterMemberStopRestart: a backend on a 3-member cluster keeps
+// working while the leader is stopped, and the member rejoins.
+func TestClusterMemberStopRestart(t *testing.T) {
+	c := etcdtest.NewCluster(t, 3)
+	b := mustOpen(t, c.Endpoints(), 5*time.Second)
+	v := mustSubscribe(t, mustOpen(t, c.Endpoints(), 5*time.Second), "clustered")
+	ctx := ctxT(t)
+	if err := b.Register(ctx, "clustered", addr(0), nil); err != nil {
+		t.Fatal(err)
+	}
+	v.waitFor("the first registration", func(got map[string]backend.Instance) bool { return len(got) == 1 })
+
+	leader := c.Leader()
+	if leader < 0 {
+		t.Fatal("no leader")
+	}
+	c.Member(leader).Stop()
+	// Writes may fail until a new leader is elected; retry within the bound.
+	deadline := time.Now().Add(waitTimeout)
+	for {
+		rctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		err := b.Register(rctx, "clustered", addr(1), nil)
+		cancel()
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("Register with the leader stopped: %v", err)
+		}
+	}
+	v.waitFor("the registration made after the failover", func(got map[string]backend.Instance) bool { return len(got) == 2 })
+	if err := c.Member(leader).Restart(); err != nil {
+		t.Fatal(err)
+	}
+	if !c.Member(leader).Running() {
+		t.Fatal("member not running after Restart")
+	}
+	// The restarted member serves reads of what was written without it.
+	cli := mustClient(t, []string{c.Member(leader).Endpoint()})
+	resp, err := cli.Get(ctx, etcd.DefaultPrefix+"clustered/", clientv3.WithPrefix(), clientv3.WithCountOnly())
+	if err != nil || resp.Count != 2 {
+		t.Fatalf("restarted member: count %v, err %v; want 2", resp, err)
+	}
+}
