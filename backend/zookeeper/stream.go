@@ -51,7 +51,6 @@ func (b *Backend) Subscribe(ctx context.Context, name string) (backend.Stream, e
 		ready:     make(chan struct{}),
 		wake:      make(chan struct{}, 1),
 		dataDirty: make(map[string]bool),
-		armed:     make(map[string]bool),
 		view:      make(map[string]entry),
 	}
 	b.mu.Lock()
@@ -102,10 +101,7 @@ type stream struct {
 	dataDirty map[string]bool // by child: a data watch fired or was dropped
 	full      bool            // re-read every child (after a reconnect)
 
-	// Owned by run.
-	dirArmed bool             // a child (or exists) watch on dir is set
-	armed    map[string]bool  // by child: a data watch is set
-	view     map[string]entry // by child (addr): the last state emitted
+	view map[string]entry // by child (addr): the last state emitted; owned by run
 
 	closeOnce sync.Once
 }
@@ -270,19 +266,13 @@ func (s *stream) read() (map[string]entry, error) {
 }
 
 func (s *stream) readMarked(d dirty) (map[string]entry, error) {
-	conn := s.b.conn
-	if d.dir {
-		s.dirArmed = false
-	}
-	for c := range d.data {
-		s.armed[c] = false
-	}
+	b, conn := s.b, s.b.conn
 	var kids []string
 	for {
-		if s.ctx.Err() != nil {
-			return nil, s.ctx.Err()
+		if err := s.ctx.Err(); err != nil {
+			return nil, err
 		}
-		if s.dirArmed {
+		if b.watchArmed(s.dir) {
 			var err error
 			kids, _, err = conn.Children(s.dir)
 			if err != nil && !errors.Is(err, zk.ErrNoNode) {
@@ -291,64 +281,60 @@ func (s *stream) readMarked(d dirty) (map[string]entry, error) {
 			break
 		}
 		var err error
+		b.beginArm(s.dir)
 		kids, _, _, err = conn.ChildrenW(s.dir)
+		b.endArm(s.dir, err == nil)
 		if err == nil {
-			s.dirArmed = true
 			break
 		}
 		if !errors.Is(err, zk.ErrNoNode) {
 			return nil, err
 		}
-		// The service has never been registered: watch for its directory.
+		// The service does not exist (yet, or any more): watch for it.
+		b.beginArm(s.dir)
 		exists, _, _, err := conn.ExistsW(s.dir)
+		b.endArm(s.dir, err == nil && !exists)
 		if err != nil {
 			return nil, err
 		}
 		if !exists {
-			s.dirArmed = true
 			kids = nil
 			break
 		}
-		// Created in between: list it (the exists watch fires later on
-		// its deletion only, which also marks the directory).
+		// Created in between: list it.
 	}
 
 	next := make(map[string]entry, len(kids))
 	for _, c := range kids {
-		old, inView := s.view[c]
-		if inView && s.armed[c] && !d.full {
-			next[c] = old
+		p := s.dir + "/" + c
+		armed := b.watchArmed(p)
+		if old, inView := s.view[c]; inView && armed && !d.full && !d.data[c] {
+			next[c] = old // unchanged: a change would have fired the watch
 			continue
 		}
-		p := s.dir + "/" + c
 		var (
 			data []byte
 			stat *zk.Stat
 			err  error
 		)
-		if s.armed[c] {
+		if armed {
 			data, stat, err = conn.Get(p)
 		} else {
+			b.beginArm(p)
 			data, stat, _, err = conn.GetW(p)
+			b.endArm(p, err == nil)
 		}
 		if errors.Is(err, zk.ErrNoNode) {
-			delete(s.armed, c) // gone since the listing; the child watch tells
-			continue
+			continue // gone since the listing; the child watch tells
 		}
 		if err != nil {
 			return nil, err
 		}
-		s.armed[c] = true
 		attrs, err := decodeAttrs(data)
 		if err != nil {
-			s.b.log.Warn("zookeeper: instance with unreadable attributes", "znode", p, "err", err)
+			b.log.Warn("zookeeper: instance with unreadable attributes", "znode", p, "err", err)
 		}
 		next[c] = entry{created: stat.Czxid, modified: stat.Mzxid, attrs: attrs}
-	}
-	for c := range s.armed {
-		if _, ok := next[c]; !ok {
-			delete(s.armed, c)
-		}
 	}
 	return next, nil
 }

@@ -101,8 +101,20 @@ type Backend struct {
 
 	mu      sync.Mutex
 	closed  bool
-	regs    map[string]registration // by znode path; the registrations this backend holds
-	streams map[string]map[*stream]struct{}
+	regs    map[string]registration         // by znode path; the registrations this backend holds
+	streams map[string]map[*stream]struct{} // by service znode
+
+	// Watches set in the client library, by znode path. The library keeps
+	// one channel per watch request until the watch fires, so setting a
+	// watch again on a path whose watch has not fired would pile channels
+	// up; streams set one only when none is armed. A watch counts as armed
+	// from the answer to the request that set it until any event for its
+	// path (fired, or dropped with the session); an event that arrives
+	// while a request is in flight makes it count as not armed, which at
+	// worst costs one redundant watch.
+	armed   map[string]bool
+	arming  map[string]int  // watch requests in flight
+	dirtied map[string]bool // an event arrived while arming
 
 	closeOnce sync.Once
 }
@@ -143,6 +155,9 @@ func Open(ctx context.Context, cfg Config) (*Backend, error) {
 		closing: make(chan struct{}),
 		regs:    make(map[string]registration),
 		streams: make(map[string]map[*stream]struct{}),
+		armed:   make(map[string]bool),
+		arming:  make(map[string]int),
+		dirtied: make(map[string]bool),
 	}
 	conn, events, err := zk.Connect(cfg.Servers, cfg.TTL,
 		zk.WithDialer(b.dial.dial),
@@ -206,12 +221,43 @@ func (b *Backend) onEvent(ev zk.Event) {
 	// directory or on one instance znode.
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	delete(b.armed, ev.Path)
+	if b.arming[ev.Path] > 0 {
+		b.dirtied[ev.Path] = true
+	}
 	for s := range b.streams[ev.Path] {
 		s.notifyDir()
 	}
 	dir, child := path.Split(ev.Path)
 	for s := range b.streams[strings.TrimSuffix(dir, "/")] {
 		s.notifyChild(child)
+	}
+}
+
+// watchArmed reports whether a watch on p is set in the client library.
+func (b *Backend) watchArmed(p string) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.armed[p]
+}
+
+// beginArm must precede a request that sets a watch on p; endArm follows
+// it, with ok telling whether the request set the watch.
+func (b *Backend) beginArm(p string) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.arming[p]++
+}
+
+func (b *Backend) endArm(p string, ok bool) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if ok && !b.dirtied[p] {
+		b.armed[p] = true
+	}
+	if b.arming[p]--; b.arming[p] == 0 {
+		delete(b.arming, p)
+		delete(b.dirtied, p)
 	}
 }
 

@@ -265,6 +265,35 @@ func TestServiceZnodeIsContainer(t *testing.T) {
 	expectEvent(t, st, backend.Put, "10.0.0.2:80")
 }
 
+// TestResubscribeSeesChanges: a stream opened after another one on the
+// same name was closed relies on the watches the first one set (the
+// backend does not set a watch twice) and still sees every change.
+func TestResubscribeSeesChanges(t *testing.T) {
+	b := open(t, 5*time.Second)
+	name := uniqueName(t)
+	if err := b.Register(ctxT(t), name, "10.0.0.1:80", map[string]string{"v": "1"}); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 3 {
+		st, err := b.Subscribe(ctxT(t), name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		expectEvent(t, st, backend.Put, "10.0.0.1:80")
+		expectEvent(t, st, backend.Current, "")
+		v := fmt.Sprint(i + 2)
+		if err := b.Register(ctxT(t), name, "10.0.0.1:80", map[string]string{"v": v}); err != nil {
+			t.Fatal(err)
+		}
+		if ev := expectEvent(t, st, backend.Put, "10.0.0.1:80"); ev.Instance.Attrs["v"] != v {
+			t.Errorf("round %d: attrs %v, want v=%s", i, ev.Instance.Attrs, v)
+		}
+		// Closing leaves the data watch the stream re-armed after the
+		// update unfired: the next round's stream must rely on it.
+		st.Close()
+	}
+}
+
 // TestSessionExpiryRecreatesRegistrations partitions a backend from
 // ZooKeeper for longer than its session timeout: its znodes go, and when it
 // reconnects (under a new session) it creates them again, with new
