@@ -222,7 +222,7 @@ type StreamCall struct {
 	stopCtx   func() bool
 
 	err  error         // set before done is closed
-	done chan struct{} // closed after ch is closed
+	done chan struct{} // closed just before ch is closed
 }
 
 // Stream calls a streaming method. ch must be a chan T or chan *T (T the
@@ -299,7 +299,7 @@ func (sc *StreamCall) Close() error {
 	return sc.closeErr
 }
 
-// Done is closed when the stream has ended, after ch was closed.
+// Done is closed when the stream has ended (just before ch is closed).
 func (sc *StreamCall) Done() <-chan struct{} { return sc.done }
 
 // Err reports why the stream ended: nil after EOS (a clean end or a
@@ -320,8 +320,8 @@ func (sc *StreamCall) Err() error {
 func (sc *StreamCall) finish(err error) {
 	sc.stopCtx()
 	sc.err = err
+	close(sc.done) // before ch, so that Err is set once ch is seen closed
 	sc.ch.Close()
-	close(sc.done)
 }
 
 // deliver sends one reply on the caller's channel unless the stream or the

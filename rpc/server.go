@@ -227,7 +227,8 @@ func (s *Server) logger() *slog.Logger {
 // ServeHTTP performs the rpcplus CONNECT upgrade and then serves the
 // hijacked connection until it ends (it blocks like ServeConn). Mount it at
 // DefaultPath on any mux; other paths of the same listener keep serving
-// plain HTTP. Any method other than CONNECT gets 405. The Accept header
+// plain HTTP. Any method other than CONNECT gets 405, and a CONNECT after
+// Close gets 503. The Accept header
 // "application/vnd.flynn.rpc-hijack+json" selects JSON, anything else gob.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if r.Method != http.MethodConnect {
@@ -235,6 +236,13 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		w.WriteHeader(http.StatusMethodNotAllowed)
 		io.WriteString(w, "405 must CONNECT\n")
+		return
+	}
+	s.mu.Lock()
+	closed := s.closed
+	s.mu.Unlock()
+	if closed {
+		http.Error(w, "rpc: server closed", http.StatusServiceUnavailable)
 		return
 	}
 	codec := Gob

@@ -1,0 +1,444 @@
+package rpc_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"sync"
+	"testing"
+
+	"github.com/flynn/discoverd/rpc"
+)
+
+func TestUnaryCalls(t *testing.T) {
+	forCodecs(t, func(t *testing.T, codec rpc.Codec) {
+		ts := startServer(t, nil)
+		c := mustDial(t, ts.addr, codec)
+		ctx := testCtx(t)
+
+		var r Reply
+		attrs := map[string]string{"k": "v"}
+		if err := c.Call(ctx, "Arith.Add", &Args{A: 2, B: 3, Attrs: attrs}, &r); err != nil {
+			t.Fatal(err)
+		}
+		if r.C != 5 || r.Attrs["k"] != "v" {
+			t.Errorf("Add = %+v, want C=5 and the attrs echoed", r)
+		}
+		r = Reply{}
+		if err := c.Call(ctx, "Arith.Mul", Args{A: 4, B: 5}, &r); err != nil || r.C != 20 {
+			t.Errorf("Mul = %+v, %v; want C=20", r, err)
+		}
+
+		err := c.Call(ctx, "Arith.Fail", &Args{}, &r)
+		var se rpc.ServerError
+		if !errors.As(err, &se) || err.Error() != "not_found: no such thing" {
+			t.Errorf("Fail: err = %#v, want ServerError with the method's text", err)
+		}
+
+		// Absent maps stay nil rather than being invented by the server.
+		r = Reply{}
+		if err := c.Call(ctx, "Arith.Add", &Args{A: 1}, &r); err != nil || r.Attrs != nil {
+			t.Errorf("Add without attrs = %+v, %v; want nil Attrs", r, err)
+		}
+	})
+}
+
+func TestUnknownMethodKeepsConnection(t *testing.T) {
+	forCodecs(t, func(t *testing.T, codec rpc.Codec) {
+		ts := startServer(t, nil)
+		c := mustDial(t, ts.addr, codec)
+		ctx := testCtx(t)
+		for _, m := range []string{"Arith.Nope", "Nope.Add", "NoDot", "CloseStreamX.Y"} {
+			var r Reply
+			err := c.Call(ctx, m, &Args{A: 1}, &r)
+			var se rpc.ServerError
+			if !errors.As(err, &se) {
+				t.Errorf("Call(%q): err = %v, want a ServerError", m, err)
+			}
+		}
+		var r Reply
+		if err := c.Call(ctx, "Arith.Add", &Args{A: 1, B: 1}, &r); err != nil || r.C != 2 {
+			t.Fatalf("Add after unknown methods = %+v, %v", r, err)
+		}
+	})
+}
+
+// Many calls are in flight on one connection; a blocked call does not hold
+// back the others, and replies arrive out of order.
+func TestConcurrentInterleavedCalls(t *testing.T) {
+	forCodecs(t, func(t *testing.T, codec rpc.Codec) {
+		ts := startServer(t, nil)
+		c := mustDial(t, ts.addr, codec)
+		ctx := testCtx(t)
+
+		blocked := c.Go("Arith.Block", &Args{}, &Reply{}, nil)
+		recv(t, ts.arith.blocked, "Block to start")
+
+		// A stream is in flight too.
+		items := make(chan Reply, 1)
+		sc, err := c.Stream(ctx, "Arith.Forever", &Args{A: 1}, items)
+		if err != nil {
+			t.Fatal(err)
+		}
+		recv(t, items, "first stream reply")
+
+		const n = 50
+		var wg sync.WaitGroup
+		errs := make(chan error, n)
+		for i := range n {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				var r Reply
+				if err := c.Call(ctx, "Arith.Add", &Args{A: i, B: 1}, &r); err != nil {
+					errs <- err
+				} else if r.C != i+1 {
+					errs <- fmt.Errorf("Add(%d, 1) = %d", i, r.C)
+				}
+			}()
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			t.Error(err)
+		}
+		select {
+		case <-blocked.Done:
+			t.Fatal("Block completed before it was released")
+		default:
+		}
+		close(ts.arith.release)
+		call := recv(t, blocked.Done, "Block reply")
+		if call.Error != nil || call.Reply.(*Reply).S != "released" {
+			t.Errorf("Block = %+v, %v", call.Reply, call.Error)
+		}
+		sc.Close()
+		drain(t, items)
+		if err := sc.Err(); err != nil {
+			t.Errorf("stream Err after Close = %v, want nil", err)
+		}
+	})
+}
+
+func TestConnIdentity(t *testing.T) {
+	ts := startServer(t, nil)
+	ctx := testCtx(t)
+	ids := map[uint64]bool{}
+	for range 2 {
+		c := mustDial(t, ts.addr, rpc.Gob)
+		var a, b uint64
+		if err := c.Call(ctx, "Arith.ConnID", &Args{}, &a); err != nil {
+			t.Fatal(err)
+		}
+		if err := c.Call(ctx, "Arith.ConnID", &Args{}, &b); err != nil {
+			t.Fatal(err)
+		}
+		if a != b {
+			t.Errorf("two calls on one connection saw IDs %d and %d", a, b)
+		}
+		ids[a] = true
+	}
+	if len(ids) != 2 {
+		t.Errorf("two connections share an ID: %v", ids)
+	}
+	if rpc.ConnFromContext(context.Background()) != nil {
+		t.Error("ConnFromContext outside a call is not nil")
+	}
+}
+
+func TestStream(t *testing.T) {
+	forCodecs(t, func(t *testing.T, codec rpc.Codec) {
+		ts := startServer(t, nil)
+		c := mustDial(t, ts.addr, codec)
+		ctx := testCtx(t)
+
+		t.Run("chan T", func(t *testing.T) {
+			ch := make(chan Reply)
+			sc, err := c.Stream(ctx, "Arith.Count", &Args{A: 5, S: "x"}, ch)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got := drain(t, ch)
+			if len(got) != 5 {
+				t.Fatalf("got %d replies, want 5", len(got))
+			}
+			for i, r := range got {
+				if r.C != i || r.S != "x" {
+					t.Errorf("reply %d = %+v", i, r)
+				}
+			}
+			if err := sc.Err(); err != nil {
+				t.Errorf("Err = %v, want nil after EOS", err)
+			}
+			recv(t, sc.Done(), "Done")
+		})
+		t.Run("chan *T", func(t *testing.T) {
+			ch := make(chan *Reply, 2)
+			sc, err := c.Stream(ctx, "Arith.Count", &Args{A: 3}, ch)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := drain(t, ch); len(got) != 3 || got[2].C != 2 {
+				t.Errorf("got %v", got)
+			}
+			if err := sc.Err(); err != nil {
+				t.Errorf("Err = %v", err)
+			}
+		})
+		t.Run("error end", func(t *testing.T) {
+			ch := make(chan Reply, 2)
+			sc, err := c.Stream(ctx, "Arith.FailStream", &Args{}, ch)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := drain(t, ch); len(got) != 1 {
+				t.Errorf("got %d replies, want 1", len(got))
+			}
+			if err := sc.Err(); err == nil || err.Error() != "stream broke" {
+				t.Errorf("Err = %v, want ServerError(stream broke)", err)
+			}
+		})
+		t.Run("unknown method", func(t *testing.T) {
+			ch := make(chan Reply, 1)
+			sc, err := c.Stream(ctx, "Arith.Nope", &Args{}, ch)
+			if err != nil {
+				t.Fatal(err)
+			}
+			drain(t, ch)
+			var se rpc.ServerError
+			if !errors.As(sc.Err(), &se) {
+				t.Errorf("Err = %v, want ServerError", sc.Err())
+			}
+		})
+		t.Run("bad channel", func(t *testing.T) {
+			if _, err := c.Stream(ctx, "Arith.Count", &Args{}, make(<-chan Reply)); err == nil {
+				t.Error("receive-only channel accepted")
+			}
+			if _, err := c.Stream(ctx, "Arith.Count", &Args{}, 42); err == nil {
+				t.Error("non-channel accepted")
+			}
+		})
+	})
+}
+
+func TestStreamCancel(t *testing.T) {
+	forCodecs(t, func(t *testing.T, codec rpc.Codec) {
+		for _, how := range []string{"Close", "ctx"} {
+			t.Run(how, func(t *testing.T) {
+				ts := startServer(t, nil)
+				c := mustDial(t, ts.addr, codec)
+				sctx, cancel := context.WithCancel(testCtx(t))
+				defer cancel()
+				ch := make(chan Reply)
+				sc, err := c.Stream(sctx, "Arith.Forever", &Args{A: 3}, ch)
+				if err != nil {
+					t.Fatal(err)
+				}
+				for i := range 3 {
+					if r := recv(t, ch, "reply"); r.C != i {
+						t.Fatalf("reply %d = %+v", i, r)
+					}
+				}
+				if how == "Close" {
+					if err := sc.Close(); err != nil {
+						t.Fatal(err)
+					}
+					sc.Close() // idempotent
+				} else {
+					cancel()
+				}
+				if err := recv(t, ts.arith.streamEnd, "handler to see the cancel"); !errors.Is(err, context.Canceled) {
+					t.Errorf("handler's ctx ended with %v, want Canceled", err)
+				}
+				drain(t, ch)
+				if err := sc.Err(); err != nil {
+					t.Errorf("Err = %v, want nil (EOS)", err)
+				}
+				// The connection goes on.
+				var r Reply
+				if err := c.Call(testCtx(t), "Arith.Add", &Args{A: 1, B: 2}, &r); err != nil || r.C != 3 {
+					t.Errorf("Add after cancel = %+v, %v", r, err)
+				}
+				select {
+				case err := <-ts.arith.streamEnd:
+					t.Errorf("handler reported %v", err)
+				default:
+				}
+			})
+		}
+	})
+}
+
+// The client goes away in the middle of a stream: the handler's context is
+// cancelled and the connection's Done fires.
+func TestClientDisconnectMidStream(t *testing.T) {
+	forCodecs(t, func(t *testing.T, codec rpc.Codec) {
+		ts := startServer(t, nil)
+		c := mustDial(t, ts.addr, codec)
+		ch := make(chan Reply, 1)
+		sc, err := c.Stream(testCtx(t), "Arith.Forever", &Args{A: 1}, ch)
+		if err != nil {
+			t.Fatal(err)
+		}
+		recv(t, ch, "first reply")
+		recv(t, ts.arith.connIDs, "conn id")
+		if err := c.Close(); err != nil {
+			t.Fatal(err)
+		}
+		if err := recv(t, ts.arith.streamEnd, "handler to end"); !errors.Is(err, context.Canceled) {
+			t.Errorf("handler ctx ended with %v", err)
+		}
+		drain(t, ch)
+		if !errors.Is(sc.Err(), rpc.ErrShutdown) {
+			t.Errorf("stream Err = %v, want ErrShutdown", sc.Err())
+		}
+		if err := c.Call(testCtx(t), "Arith.Add", &Args{}, &Reply{}); !errors.Is(err, rpc.ErrShutdown) {
+			t.Errorf("Call after Close = %v, want ErrShutdown", err)
+		}
+		if err := c.Close(); !errors.Is(err, rpc.ErrShutdown) {
+			t.Errorf("second Close = %v, want ErrShutdown", err)
+		}
+	})
+}
+
+func TestServerCloseShutsClientsDown(t *testing.T) {
+	forCodecs(t, func(t *testing.T, codec rpc.Codec) {
+		ts := startServer(t, nil)
+		c := mustDial(t, ts.addr, codec)
+		ctx := testCtx(t)
+		blocked := c.Go("Arith.Block", &Args{}, &Reply{}, nil)
+		recv(t, ts.arith.blocked, "Block to start")
+		ch := make(chan Reply, 1)
+		sc, err := c.Stream(ctx, "Arith.Forever", &Args{}, ch)
+		if err != nil {
+			t.Fatal(err)
+		}
+		recv(t, ts.arith.connIDs, "stream to start")
+
+		if err := ts.srv.Close(); err != nil {
+			t.Fatal(err)
+		}
+		// Close waited for the handlers.
+		select {
+		case err := <-ts.arith.streamEnd:
+			if !errors.Is(err, context.Canceled) {
+				t.Errorf("stream handler ended with %v", err)
+			}
+		default:
+			t.Error("Close returned before the stream handler ended")
+		}
+		if call := recv(t, blocked.Done, "Block to fail"); !errors.Is(call.Error, rpc.ErrShutdown) {
+			t.Errorf("pending call: %v, want ErrShutdown", call.Error)
+		}
+		drain(t, ch)
+		if !errors.Is(sc.Err(), rpc.ErrShutdown) {
+			t.Errorf("stream: %v, want ErrShutdown", sc.Err())
+		}
+		recv(t, c.Done(), "client Done")
+		if _, err := rpc.Dial(ctx, ts.addr, codec); err == nil {
+			t.Error("Dial after server Close succeeded")
+		}
+	})
+}
+
+// A stream whose reader does not keep up is ended with ErrSlowReader; its
+// handler is never blocked by Send, and the connection goes on.
+func TestSlowStreamIsCut(t *testing.T) {
+	forCodecs(t, func(t *testing.T, codec rpc.Codec) {
+		ts := startServer(t, func(s *rpc.Server) { s.StreamBuffer = 4 })
+		c := mustDial(t, ts.addr, codec)
+		ctx := testCtx(t)
+		ch := make(chan Reply) // not drained until the handler is cut
+		sc, err := c.Stream(ctx, "Arith.Flood", &Args{S: "0123456789abcdef", B: 4096}, ch)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := recv(t, ts.arith.streamEnd, "Flood to be cut"); !errors.Is(err, rpc.ErrSlowReader) {
+			t.Fatalf("Flood ended with %v, want ErrSlowReader", err)
+		}
+		call := c.Go("Arith.Add", &Args{A: 1, B: 1}, &Reply{}, nil)
+		drain(t, ch)
+		if err := sc.Err(); err == nil || err.Error() != rpc.ErrSlowReader.Error() {
+			t.Errorf("stream Err = %v, want the ErrSlowReader text", err)
+		}
+		if call := recv(t, call.Done, "Add"); call.Error != nil || call.Reply.(*Reply).C != 2 {
+			t.Errorf("Add after the cut: %+v, %v", call.Reply, call.Error)
+		}
+	})
+}
+
+func TestCallContext(t *testing.T) {
+	ts := startServer(t, nil)
+	c := mustDial(t, ts.addr, rpc.Gob)
+	ctx, cancel := context.WithCancel(testCtx(t))
+	done := make(chan error, 1)
+	go func() { done <- c.Call(ctx, "Arith.Block", &Args{}, &Reply{}) }()
+	recv(t, ts.arith.blocked, "Block to start")
+	cancel()
+	if err := recv(t, done, "Call to return"); !errors.Is(err, context.Canceled) {
+		t.Errorf("Call = %v, want Canceled", err)
+	}
+	close(ts.arith.release)
+	// The late reply is discarded and the connection goes on.
+	var r Reply
+	if err := c.Call(testCtx(t), "Arith.Add", &Args{A: 2, B: 2}, &r); err != nil || r.C != 4 {
+		t.Errorf("Add = %+v, %v", r, err)
+	}
+}
+
+func TestHTTPUpgrade(t *testing.T) {
+	ts := startServer(t, nil)
+	for _, method := range []string{"GET", "POST"} {
+		req, _ := http.NewRequest(method, "http://"+ts.addr+rpc.DefaultPath, nil)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusMethodNotAllowed {
+			t.Errorf("%s %s = %d, want 405", method, rpc.DefaultPath, resp.StatusCode)
+		}
+	}
+	resp, err := http.Get("http://" + ts.addr + "/hello")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if string(body) != "hello" {
+		t.Errorf("plain HTTP on the same port = %q", body)
+	}
+	http.DefaultClient.CloseIdleConnections()
+}
+
+func TestRegister(t *testing.T) {
+	s := rpc.NewServer()
+	defer s.Close()
+	if err := s.Register(newArith()); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Register(newArith()); err == nil {
+		t.Error("second Register of the same name succeeded")
+	}
+	if err := s.RegisterName("Other", newArith()); err != nil {
+		t.Error(err)
+	}
+	if err := s.Register(&struct{}{}); err == nil {
+		t.Error("receiver without methods accepted")
+	}
+	if err := s.RegisterName("", newArith()); err == nil {
+		t.Error("empty name accepted")
+	}
+	if err := s.Register(&Unsafe{}); err == nil {
+		t.Error("argument with a map inside a slice accepted")
+	}
+}
+
+// Unsafe's argument holds maps where gob would size them from the peer.
+type Unsafe struct{}
+
+type UnsafeArgs struct{ List []map[string]string }
+
+func (*Unsafe) M(args *UnsafeArgs, reply *Reply) error { return nil }
