@@ -16,6 +16,7 @@ import (
 	"github.com/flynn/discoverd/agent"
 	"github.com/flynn/discoverd/api"
 	"github.com/flynn/discoverd/backend/etcd"
+	"github.com/flynn/discoverd/backend/etcd/etcdtest"
 )
 
 func TestMain(m *testing.M) {
@@ -71,7 +72,7 @@ type pair struct {
 
 func mustPair(tb testing.TB, cfg agent.Config) *pair {
 	tb.Helper()
-	p := &pair{srv: newServer(tb)}
+	p := &pair{srv: etcdtest.NewServer(tb)}
 	p.b1 = mustBackend(tb, p.srv, 10*time.Second)
 	p.b2 = mustBackend(tb, p.srv, 10*time.Second)
 	p.a1 = mustAgent(tb, p.b1, cfg)
@@ -409,7 +410,7 @@ func TestExpiry(t *testing.T) {
 // the lease loses its registrations after the backend TTL.
 func TestAgentDeath(t *testing.T) {
 	t.Parallel()
-	srv := newServer(t)
+	srv := etcdtest.NewServer(t)
 	b1 := mustBackend(t, srv, time.Second)
 	a1 := mustAgent(t, b1, agent.Config{})
 	a2 := mustAgent(t, mustBackend(t, srv, 10*time.Second), agent.Config{})
@@ -429,7 +430,7 @@ func TestAgentDeath(t *testing.T) {
 // registrations at once (the lease TTL is far longer than the wait).
 func TestGracefulStop(t *testing.T) {
 	t.Parallel()
-	srv := newServer(t)
+	srv := etcdtest.NewServer(t)
 	b1 := mustBackend(t, srv, time.Minute)
 	a1 := mustAgent(t, b1, agent.Config{})
 	a2 := mustAgent(t, mustBackend(t, srv, time.Minute), agent.Config{})
@@ -573,7 +574,7 @@ func TestExpandPort(t *testing.T) {
 		{"fd00::1", "[fd00::1]:8080"},
 	} {
 		t.Run(tc.ip, func(t *testing.T) {
-			srv := newServer(t)
+			srv := etcdtest.NewServer(t)
 			a := mustAgent(t, mustBackend(t, srv, 10*time.Second), agent.Config{ExternalIP: tc.ip})
 			sess := a.NewSession(0)
 			defer sess.Close()
@@ -633,7 +634,7 @@ func TestSlowSubscriberCutOff(t *testing.T) {
 }
 
 func TestCloseEndsSubscriptions(t *testing.T) {
-	srv := newServer(t)
+	srv := etcdtest.NewServer(t)
 	a := mustAgent(t, mustBackend(t, srv, 10*time.Second), agent.Config{})
 	sess := a.NewSession(0)
 	mustRegister(t, sess, "web", "10.0.0.1:80", nil)
@@ -677,7 +678,7 @@ func TestCloseEndsSubscriptions(t *testing.T) {
 // two markers, registered before and after, are consecutive revisions.
 func TestHeartbeatsDoNotWrite(t *testing.T) {
 	const n = 1000
-	srv := newServer(t)
+	srv := etcdtest.NewServer(t)
 	a := mustAgent(t, mustBackend(t, srv, 10*time.Second), agent.Config{})
 	sess := a.NewSession(-1)
 	defer sess.Close()
@@ -730,7 +731,7 @@ func TestHeartbeatsDoNotWrite(t *testing.T) {
 }
 
 func TestWatchStopsWhenUnused(t *testing.T) {
-	srv := newServer(t)
+	srv := etcdtest.NewServer(t)
 	b := mustBackend(t, srv, 10*time.Second)
 	t.Run("at once", func(t *testing.T) {
 		a := mustAgent(t, b, agent.Config{WatchLinger: -1})

@@ -9,6 +9,7 @@ import (
 
 	"github.com/flynn/discoverd/agent"
 	"github.com/flynn/discoverd/backend"
+	"github.com/flynn/discoverd/backend/etcd/etcdtest"
 )
 
 // faultyBackend is a real backend with a seam to inject stream failures:
@@ -115,7 +116,7 @@ func (s *faultyStream) Close() error {
 // last known state (no offline storm) and, once the stream is back, get
 // exactly the changes made meanwhile.
 func TestWatchRecovers(t *testing.T) {
-	srv := newServer(t)
+	srv := etcdtest.NewServer(t)
 	a1 := mustAgent(t, mustBackend(t, srv, 10*time.Second), agent.Config{})
 	faulty := &faultyBackend{Backend: mustBackend(t, srv, 10*time.Second)}
 	a2, err := agent.New(agent.Config{Backend: faulty, Logger: quiet()})

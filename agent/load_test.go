@@ -10,13 +10,14 @@ import (
 	"time"
 
 	"github.com/flynn/discoverd/agent"
+	"github.com/flynn/discoverd/backend/etcd/etcdtest"
 )
 
 // TestManySubscribers: 10,000 idle subscribers to one name share one
 // watch, cost little memory each, and all see a change.
 func TestManySubscribers(t *testing.T) {
 	const n = 10000
-	srv := newServer(t)
+	srv := etcdtest.NewServer(t)
 	a := mustAgent(t, mustBackend(t, srv, 10*time.Second), agent.Config{})
 	sess := a.NewSession(0)
 	defer sess.Close()
