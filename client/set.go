@@ -120,7 +120,7 @@ type serviceSet struct {
 	filter   map[string]string
 	watchers map[chan *ServiceUpdate]struct{}
 	leaders  map[chan *Service]struct{}
-	leader   *Service     // the last leader announced to Leaders
+	leader   *Service      // the last leader announced to Leaders
 	standby  chan *Service // RegisterAndStandby: fired once when self leads
 	seenSelf bool
 	closed   bool
