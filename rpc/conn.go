@@ -130,14 +130,14 @@ func (c *serverConn) shutdown(reason error) {
 		c.dead = true
 		c.ready = nil
 		c.mu.Unlock()
-		c.cancel(reason)
-		c.rwc.Close()
 		switch {
 		case reason == nil, errors.Is(reason, io.EOF), errors.Is(reason, errServerClosed), errors.Is(reason, net.ErrClosed):
 			c.log.Debug("rpc: connection ended", "reason", reason)
 		default:
 			c.log.Warn("rpc: closing connection", "reason", reason)
 		}
+		c.cancel(reason)
+		c.rwc.Close()
 	})
 }
 
