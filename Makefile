@@ -18,6 +18,14 @@ lint:
 	$(GO) vet ./...
 	$(GO) run honnef.co/go/tools/cmd/staticcheck@v0.8.2 ./...
 
+# The load tool of docs/BENCHMARKS.md: prints a table, writes JSON.
+bench:
+	$(GO) run ./bench -json bench-results.json
+
+# The fault suite alone (it also runs in make test).
+faults:
+	$(GO) test -race -count=1 -v -timeout 10m ./faults/...
+
 # Every fuzz target of every package, FUZZTIME each (default 60s).
 fuzz:
 	@set -e; for pkg in $$($(GO) list ./...); do \
@@ -27,4 +35,4 @@ fuzz:
 	  done; \
 	done
 
-.PHONY: test build run lint fuzz
+.PHONY: test build run lint fuzz bench faults
