@@ -8,6 +8,7 @@ import (
 	"maps"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -15,6 +16,7 @@ import (
 
 	"github.com/flynn/discoverd/agent"
 	"github.com/flynn/discoverd/api"
+	"github.com/flynn/discoverd/backend"
 	"github.com/flynn/discoverd/backend/etcd"
 	"github.com/flynn/discoverd/backend/etcd/etcdtest"
 )
@@ -673,13 +675,34 @@ func TestCloseEndsSubscriptions(t *testing.T) {
 	}
 }
 
+// countingBackend counts the write calls the agent makes to a real backend.
+type countingBackend struct {
+	backend.Backend
+	calls atomic.Int64
+}
+
+func (c *countingBackend) Register(ctx context.Context, name, addr string, attrs map[string]string) error {
+	c.calls.Add(1)
+	return c.Backend.Register(ctx, name, addr, attrs)
+}
+
+func (c *countingBackend) Unregister(ctx context.Context, name, addr string) error {
+	c.calls.Add(1)
+	return c.Backend.Unregister(ctx, name, addr)
+}
+
 // TestHeartbeatsDoNotWrite: rounds of heartbeats (both forms) over many
-// idle registrations leave the store's revision unchanged; the Created of
-// two markers, registered before and after, are consecutive revisions.
+// idle registrations reach neither the backend nor the store: the Created
+// of two markers, registered before and after, are consecutive revisions.
 func TestHeartbeatsDoNotWrite(t *testing.T) {
 	const n = 1000
 	srv := etcdtest.NewServer(t)
-	a := mustAgent(t, mustBackend(t, srv, 10*time.Second), agent.Config{})
+	counting := &countingBackend{Backend: mustBackend(t, srv, 10*time.Second)}
+	a, err := agent.New(agent.Config{Backend: counting, Logger: quiet()})
+	if err != nil {
+		t.Fatalf("agent.New: %v", err)
+	}
+	defer a.Close()
 	sess := a.NewSession(-1)
 	defer sess.Close()
 
@@ -710,6 +733,7 @@ func TestHeartbeatsDoNotWrite(t *testing.T) {
 		return mustNextIs(t, markers, addr, true).Created
 	}
 	before := created("10.255.0.1:80")
+	calls := counting.calls.Load()
 	for range 3 {
 		for i := range n {
 			args := agent.Args{Name: "idle", Addr: fmt.Sprintf("10.%d.%d.1:80", i/250, i%250), Attrs: map[string]string{"i": fmt.Sprint(i)}}
@@ -720,6 +744,9 @@ func TestHeartbeatsDoNotWrite(t *testing.T) {
 				t.Fatalf("re-Register: %v", err)
 			}
 		}
+	}
+	if got := counting.calls.Load() - calls; got != 0 {
+		t.Fatalf("heartbeats made %d Register/Unregister calls to the backend", got)
 	}
 	after := created("10.255.0.2:80")
 	if after != before+1 {
