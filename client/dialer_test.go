@@ -1,0 +1,99 @@
+package discoverd_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"testing"
+
+	"github.com/flynn/discoverd/client/dialer"
+)
+
+func TestDialer(t *testing.T) {
+	ta := startAgent(t)
+	c := newClient(t, ta)
+	name := serviceName(t, "api")
+
+	// Two real HTTP instances of the service, each answering its name.
+	for _, id := range []string{"a", "b"} {
+		srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			fmt.Fprint(w, id)
+		}))
+		t.Cleanup(srv.Close)
+		if err := c.Register(name, srv.Listener.Addr().String()); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	t.Run("http client resolves service names", func(t *testing.T) {
+		hc := dialer.NewHTTPClient(c)
+		defer hc.CloseIdleConnections()
+		seen := map[string]bool{}
+		for range 20 {
+			// Fresh connections so that both instances get picked.
+			req, _ := http.NewRequest("GET", "http://"+name+"/", nil)
+			req.Close = true
+			resp, err := hc.Do(req)
+			if err != nil {
+				t.Fatalf("GET: %v", err)
+			}
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			seen[string(body)] = true
+		}
+		if !seen["a"] || !seen["b"] {
+			t.Fatalf("instances reached: %v, want both", seen)
+		}
+	})
+
+	d := dialer.New(c, nil)
+	defer d.Close()
+	t.Run("name:port ignores the port", func(t *testing.T) {
+		conn, err := d.Dial("tcp", name+":1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		conn.Close()
+	})
+	t.Run("IP literals are dialled as is", func(t *testing.T) {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		conn, err := d.DialContext(context.Background(), "tcp", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		conn.Close()
+	})
+	t.Run("no instances", func(t *testing.T) {
+		if _, err := d.Dial("tcp", serviceName(t, "none")); !errors.Is(err, dialer.ErrNoInstances) {
+			t.Fatalf("Dial = %v, want ErrNoInstances", err)
+		}
+	})
+	t.Run("custom dial function", func(t *testing.T) {
+		var dialled string
+		d := dialer.New(c, func(network, addr string) (net.Conn, error) {
+			dialled = addr
+			return net.Dial(network, addr)
+		})
+		defer d.Close()
+		conn, err := d.Dial("tcp", name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		conn.Close()
+		if host, _, _ := net.SplitHostPort(dialled); host != "127.0.0.1" {
+			t.Fatalf("dialled %q", dialled)
+		}
+	})
+	d.Close()
+	if _, err := d.Dial("tcp", name); err == nil {
+		t.Fatal("Dial after Close succeeded")
+	}
+}
