@@ -80,7 +80,42 @@ func TestEmbeddedAgentServes(t *testing.T) {
 	m := testMain(t)
 	mustStart(t, m)
 	base := "http://" + m.Addr().String()
+
+	// Lists come from the agent's watch cache, a moment behind the store:
+	// wait for the registration on a stream before listing.
+	ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
+	defer cancel()
+	watcher, err := rpc.Dial(ctx, m.Addr().String(), rpc.Gob)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer watcher.Close()
+	updates := make(chan *api.ServiceUpdate, 4)
+	sc, err := watcher.Stream(ctx, api.MethodSubscribe, &api.Args{Name: "web"}, updates)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sc.Close()
+	next := func() *api.ServiceUpdate {
+		t.Helper()
+		select {
+		case u, ok := <-updates:
+			if !ok {
+				t.Fatalf("stream ended: %v", sc.Err())
+			}
+			return u
+		case <-ctx.Done():
+			t.Fatal("no update in time")
+		}
+		panic("unreachable")
+	}
+	if u := next(); !u.IsSentinel() {
+		t.Fatalf("first update %+v, want the sentinel", u)
+	}
 	mustRegister(t, m.Addr().String())
+	if u := next(); u.Addr != "10.0.0.1:80" || !u.Online {
+		t.Fatalf("update %+v, want the registration", u)
+	}
 
 	resp, err := http.Get(base + "/services/web")
 	if err != nil {
