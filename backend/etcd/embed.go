@@ -9,6 +9,7 @@ import (
 	"net/url"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -46,6 +47,7 @@ type Embedded struct {
 	etcd      *embed.Etcd
 	endpoints []string
 	closing   context.CancelFunc // ends client streams, so that Close need not wait for them
+	quiet     *atomic.Bool       // set on Close: etcd's shutdown errors are noise
 	closeOnce sync.Once
 }
 
@@ -123,7 +125,8 @@ func startEmbedded(ctx context.Context, cfg EmbedConfig) (*Embedded, error) {
 	ec.AutoCompactionRetention = "1h"
 	ec.EnableGRPCGateway = false
 	ec.LogLevel = "error"
-	ec.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zapLogger(cfg.Logger, zapcore.ErrorLevel))
+	quiet := new(atomic.Bool)
+	ec.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zapLogger(cfg.Logger, zapcore.ErrorLevel, quiet))
 	// etcd's Close waits (up to its request timeout, over 5 s) for client
 	// streams to end, and watch and lease keepalive streams never end by
 	// themselves: end them when Close starts.
@@ -135,7 +138,7 @@ func startEmbedded(ctx context.Context, cfg EmbedConfig) (*Embedded, error) {
 		closing()
 		return nil, err
 	}
-	stop := func() { closing(); e.Close() }
+	stop := func() { quiet.Store(true); closing(); e.Close() }
 	select {
 	case <-e.Server.ReadyNotify():
 	case <-e.Server.StopNotify():
@@ -151,7 +154,7 @@ func startEmbedded(ctx context.Context, cfg EmbedConfig) (*Embedded, error) {
 		stop()
 		return nil, fmt.Errorf("waiting for the server to be ready: %w", ctx.Err())
 	}
-	return &Embedded{etcd: e, endpoints: []string{clientURL.String()}, closing: closing}, nil
+	return &Embedded{etcd: e, endpoints: []string{clientURL.String()}, closing: closing, quiet: quiet}, nil
 }
 
 // endStreamsOn returns a gRPC stream interceptor that cancels the context
@@ -177,14 +180,31 @@ func (s *ctxStream) Context() context.Context { return s.ctx }
 func (e *Embedded) Endpoints() []string { return append([]string(nil), e.endpoints...) }
 
 // Close stops the server and waits for it to stop. Clients still connected
-// are cut off (after up to etcd's request timeout for open watches). It is
-// idempotent and always returns nil.
+// are cut off. A cluster member that leads first hands raft leadership to
+// a peer (which takes up to etcd's request timeout, over 5 s, when no peer
+// takes it). Close and CloseNow are idempotent and return nil; only the
+// first call of either has an effect.
 func (e *Embedded) Close() error {
-	e.closeOnce.Do(func() {
-		e.closing()
-		e.etcd.Close()
-	})
+	e.closeOnce.Do(func() { e.stop(false) })
 	return nil
+}
+
+// CloseNow stops the server at once, without handing over raft
+// leadership: to its peers it is a crash, but its data on disk is intact
+// and a restart on the same Dir resumes it. Use it to stop a whole
+// cluster quickly or to inject a member failure in tests.
+func (e *Embedded) CloseNow() error {
+	e.closeOnce.Do(func() { e.stop(true) })
+	return nil
+}
+
+func (e *Embedded) stop(now bool) {
+	e.quiet.Store(true)
+	e.closing()
+	if now {
+		e.etcd.Server.HardStop()
+	}
+	e.etcd.Close()
 }
 
 // freeLoopbackAddr returns a 127.0.0.1 address whose port was free a

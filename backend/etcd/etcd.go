@@ -141,7 +141,7 @@ func Open(ctx context.Context, cfg Config) (*Backend, error) {
 		DialTimeout:          cfg.DialTimeout,
 		DialKeepAliveTime:    10 * time.Second,
 		DialKeepAliveTimeout: 5 * time.Second,
-		Logger:               zapLogger(log, zapcore.ErrorLevel),
+		Logger:               zapLogger(log, zapcore.ErrorLevel, nil),
 	})
 	if err != nil {
 		return nil, fmt.Errorf("etcd: connecting to %v: %w", cfg.Endpoints, err)

@@ -8,7 +8,6 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.uber.org/goleak"
 	"go.uber.org/zap"
 
 	"github.com/flynn/discoverd/backend"
@@ -18,7 +17,7 @@ import (
 )
 
 func TestMain(m *testing.M) {
-	goleak.VerifyTestMain(m)
+	etcdtest.VerifyTestMain(m)
 }
 
 const waitTimeout = 15 * time.Second // bound on waits for events; not a speed assertion

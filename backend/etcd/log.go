@@ -5,6 +5,7 @@ import (
 	"log/slog"
 	"maps"
 	"slices"
+	"sync/atomic"
 
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
@@ -12,18 +13,21 @@ import (
 
 // zapLogger returns a zap logger that forwards entries at minLevel and
 // above to l, so that the etcd client and server log through the agent's
-// slog logger instead of their own stderr output.
-func zapLogger(l *slog.Logger, minLevel zapcore.Level) *zap.Logger {
+// slog logger instead of their own stderr output. Once quiet is set (if
+// not nil), entries are logged at debug level: a server shutting down
+// reports its closed listeners as errors.
+func zapLogger(l *slog.Logger, minLevel zapcore.Level, quiet *atomic.Bool) *zap.Logger {
 	if l == nil {
 		l = slog.Default()
 	}
-	return zap.New(&slogCore{l: l, min: minLevel})
+	return zap.New(&slogCore{l: l, min: minLevel, quiet: quiet})
 }
 
 // slogCore is a zapcore.Core writing to a slog.Logger.
 type slogCore struct {
 	l     *slog.Logger
 	min   zapcore.Level
+	quiet *atomic.Bool
 	attrs []slog.Attr // from With
 }
 
@@ -47,7 +51,11 @@ func (c *slogCore) Write(e zapcore.Entry, fields []zapcore.Field) error {
 	if e.LoggerName != "" {
 		attrs = append(attrs, slog.String("logger", e.LoggerName))
 	}
-	c.l.LogAttrs(context.Background(), slogLevel(e.Level), e.Message, attrs...)
+	level := slogLevel(e.Level)
+	if c.quiet != nil && c.quiet.Load() {
+		level = slog.LevelDebug
+	}
+	c.l.LogAttrs(context.Background(), level, e.Message, attrs...)
 	return nil
 }
 
