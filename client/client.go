@@ -389,20 +389,21 @@ func sleep(stop <-chan struct{}, d time.Duration) bool {
 	}
 }
 
-// call makes one unary call on the current connection, bounded by
-// CallTimeout, failing fast with ErrDisconnected when there is none.
+// call makes one unary call on conn, or on the current connection when
+// conn is nil (failing fast with ErrDisconnected when there is none),
+// bounded by CallTimeout. The error is translated by wireError.
 func (c *Client) call(conn *rpc.Client, op, method string, args, reply any) error {
 	if conn == nil {
 		c.mu.Lock()
-		conn, closed := c.conn, c.closed
+		cur, closed := c.conn, c.closed
 		c.mu.Unlock()
-		if closed {
+		switch {
+		case closed:
 			return wireError(op, ErrClosed)
-		}
-		if conn == nil {
+		case cur == nil:
 			return wireError(op, ErrDisconnected)
 		}
-		return c.call(conn, op, method, args, reply)
+		conn = cur
 	}
 	ctx, cancel := context.WithTimeout(c.ctx, c.cfg.CallTimeout)
 	defer cancel()

@@ -8,6 +8,7 @@ import (
 	"net"
 	"slices"
 	"sync"
+	"time"
 
 	"github.com/flynn/discoverd/api"
 	"github.com/flynn/discoverd/rpc"
@@ -130,7 +131,7 @@ var _ ServiceSet = (*serviceSet)(nil)
 
 // NewServiceSet subscribes to the instances of name and returns a set that
 // holds them all. It blocks until the agent has sent the current instances
-// and fails with ErrDisconnected while the client is reconnecting, or with
+// (at most Config.CallTimeout) and fails with ErrDisconnected while the client is reconnecting, or with
 // the agent's error (e.g. CodeInvalidArgument for a bad name).
 func (c *Client) NewServiceSet(name string) (ServiceSet, error) {
 	return c.newServiceSet(name, "")
@@ -174,10 +175,14 @@ func (c *Client) newServiceSet(name, selfAddr string) (*serviceSet, error) {
 	c.mu.Unlock()
 	go s.run(conn, sub)
 
+	t := time.NewTimer(c.cfg.CallTimeout)
+	defer t.Stop()
 	select {
 	case err = <-s.ready:
 	case <-ctx.Done():
 		err = wireError("subscribe "+name, ErrClosed)
+	case <-t.C:
+		err = wireError("subscribe "+name, errors.New("the agent did not send the current instances in time"))
 	}
 	if err != nil {
 		s.Close()
@@ -255,10 +260,7 @@ func (s *serviceSet) run(conn *rpc.Client, sub subscription) {
 // collected and then reconciled with the set's view, so a resubscription
 // reports only what changed. It reports whether the snapshot completed.
 func (s *serviceSet) consume(sub subscription, first bool) (current bool, err error) {
-	var snapshot map[string]*ServiceUpdate
-	if !current {
-		snapshot = make(map[string]*ServiceUpdate)
-	}
+	snapshot := make(map[string]*ServiceUpdate)
 	for {
 		select {
 		case u, ok := <-sub.ch:
