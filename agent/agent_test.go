@@ -356,7 +356,7 @@ func TestSessionCloseUnregisters(t *testing.T) {
 
 func TestExpiry(t *testing.T) {
 	t.Parallel()
-	const ttl = time.Second
+	const ttl = 2 * time.Second
 	p := mustPair(t, agent.Config{TTL: ttl})
 	sub := mustSubscribe(t, p.a2, "web")
 	mustSnapshot(t, sub)
@@ -373,7 +373,7 @@ func TestExpiry(t *testing.T) {
 	stop := make(chan struct{})
 	beating := make(chan error, 1)
 	go func() {
-		tick := time.NewTicker(ttl / 5)
+		tick := time.NewTicker(ttl / 10)
 		defer tick.Stop()
 		for {
 			select {
@@ -451,6 +451,7 @@ func TestGracefulStop(t *testing.T) {
 func TestLeader(t *testing.T) {
 	p := mustPair(t, agent.Config{})
 	lead := mustLeader(t, p.a2, "db")
+	all := mustSubscribe(t, p.a2, "db")
 	if u := mustNext(t, lead); !u.IsSentinel() {
 		t.Fatalf("leader of an empty service: %+v, want the zero update", u)
 	}
@@ -465,6 +466,8 @@ func TestLeader(t *testing.T) {
 		mustRegister(t, sess[i], "db", fmt.Sprintf("10.0.0.%d:5432", i+1), nil)
 	}
 	first := mustNextIs(t, lead, "10.0.0.1:5432", true)
+	for mustNext(t, all).Addr != "10.0.0.3:5432" { // a2's cache has all three
+	}
 	insts, err := p.a2.Instances(ctxT(t), "db")
 	if err != nil || len(insts) != 3 {
 		t.Fatalf("Instances = %+v, %v", insts, err)
