@@ -224,7 +224,8 @@ func (c *Client) Close() error {
 
 // WatchReconnects returns a channel that receives a ConnEvent at each
 // change of the connection state. Sends never block the client: the
-// channel holds 16 events and further events are dropped while it is full.
+// channel holds the 16 latest events, dropping the oldest when it is full,
+// so the last event received is always the current state.
 // The channel is closed by UnwatchReconnects or Close.
 func (c *Client) WatchReconnects() chan ConnEvent {
 	ch := make(chan ConnEvent, 16)
@@ -253,10 +254,7 @@ func (c *Client) notify(status ConnStatus) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for ch := range c.connWatchers {
-		select {
-		case ch <- ConnEvent{Status: status}:
-		default:
-		}
+		sendLatest(ch, ConnEvent{Status: status})
 	}
 }
 

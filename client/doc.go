@@ -52,8 +52,8 @@
 //
 // Nothing a caller does (or fails to do) with a channel stalls a set or its
 // other watchers: Watch channels are bounded and closed when their reader
-// falls behind, Leaders channels keep the latest leaders, WatchReconnects
-// channels drop events while full.
+// falls behind; Leaders and WatchReconnects channels keep the latest values,
+// dropping the oldest.
 //
 // # Concurrency
 //

@@ -421,8 +421,8 @@ func (s *serviceSet) leaderChangedLocked() {
 }
 
 // sendLatest sends v on ch, dropping the oldest queued value if ch is full.
-// Only the set sends on ch, under its lock, so the second try succeeds.
-func sendLatest(ch chan *Service, v *Service) {
+// Callers are ch's only sender and hold a lock, so the second try succeeds.
+func sendLatest[T any](ch chan T, v T) {
 	for range 2 {
 		select {
 		case ch <- v:
