@@ -734,7 +734,7 @@ func (s *suite) testPingStoreDown(t *testing.T) {
 		t.Fatalf("Ping: %v", err)
 	}
 	s.h.StopStore(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	err := b.Ping(ctx)
 	cancel()
 	s.h.StartStore(t)

@@ -23,6 +23,7 @@ func TestMain(m *testing.M) {
 const waitTimeout = 15 * time.Second // bound on waits for events; not a speed assertion
 
 func TestConformance(t *testing.T) {
+	t.Parallel()
 	// A one-member cluster rather than NewServer, for StopStore/StartStore.
 	c := etcdtest.NewCluster(t, 1)
 	backendtest.Run(t, backendtest.Harness{
@@ -125,6 +126,7 @@ func addr(i int) string { return fmt.Sprintf("10.0.%d.%d:80", i/250, i%250+1) }
 // TestCompactionWhileStreamBehind: history the stream still needs is
 // compacted away; the stream resyncs and converges on the store's state.
 func TestCompactionWhileStreamBehind(t *testing.T) {
+	t.Parallel()
 	srv := etcdtest.NewServer(t)
 	b := mustOpen(t, srv.Endpoints(), 2*time.Second)
 	cli := mustClient(t, srv.Endpoints())
@@ -197,6 +199,7 @@ func TestCompactionWhileStreamBehind(t *testing.T) {
 // TestLeaseRevokedUnderneath: someone else revokes the backend's lease;
 // the backend takes a new one and puts its registrations back.
 func TestLeaseRevokedUnderneath(t *testing.T) {
+	t.Parallel()
 	srv := etcdtest.NewServer(t)
 	b := mustOpen(t, srv.Endpoints(), 2*time.Second)
 	watcher := mustOpen(t, srv.Endpoints(), 2*time.Second)
@@ -264,6 +267,7 @@ func leaseOf(tb testing.TB, cli *clientv3.Client, key string) clientv3.LeaseID {
 // TestAbandonKeepsLease: Abandon leaves the lease (and the keys) to expire
 // by themselves; the backend refuses further use.
 func TestAbandonKeepsLease(t *testing.T) {
+	t.Parallel()
 	srv := etcdtest.NewServer(t)
 	b := mustOpen(t, srv.Endpoints(), 30*time.Second)
 	cli := mustClient(t, srv.Endpoints())
@@ -291,6 +295,7 @@ func TestAbandonKeepsLease(t *testing.T) {
 // TestHeartbeatIsNoWrite: registering the same attributes again does not
 // touch the store (no new revision).
 func TestHeartbeatIsNoWrite(t *testing.T) {
+	t.Parallel()
 	srv := etcdtest.NewServer(t)
 	b := mustOpen(t, srv.Endpoints(), 2*time.Second)
 	cli := mustClient(t, srv.Endpoints())
@@ -324,6 +329,7 @@ func TestHeartbeatIsNoWrite(t *testing.T) {
 }
 
 func TestRejectsWhatEscapesTheKeyLayout(t *testing.T) {
+	t.Parallel()
 	srv := etcdtest.NewServer(t)
 	b := mustOpen(t, srv.Endpoints(), 2*time.Second)
 	ctx := ctxT(t)
@@ -344,6 +350,7 @@ func TestRejectsWhatEscapesTheKeyLayout(t *testing.T) {
 }
 
 func TestOpenFailsWhenStoreUnreachable(t *testing.T) {
+	t.Parallel()
 	srv := etcdtest.NewServer(t)
 	eps := srv.Endpoints()
 	srv.Close()
@@ -359,6 +366,7 @@ func TestOpenFailsWhenStoreUnreachable(t *testing.T) {
 // TestClusterMemberStopRestart: a backend on a 3-member cluster keeps
 // working while the leader is stopped, and the member rejoins.
 func TestClusterMemberStopRestart(t *testing.T) {
+	t.Parallel()
 	c := etcdtest.NewCluster(t, 3)
 	b := mustOpen(t, c.Endpoints(), 5*time.Second)
 	v := mustSubscribe(t, mustOpen(t, c.Endpoints(), 5*time.Second), "clustered")
