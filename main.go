@@ -35,10 +35,10 @@ import (
 )
 
 func main() {
+	// The first SIGINT/SIGTERM starts a graceful stop; later ones are
+	// ignored (foreman sends SIGINT then SIGTERM), as the stop is bounded
+	// in time. SIGKILL still ends the process at once.
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	// After the first signal, restore the default handling so that a
-	// second one kills a shutdown that hangs.
-	context.AfterFunc(ctx, stop)
 	code := run(ctx, os.Args[1:], os.Getenv, os.Stdout, os.Stderr)
 	stop()
 	os.Exit(code)
@@ -272,7 +272,9 @@ func (m *Main) Addr() net.Addr { return m.ln.Addr() }
 
 // Run starts the agent, serves until ctx is done (SIGINT/SIGTERM) or the
 // listener fails, then closes everything. It returns the start or serve
-// error, else Close's error.
+// error; a stop that was not clean (say, the lease could not be revoked
+// because the store was gone, so registrations linger for the TTL) is
+// logged as a warning, not returned: the agent did stop.
 func (m *Main) Run(ctx context.Context) error {
 	if err := m.Start(ctx); err != nil {
 		return err
@@ -284,8 +286,14 @@ func (m *Main) Run(ctx context.Context) error {
 	case serveErr = <-m.serveDone:
 		m.serveDone <- serveErr // for Close
 		serveErr = fmt.Errorf("serve: %w", serveErr)
+		m.Logger.Error("discoverd stopping", "reason", serveErr)
 	}
-	return errors.Join(serveErr, m.Close())
+	if err := m.Close(); err != nil {
+		m.Logger.Warn("discoverd stopped with errors", "err", err)
+	} else {
+		m.Logger.Info("discoverd stopped")
+	}
+	return serveErr
 }
 
 // Close stops the agent in reverse order of Start: the agent (its

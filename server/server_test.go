@@ -254,6 +254,30 @@ func TestRPCRegisterSubscribeUnregister(t *testing.T) {
 	}
 }
 
+// TestRPCJSONCodec: the same methods over rpcplus's JSON flavour.
+func TestRPCJSONCodec(t *testing.T) {
+	e := newEnv(t, envConfig{})
+	c, err := rpc.Dial(callCtx(t), e.addr, rpc.JSON)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	sub := mustStream(t, c, api.MethodSubscribe, "web")
+	if u := sub.next(); !u.IsSentinel() {
+		t.Fatalf("snapshot of an empty service: %+v", u)
+	}
+	if got := mustRegister(t, c, "web", "10.0.0.1:80", map[string]string{"k": "v"}); got != "10.0.0.1:80" {
+		t.Fatalf("Register = %q", got)
+	}
+	if u := sub.next(); u.Addr != "10.0.0.1:80" || u.Attrs["k"] != "v" || !u.Online {
+		t.Fatalf("update %+v", u)
+	}
+	err = c.Call(callCtx(t), api.MethodHeartbeat, &api.Args{Name: "web", Addr: "10.0.0.2:80"}, &struct{}{})
+	if codeOf(err) != api.CodeNotFound {
+		t.Fatalf("Heartbeat of an unknown registration: %v", err)
+	}
+}
+
 func TestRPCLeader(t *testing.T) {
 	e := newEnv(t, envConfig{})
 	c := mustDial(t, e.addr)
