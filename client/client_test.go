@@ -166,6 +166,11 @@ func TestNewClientAddress(t *testing.T) {
 		t.Fatalf("NewClientWithAddr: %v", err)
 	}
 	c.Close()
+	c, err = discoverd.NewClientUsingAddress(ta.Addr) // go-discoverd's older name
+	if err != nil {
+		t.Fatalf("NewClientUsingAddress: %v", err)
+	}
+	c.Close()
 
 	ta.stop() // nothing listens there now
 	if _, err := discoverd.NewClientWithAddr(ta.Addr); err == nil {
@@ -668,6 +673,74 @@ func TestNoStoreDependencies(t *testing.T) {
 		if strings.HasPrefix(dep, "go.etcd.io/") || strings.Contains(dep, "go-zookeeper") ||
 			dep == "github.com/flynn/discoverd/agent" || strings.HasPrefix(dep, "github.com/flynn/discoverd/backend") {
 			t.Errorf("the client depends on %s", dep)
+		}
+	}
+}
+
+func TestServiceSetClose(t *testing.T) {
+	ta := startAgent(t)
+	c := newClient(t, ta)
+	set, err := c.NewServiceSet(serviceName(t, "s"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	updates, leaders := set.Watch(true), set.Leaders()
+	<-leaders // the current leader (none)
+	if err := set.Close(); err != nil {
+		t.Fatalf("Close = %v", err)
+	}
+	if _, ok := <-updates; ok {
+		t.Fatal("Watch channel open after Close")
+	}
+	if _, ok := <-leaders; ok {
+		t.Fatal("Leaders channel open after Close")
+	}
+	if _, ok := <-set.Watch(true); ok {
+		t.Fatal("Watch after Close returned an open channel")
+	}
+	if _, ok := <-set.Leaders(); ok {
+		t.Fatal("Leaders after Close returned an open channel")
+	}
+	set.Unwatch(updates) // already closed: ignored
+	if err := set.Close(); err != nil {
+		t.Fatalf("second Close = %v", err)
+	}
+}
+
+func TestStreamSlowReader(t *testing.T) {
+	ta := startAgent(t)
+	name := serviceName(t, "s")
+	c := newClient(t, ta, func(cfg *discoverd.Config) { cfg.WatchBuffer = 2 })
+	s, err := c.Subscribe(context.Background(), name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	for i := range 5 {
+		if err := c.Register(name, "127.0.0.1:"+strconv.Itoa(9100+i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Not reading: the sentinel plus live updates overflow the buffer.
+	select {
+	case <-s.Done():
+	case <-time.After(wait):
+		t.Fatal("stream not ended")
+	}
+	if !errors.Is(s.Err(), discoverd.ErrSlowReader) {
+		t.Fatalf("Err = %v, want ErrSlowReader", s.Err())
+	}
+}
+
+func TestConnStatusString(t *testing.T) {
+	for s, want := range map[discoverd.ConnStatus]string{
+		discoverd.ConnStatusConnected:     "connected",
+		discoverd.ConnStatusDisconnected:  "disconnected",
+		discoverd.ConnStatusConnectFailed: "connect_failed",
+		discoverd.ConnStatus(42):          "unknown",
+	} {
+		if got := s.String(); got != want {
+			t.Errorf("%d.String() = %q, want %q", s, got, want)
 		}
 	}
 }

@@ -96,8 +96,8 @@ func (c *Client) Subscribe(ctx context.Context, name string) (*Stream, error) {
 	return s, nil
 }
 
-// Updates returns the stream's channel. It is closed when the stream ends;
-// Err then says why.
+// Updates returns the stream's channel. It is closed when the stream ends
+// (after the values already queued); Err then says why.
 func (s *Stream) Updates() <-chan *ServiceUpdate { return s.updates }
 
 // Err returns why the stream ended (nil while it runs). A stream ended by
@@ -107,6 +107,10 @@ func (s *Stream) Err() error {
 	defer s.mu.Unlock()
 	return s.err
 }
+
+// Done is closed when the stream has ended and Err is set. Updates may
+// still hold queued values.
+func (s *Stream) Done() <-chan struct{} { return s.done }
 
 // Close ends the stream and waits for it to stop. It is idempotent.
 func (s *Stream) Close() error {
