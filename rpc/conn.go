@@ -19,7 +19,10 @@ type Stream interface {
 	// blocks. It returns ErrStreamClosed once the stream has ended (the
 	// client cancelled it, the connection closed, or the method returned),
 	// and ErrSlowReader when StreamBuffer replies are already waiting: the
-	// stream is then ended with that error and later Sends return it too.
+	// stream is then cut (its context is cancelled, later Sends return
+	// ErrSlowReader) and, once the method returns, it ends with the
+	// method's error text, or with ErrSlowReader's text if the method
+	// returns nil, ErrSlowReader or its context's error.
 	// v is encoded later by the connection's writer and must not be
 	// modified after Send.
 	Send(v any) error
@@ -255,7 +258,17 @@ func (c *serverConn) startStream(req request, svc *service, m *method, argv refl
 		defer c.handlers.Done()
 		err := c.invoke(req.method, svc, m, st.ctx, argv, reflect.ValueOf(st))
 		c.mu.Lock()
-		if !st.ended {
+		switch {
+		case st.final:
+			// Already ended (CloseStream); the method's result is moot.
+		case st.ended:
+			// Cut as slow: the method may say why in its own words.
+			text := ErrSlowReader.Error()
+			if err != nil && !errors.Is(err, ErrSlowReader) && !errors.Is(err, context.Canceled) {
+				text = errorText(err)
+			}
+			st.endLocked(ErrSlowReader, text, false)
+		default:
 			text := eos
 			if err != nil {
 				text = errorText(err)
@@ -370,7 +383,7 @@ func (c *serverConn) writeLoop() {
 func (c *serverConn) closeStream(seq uint64) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if st := c.streams[seq]; st != nil && !st.ended {
+	if st := c.streams[seq]; st != nil && !st.ended { // a stream cut as slow ends with its error
 		st.endLocked(ErrStreamClosed, eos, true)
 	}
 }
@@ -384,7 +397,8 @@ type serverStream struct {
 
 	// Guarded by c.mu.
 	q       outQueue
-	ended   bool
+	ended   bool // Send is refused with sendErr
+	final   bool // the final header is queued
 	sendErr error
 }
 
@@ -400,11 +414,24 @@ func (st *serverStream) Send(v any) error {
 	case c.dead:
 		return ErrStreamClosed
 	case len(st.q.msgs) >= c.srv.streamBuffer():
-		st.endLocked(ErrSlowReader, ErrSlowReader.Error(), false)
+		st.cutLocked()
 		return ErrSlowReader
 	}
 	c.enqueueLocked(&st.q, response{method: st.method, seq: st.seq, body: v})
 	return nil
+}
+
+// cutLocked ends a stream whose queue is full: later Sends return
+// ErrSlowReader and its context is cancelled. The replies already queued
+// are still written; the final header follows when the method returns, with
+// the method's error text or, if it returns nil, ErrSlowReader or its
+// context's error, ErrSlowReader's text. c.mu must be held.
+func (st *serverStream) cutLocked() {
+	st.ended, st.sendErr = true, ErrSlowReader
+	if st.c.streams[st.seq] == st {
+		delete(st.c.streams, st.seq)
+	}
+	st.cancel()
 }
 
 // endLocked ends the stream: later Sends return sendErr, the final header
@@ -412,7 +439,7 @@ func (st *serverStream) Send(v any) error {
 // dropPending), and the stream's context is cancelled. c.mu must be held.
 func (st *serverStream) endLocked(sendErr error, text string, dropPending bool) {
 	c := st.c
-	st.ended, st.sendErr = true, sendErr
+	st.ended, st.final, st.sendErr = true, true, sendErr
 	if dropPending {
 		clear(st.q.msgs)
 		st.q.msgs = st.q.msgs[:0]

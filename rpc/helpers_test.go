@@ -128,12 +128,15 @@ func (t *Arith) Forever(ctx context.Context, args *Args, s rpc.Stream) error {
 }
 
 // Flood sends replies of len(S)*B bytes until Send fails, and reports the
-// error.
+// error. With A == 1 it then returns an error of its own.
 func (t *Arith) Flood(ctx context.Context, args *Args, s rpc.Stream) error {
 	payload := strings.Repeat(args.S, args.B)
 	for i := 0; ; i++ {
 		if err := s.Send(&Reply{C: i, S: payload}); err != nil {
 			t.streamEnd <- err
+			if args.A == 1 {
+				return errors.New("resource_exhausted: you are too slow")
+			}
 			return err
 		}
 	}

@@ -68,8 +68,8 @@ var (
 	// the client cancelled it, the connection closed, or the method returned.
 	ErrStreamClosed = errors.New("rpc: stream closed")
 	// ErrSlowReader is returned by Stream.Send when the stream's queue is
-	// full. The stream is then ended, and the client receives this error's
-	// text as the stream's final error.
+	// full. The stream is then cut, and the client receives this error's
+	// text (or the method's own error text) as the stream's final error.
 	ErrSlowReader = errors.New("rpc: stream reader too slow, replies dropped")
 	// ErrMessageTooLarge is the reason a connection is closed when a peer
 	// sends a message larger than the configured cap.

@@ -347,26 +347,39 @@ func TestServerCloseShutsClientsDown(t *testing.T) {
 // handler is never blocked by Send, and the connection goes on.
 func TestSlowStreamIsCut(t *testing.T) {
 	forCodecs(t, func(t *testing.T, codec rpc.Codec) {
-		ts := startServer(t, func(s *rpc.Server) { s.StreamBuffer = 4 })
-		c := mustDial(t, ts.addr, codec)
-		ctx := testCtx(t)
-		ch := make(chan Reply) // not drained until the handler is cut
-		sc, err := c.Stream(ctx, "Arith.Flood", &Args{S: "0123456789abcdef", B: 4096}, ch)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := recv(t, ts.arith.streamEnd, "Flood to be cut"); !errors.Is(err, rpc.ErrSlowReader) {
-			t.Fatalf("Flood ended with %v, want ErrSlowReader", err)
-		}
-		call := c.Go("Arith.Add", &Args{A: 1, B: 1}, &Reply{}, nil)
-		drain(t, ch)
-		if err := sc.Err(); err == nil || err.Error() != rpc.ErrSlowReader.Error() {
-			t.Errorf("stream Err = %v, want the ErrSlowReader text", err)
-		}
-		if call := recv(t, call.Done, "Add"); call.Error != nil || call.Reply.(*Reply).C != 2 {
-			t.Errorf("Add after the cut: %+v, %v", call.Reply, call.Error)
+		for _, tc := range []struct {
+			name string
+			a    int
+			want string
+		}{
+			{"method returns ErrSlowReader", 0, rpc.ErrSlowReader.Error()},
+			{"method returns its own error", 1, "resource_exhausted: you are too slow"},
+		} {
+			t.Run(tc.name, func(t *testing.T) { testSlowStreamIsCut(t, codec, tc.a, tc.want) })
 		}
 	})
+}
+
+func testSlowStreamIsCut(t *testing.T, codec rpc.Codec, a int, want string) {
+	ts := startServer(t, func(s *rpc.Server) { s.StreamBuffer = 4 })
+	c := mustDial(t, ts.addr, codec)
+	ctx := testCtx(t)
+	ch := make(chan Reply) // not drained until the handler is cut
+	sc, err := c.Stream(ctx, "Arith.Flood", &Args{A: a, S: "0123456789abcdef", B: 4096}, ch)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := recv(t, ts.arith.streamEnd, "Flood to be cut"); !errors.Is(err, rpc.ErrSlowReader) {
+		t.Fatalf("Flood ended with %v, want ErrSlowReader", err)
+	}
+	call := c.Go("Arith.Add", &Args{A: 1, B: 1}, &Reply{}, nil)
+	drain(t, ch)
+	if err := sc.Err(); err == nil || err.Error() != want {
+		t.Errorf("stream Err = %v, want %q", err, want)
+	}
+	if call := recv(t, call.Done, "Add"); call.Error != nil || call.Reply.(*Reply).C != 2 {
+		t.Errorf("Add after the cut: %+v, %v", call.Reply, call.Error)
+	}
 }
 
 func TestCallContext(t *testing.T) {
@@ -434,7 +447,20 @@ func TestRegister(t *testing.T) {
 	if err := s.Register(&Unsafe{}); err == nil {
 		t.Error("argument with a map inside a slice accepted")
 	}
+
+	if err := s.Register(&OddShapes{}); err == nil {
+		t.Error("receiver with only unsuitable methods accepted")
+	}
 }
+
+// OddShapes has exported methods of no accepted shape.
+type OddShapes struct{}
+
+func (*OddShapes) Ping(ctx context.Context, reply *Reply) error     { return nil }
+func (*OddShapes) NoError(args *Args, reply *Reply)                 {}
+func (*OddShapes) ValueReply(args *Args, reply Reply) error         { return nil }
+func (*OddShapes) TooMany(ctx context.Context, a, b, c *Args) error { return nil }
+func (*OddShapes) Stream(ctx context.Context, s rpc.Stream) error   { return nil }
 
 // Unsafe's argument holds maps where gob would size them from the peer.
 type Unsafe struct{}

@@ -152,7 +152,7 @@ func methodShape(m reflect.Method) (*method, bool) {
 		return nil, false
 	}
 	arg, last := in[0], in[1]
-	if !exportedOrBuiltin(arg) {
+	if arg.Kind() == reflect.Interface || !exportedOrBuiltin(arg) {
 		return nil, false
 	}
 	if arg.Kind() == reflect.Pointer {
