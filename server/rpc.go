@@ -168,9 +168,7 @@ func (s *Server) stream(ctx context.Context, op, name string,
 			case errors.Is(err, rpc.ErrStreamClosed) && ctx.Err() != nil:
 				return nil
 			case errors.Is(err, rpc.ErrSlowReader):
-				// The rpc server has already ended the stream with its own
-				// error text; this value only classifies the call for the
-				// metrics.
+				// The rpc server cut the stream; it ends with this text.
 				return api.Errorf(api.CodeResourceExhausted, "%s stream of %q: the client reads too slowly", op, name)
 			}
 			return s.wireError(op, err)
