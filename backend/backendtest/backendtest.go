@@ -493,18 +493,18 @@ func (s *suite) testConcurrentSnapshotThenLive(t *testing.T) {
 			for i := range perWorker {
 				a := addr(w, i)
 				if err := b.Register(ctx, name, a, map[string]string{"i": fmt.Sprint(i)}); err != nil {
-					errs <- fmt.Errorf("Register %s: %w", a, err)
+					errs <- fmt.Errorf("register %s: %w", a, err)
 					return
 				}
 				if i%5 == 0 { // an attribute update
 					if err := b.Register(ctx, name, a, map[string]string{"i": fmt.Sprint(i), "u": "1"}); err != nil {
-						errs <- fmt.Errorf("Register %s: %w", a, err)
+						errs <- fmt.Errorf("register %s: %w", a, err)
 						return
 					}
 				}
 				if i%3 == 0 { // and some go away again
 					if err := b.Unregister(ctx, name, a); err != nil {
-						errs <- fmt.Errorf("Unregister %s: %w", a, err)
+						errs <- fmt.Errorf("unregister %s: %w", a, err)
 						return
 					}
 				}

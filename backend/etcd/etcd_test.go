@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
+	"strings"
 	"testing"
 	"time"
 
@@ -406,5 +408,91 @@ func TestClusterMemberStopRestart(t *testing.T) {
 	resp, err := cli.Get(ctx, etcd.DefaultPrefix+"clustered/", clientv3.WithPrefix(), clientv3.WithCountOnly())
 	if err != nil || resp.Count != 2 {
 		t.Fatalf("restarted member: count %v, err %v; want 2", resp, err)
+	}
+}
+
+// TestLeaseLostDuringOutage: the store is down for longer than the TTL, so
+// the backend's lease is lost; when the store is back, the backend takes a
+// new lease and puts its registrations back.
+func TestLeaseLostDuringOutage(t *testing.T) {
+	t.Parallel()
+	c := etcdtest.NewCluster(t, 1)
+	logs := &logWatch{msgs: make(chan string, 64)}
+	ctx := ctxT(t)
+	b, err := etcd.Open(ctx, etcd.Config{Endpoints: c.Endpoints(), TTL: time.Second, Logger: slog.New(logs)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.Close() })
+	const name = "outage"
+	for i := range 3 {
+		if err := b.Register(ctx, name, addr(i), map[string]string{"i": fmt.Sprint(i)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cli := mustClient(t, c.Endpoints())
+	old := leaseOf(t, cli, etcd.DefaultPrefix+name+"/"+addr(0))
+
+	c.Member(0).Stop()
+	logs.waitFor(t, "etcd lease lost") // the client went a TTL without a keepalive answer
+	if err := c.Member(0).Restart(); err != nil {
+		t.Fatal(err)
+	}
+	logs.waitFor(t, "etcd lease renewed")
+
+	lease := leaseOf(t, cli, etcd.DefaultPrefix+name+"/"+addr(0))
+	if lease == old {
+		t.Fatalf("registrations still on the old lease %x", old)
+	}
+	resp, err := cli.Get(ctx, etcd.DefaultPrefix+name+"/", clientv3.WithPrefix())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(resp.Kvs) != 3 {
+		t.Fatalf("%d registrations after the renewal, want 3", len(resp.Kvs))
+	}
+	for _, kv := range resp.Kvs {
+		if clientv3.LeaseID(kv.Lease) != lease {
+			t.Errorf("%s on lease %x, want %x", kv.Key, kv.Lease, lease)
+		}
+	}
+	// The old lease is dead or dying; the new one is kept alive, and a
+	// clean Close still removes everything at once.
+	if err := b.Close(); err != nil {
+		t.Fatalf("Close: %v", err)
+	}
+	if resp, err := cli.Get(ctx, etcd.DefaultPrefix+name+"/", clientv3.WithPrefix(), clientv3.WithCountOnly()); err != nil || resp.Count != 0 {
+		t.Fatalf("after Close: %v keys, err %v; want none", resp, err)
+	}
+}
+
+// logWatch is a slog.Handler that passes the messages of records to a
+// channel, so a test can wait for the backend to report a state change.
+type logWatch struct{ msgs chan string }
+
+func (l *logWatch) Enabled(context.Context, slog.Level) bool { return true }
+func (l *logWatch) WithAttrs([]slog.Attr) slog.Handler       { return l }
+func (l *logWatch) WithGroup(string) slog.Handler            { return l }
+func (l *logWatch) Handle(_ context.Context, r slog.Record) error {
+	select {
+	case l.msgs <- r.Message:
+	default: // the test reads only what it waits for; never block the backend
+	}
+	return nil
+}
+
+func (l *logWatch) waitFor(tb testing.TB, prefix string) {
+	tb.Helper()
+	timer := time.NewTimer(waitTimeout)
+	defer timer.Stop()
+	for {
+		select {
+		case m := <-l.msgs:
+			if strings.HasPrefix(m, prefix) {
+				return
+			}
+		case <-timer.C:
+			tb.Fatalf("no log message %q within %v", prefix, waitTimeout)
+		}
 	}
 }
