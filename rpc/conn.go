@@ -27,8 +27,10 @@ type Stream interface {
 	// modified after Send.
 	Send(v any) error
 	// Context is the stream's context: done when the client cancels the
-	// stream, the stream is ended as slow, the connection closes or the
-	// server closes. It carries the connection (ConnFromContext).
+	// stream, the stream is cut as slow, the connection closes or the
+	// server closes. context.Cause tells which: ErrStreamClosed for a
+	// cancel, ErrSlowReader for a cut. It carries the connection
+	// (ConnFromContext).
 	Context() context.Context
 }
 
@@ -244,11 +246,11 @@ func (c *serverConn) startCall(req request, svc *service, m *method, argv reflec
 
 func (c *serverConn) startStream(req request, svc *service, m *method, argv reflect.Value) bool {
 	st := &serverStream{c: c, seq: req.seq, method: req.method}
-	st.ctx, st.cancel = context.WithCancel(c.callCtx)
+	st.ctx, st.cancel = context.WithCancelCause(c.callCtx)
 	c.mu.Lock()
 	if c.streams[req.seq] != nil {
 		c.mu.Unlock()
-		st.cancel()
+		st.cancel(nil)
 		return c.replyError(req, fmt.Sprintf("rpc: sequence number %d is in use by a stream", req.seq))
 	}
 	c.streams[req.seq] = st
@@ -393,7 +395,7 @@ type serverStream struct {
 	seq    uint64
 	method string
 	ctx    context.Context
-	cancel context.CancelFunc
+	cancel context.CancelCauseFunc
 
 	// Guarded by c.mu.
 	q       outQueue
@@ -431,7 +433,7 @@ func (st *serverStream) cutLocked() {
 	if st.c.streams[st.seq] == st {
 		delete(st.c.streams, st.seq)
 	}
-	st.cancel()
+	st.cancel(ErrSlowReader)
 }
 
 // endLocked ends the stream: later Sends return sendErr, the final header
@@ -448,5 +450,5 @@ func (st *serverStream) endLocked(sendErr error, text string, dropPending bool) 
 	if c.streams[st.seq] == st {
 		delete(c.streams, st.seq)
 	}
-	st.cancel()
+	st.cancel(sendErr)
 }

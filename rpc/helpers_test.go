@@ -3,6 +3,7 @@ package rpc_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"net/http"
 	"strings"
@@ -133,6 +134,10 @@ func (t *Arith) Flood(ctx context.Context, args *Args, s rpc.Stream) error {
 	payload := strings.Repeat(args.S, args.B)
 	for i := 0; ; i++ {
 		if err := s.Send(&Reply{C: i, S: payload}); err != nil {
+			if cause := context.Cause(s.Context()); cause != err {
+				t.streamEnd <- fmt.Errorf("Send: %w, but the context's cause is %v", err, cause)
+				return err
+			}
 			t.streamEnd <- err
 			if args.A == 1 {
 				return errors.New("resource_exhausted: you are too slow")
