@@ -1,0 +1,180 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/flynn/discoverd/api"
+	"github.com/flynn/discoverd/rpc"
+)
+
+// HeartbeatResult is scenario 3.
+type HeartbeatResult struct {
+	Registrations  int     `json:"registrations"`
+	Conns          int     `json:"conns"`
+	TTLSeconds     float64 `json:"ttl_s"`
+	WindowSeconds  float64 `json:"window_s"`
+	RegisterSecs   float64 `json:"register_s"` // time to make the registrations
+	HeartbeatCalls int64   `json:"heartbeat_calls"`
+	// Per TTL, over the window: key writes (store revision delta), raft
+	// proposals committed, lease keepalive requests received by etcd.
+	WritesPerTTL     float64 `json:"writes_per_ttl"`
+	ProposalsPerTTL  float64 `json:"raft_proposals_per_ttl"`
+	KeepalivesPerTTL float64 `json:"lease_keepalives_per_ttl"`
+	HeldAtEnd        int     `json:"held_at_end"` // registrations the agent still held
+	Expired          uint64  `json:"expired"`
+}
+
+// benchHeartbeat holds conns × perConn idle registrations on one agent,
+// each connection heartbeating its registrations as clients do (every
+// api.HeartbeatInterval, or TTL/2 if shorter; half of the connections
+// re-register as go-discoverd does, half call Heartbeat), and counts what
+// reaches etcd during one TTL.
+func benchHeartbeat(ctx context.Context, env *env, cfg *config) (*HeartbeatResult, error) {
+	ttl := cfg.HeartbeatTTL
+	res := &HeartbeatResult{Conns: cfg.HeartbeatConns, Registrations: cfg.HeartbeatConns * cfg.HeartbeatPerConn, TTLSeconds: ttl.Seconds()}
+	la, err := startAgent(ctx, env.endpoints, agentOptions{TTL: ttl}, env.log)
+	if err != nil {
+		return nil, err
+	}
+	conns := make([]*rpc.Client, cfg.HeartbeatConns)
+	defer func() { closeAgentFirst(la, conns...) }()
+	for i := range conns {
+		if conns[i], err = dial(ctx, la.Addr()); err != nil {
+			return nil, err
+		}
+	}
+	const name = "bench-heartbeat"
+	attrs := map[string]string{"v": "1"}
+	addrOf := func(c, j int) string { return instanceAddr(c*cfg.HeartbeatPerConn + j) }
+
+	start := time.Now()
+	if err := forEach(ctx, len(conns), func(ctx context.Context, c int) error {
+		for j := range cfg.HeartbeatPerConn {
+			if err := register(ctx, conns[c], name, addrOf(c, j), attrs); err != nil {
+				return err
+			}
+		}
+		return nil
+	}); err != nil {
+		return nil, err
+	}
+	res.RegisterSecs = time.Since(start).Seconds()
+
+	interval := min(api.HeartbeatInterval, ttl/2)
+	hctx, stop := context.WithCancel(ctx)
+	var calls atomic.Int64
+	var wg sync.WaitGroup
+	errs := make(chan error, len(conns))
+	for c := range conns {
+		wg.Add(1)
+		go func() { // heartbeats conn c's registrations until stop
+			defer wg.Done()
+			offset := interval * time.Duration(c) / time.Duration(len(conns))
+			t := time.NewTimer(offset)
+			defer t.Stop()
+			for {
+				select {
+				case <-hctx.Done():
+					return
+				case <-t.C:
+				}
+				t.Reset(interval)
+				for j := range cfg.HeartbeatPerConn {
+					args := &api.Args{Name: name, Addr: addrOf(c, j), Attrs: attrs}
+					cctx, cancel := context.WithTimeout(hctx, opTimeout)
+					var err error
+					if c%2 == 0 {
+						err = conns[c].Call(cctx, api.MethodHeartbeat, args, &struct{}{})
+					} else {
+						var reply string
+						err = conns[c].Call(cctx, api.MethodRegister, args, &reply)
+					}
+					cancel()
+					if err != nil {
+						if hctx.Err() == nil {
+							errs <- fmt.Errorf("heartbeat %s: %w", args.Addr, err)
+						}
+						return
+					}
+					calls.Add(1)
+				}
+			}
+		}()
+	}
+	stopHeartbeats := func() { stop(); wg.Wait() }
+	defer stopHeartbeats()
+
+	rev0, err := revision(ctx, env.client)
+	if err != nil {
+		return nil, err
+	}
+	prop0, _ := etcdMetric("etcd_server_proposals_committed_total", nil)
+	ka0, _ := etcdMetric("grpc_server_msg_received_total", map[string]string{"grpc_method": "LeaseKeepAlive"})
+	t0 := time.Now()
+	timer := time.NewTimer(ttl)
+	select {
+	case <-timer.C:
+	case err := <-errs:
+		timer.Stop()
+		return nil, err
+	case <-ctx.Done():
+		timer.Stop()
+		return nil, ctx.Err()
+	}
+	rev1, err := revision(ctx, env.client)
+	if err != nil {
+		return nil, err
+	}
+	prop1, _ := etcdMetric("etcd_server_proposals_committed_total", nil)
+	ka1, _ := etcdMetric("grpc_server_msg_received_total", map[string]string{"grpc_method": "LeaseKeepAlive"})
+	window := time.Since(t0)
+	stopHeartbeats()
+
+	perTTL := ttl.Seconds() / window.Seconds()
+	res.WindowSeconds = window.Seconds()
+	res.HeartbeatCalls = calls.Load()
+	// The revision probe itself is a read: it does not move the revision.
+	res.WritesPerTTL = float64(rev1-rev0) * perTTL
+	res.ProposalsPerTTL = (prop1 - prop0) * perTTL
+	res.KeepalivesPerTTL = (ka1 - ka0) * perTTL
+	st := la.agent.Stats()
+	res.HeldAtEnd, res.Expired = st.Registrations, st.Expired
+
+	fig := fmt.Sprintf("%d idle registrations (%d conns), TTL %v", res.Registrations, res.Conns, ttl)
+	env.row(Row{Scenario: "3 heartbeat", Figure: "etcd key writes per TTL, " + fig,
+		Value:  fmt.Sprintf("%.1f", res.WritesPerTTL),
+		Etcd:   fmt.Sprintf("%d (a put per heartbeat)", 2*res.Registrations),
+		Target: "≤ 1", Verdict: verdict(res.WritesPerTTL <= 1 && res.HeldAtEnd == res.Registrations)})
+	env.row(Row{Scenario: "3 heartbeat", Figure: "raft proposals / lease keepalives per TTL",
+		Value: fmt.Sprintf("%.1f / %.1f", res.ProposalsPerTTL, res.KeepalivesPerTTL),
+		Etcd:  fmt.Sprintf("%d keepalives (a lease each)", 3*res.Registrations)})
+	env.row(Row{Scenario: "3 heartbeat", Figure: "heartbeat calls answered in the window; held/expired",
+		Value: fmt.Sprintf("%d; %d/%d", res.HeartbeatCalls, res.HeldAtEnd, res.Expired)})
+	return res, nil
+}
+
+// forEach runs f(i) for i in [0, n) concurrently and returns the first
+// error.
+func forEach(ctx context.Context, n int, f func(ctx context.Context, i int) error) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	errs := make(chan error, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := f(ctx, i); err != nil {
+				errs <- err
+				cancel()
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	return <-errs
+}
