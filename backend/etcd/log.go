@@ -52,7 +52,7 @@ func (c *slogCore) Write(e zapcore.Entry, fields []zapcore.Field) error {
 		attrs = append(attrs, slog.String("logger", e.LoggerName))
 	}
 	level := slogLevel(e.Level)
-	if c.quiet != nil && c.quiet.Load() {
+	if c.quiet != nil && c.quiet.Load() || benign[e.Message] {
 		level = slog.LevelDebug
 	}
 	c.l.LogAttrs(context.Background(), level, e.Message, attrs...)
@@ -60,6 +60,14 @@ func (c *slogCore) Write(e zapcore.Entry, fields []zapcore.Field) error {
 }
 
 func (c *slogCore) Sync() error { return nil }
+
+// benign lists messages etcd logs as errors that are expected and need no
+// action; they are logged at debug level.
+var benign = map[string]bool{
+	// A new member's storage-version monitor runs before the first raft
+	// term is stored; it retries every few seconds and then succeeds.
+	"failed to update storage version": true,
+}
 
 func fieldAttrs(fields []zapcore.Field) []slog.Attr {
 	if len(fields) == 0 {
