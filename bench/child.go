@@ -20,6 +20,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"runtime/pprof"
 	"strings"
 	"sync"
 	"time"
@@ -84,8 +85,21 @@ func childAgent(args []string, out *json.Encoder) error {
 	ttl := fs.Duration("ttl", api.DefaultTTL, "agent TTL")
 	name := fs.String("name", "bench", "service name of -register")
 	regAddr := fs.String("register", "", "addr to register through an in-process session")
+	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile of the agent to this file on exit")
+	heapProfile := fs.String("heapprofile", "", "write a heap profile to this file at each \"stats\"")
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	if *cpuProfile != "" {
+		f, err := os.Create(*cpuProfile)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return err
+		}
+		defer pprof.StopCPUProfile()
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError}))
 	ctx := context.Background()
@@ -153,6 +167,11 @@ func childAgent(args []string, out *json.Encoder) error {
 				Goroutines: runtime.NumGoroutine(),
 				Agent:      la.agent.Stats(),
 			}
+			if *heapProfile != "" {
+				if err := writeHeapProfile(*heapProfile); err != nil {
+					return err
+				}
+			}
 			if err := out.Encode(childReport{Stats: st}); err != nil {
 				return err
 			}
@@ -201,6 +220,18 @@ func childClient(args []string, out *json.Encoder) error {
 			}
 		}
 	}
+}
+
+func writeHeapProfile(path string) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	if err := pprof.WriteHeapProfile(f); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
 }
 
 func splitComma(s string) []string {

@@ -325,6 +325,32 @@ func labelsMatch(labels []*dto.LabelPair, match map[string]string) bool {
 	return n == len(match)
 }
 
+// cpuTime returns the user+system CPU time process pid (0 = this one) has
+// used, from /proc (clock ticks of 10 ms); 0 when it cannot be read.
+func cpuTime(pid int) time.Duration {
+	path := "/proc/self/stat"
+	if pid != 0 {
+		path = fmt.Sprintf("/proc/%d/stat", pid)
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return 0
+	}
+	// The command name (field 2) may hold spaces: fields count from ")".
+	i := strings.LastIndexByte(string(b), ')')
+	if i < 0 {
+		return 0
+	}
+	f := strings.Fields(string(b[i+1:]))
+	if len(f) < 13 {
+		return 0
+	}
+	var utime, stime int64
+	fmt.Sscanf(f[11], "%d", &utime)
+	fmt.Sscanf(f[12], "%d", &stime)
+	return time.Duration(utime+stime) * 10 * time.Millisecond
+}
+
 // rssBytes returns the resident set size of process pid (0 = this one)
 // from /proc; 0 when it cannot be read.
 func rssBytes(pid int) int64 {

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -22,13 +23,19 @@ type FanoutResult struct {
 	AllSeen    []float64 `json:"all_seen_ms"`
 	// The agent child's memory, after a GC, before and with the
 	// subscribers: Go heap and stacks in use, and RSS.
-	Before, After      childStats `json:"-"`
-	GoBytesPerSub      float64    `json:"go_bytes_per_subscriber"`
-	RSSBytesPerSub     float64    `json:"rss_bytes_per_subscriber"`
-	GoroutinesPerSub   float64    `json:"goroutines_per_subscriber"`
-	AgentWatches       int        `json:"agent_watches"`
-	EtcdWatchers       float64    `json:"etcd_watchers"`        // etcd's watcher gauge with the subscribers
-	EtcdWatchersBefore float64    `json:"etcd_watchers_before"` // and before the agent started
+	Before           childStats `json:"agent_before"`
+	After            childStats `json:"agent_after"`
+	GoBytesPerSub    float64    `json:"go_bytes_per_subscriber"`
+	RSSBytesPerSub   float64    `json:"rss_bytes_per_subscriber"`
+	GoroutinesPerSub float64    `json:"goroutines_per_subscriber"`
+	AgentWatches     int        `json:"agent_watches"`
+	// CPU time used per change, by the agent process and by this process
+	// (the subscribers' side: rpc clients decoding, one goroutine per
+	// subscriber stamping; and the embedded etcd).
+	AgentCPUPerChangeMs  float64 `json:"agent_cpu_per_change_ms"`
+	ClientCPUPerChangeMs float64 `json:"client_cpu_per_change_ms"`
+	EtcdWatchers         float64 `json:"etcd_watchers"`        // etcd's watcher gauge with the subscribers
+	EtcdWatchersBefore   float64 `json:"etcd_watchers_before"` // and before the agent started
 }
 
 // benchFanout runs an agent as a child process (so that its memory is
@@ -39,7 +46,12 @@ type FanoutResult struct {
 func benchFanout(ctx context.Context, env *env, cfg *config) (*FanoutResult, error) {
 	res := &FanoutResult{Subscribers: cfg.FanoutSubs, Conns: cfg.FanoutConns, Rounds: cfg.FanoutRounds}
 	res.EtcdWatchersBefore, _ = etcdMetric("etcd_debugging_mvcc_watcher_total", nil)
-	ch, err := startChild([]string{childFlag + "agent", "-etcd", strings.Join(env.endpoints, ",")})
+	args := []string{childFlag + "agent", "-etcd", strings.Join(env.endpoints, ",")}
+	if cfg.AgentProfile != "" {
+		args = append(args, "-cpuprofile", filepath.Join(cfg.AgentProfile, "fanout-agent-cpu.pprof"),
+			"-heapprofile", filepath.Join(cfg.AgentProfile, "fanout-agent-heap.pprof"))
+	}
+	ch, err := startChild(args)
 	if err != nil {
 		return nil, err
 	}
@@ -105,6 +117,7 @@ func benchFanout(ctx context.Context, env *env, cfg *config) (*FanoutResult, err
 	res.GoroutinesPerSub = float64(after.Goroutines-before.Goroutines) / n
 	res.AgentWatches = after.Agent.Watches
 
+	agentCPU0, clientCPU0 := cpuTime(ch.cmd.Process.Pid), cpuTime(0)
 	var lat []time.Duration
 	for round := 1; round <= cfg.FanoutRounds; round++ {
 		a := instanceAddr(round)
@@ -126,12 +139,16 @@ func benchFanout(ctx context.Context, env *env, cfg *config) (*FanoutResult, err
 		res.AllSeenMax = max(res.AllSeenMax, ms(last))
 	}
 	res.Latency = summarize(lat)
+	res.AgentCPUPerChangeMs = ms(cpuTime(ch.cmd.Process.Pid)-agentCPU0) / float64(cfg.FanoutRounds)
+	res.ClientCPUPerChangeMs = ms(cpuTime(0)-clientCPU0) / float64(cfg.FanoutRounds)
 
 	fig := fmt.Sprintf("%d subscribers on %d conns, %d changes", cfg.FanoutSubs, cfg.FanoutConns, cfg.FanoutRounds)
 	env.row(Row{Scenario: "4 fan-out", Figure: "register→update p50, " + fig, Value: fmtMs(res.Latency.P50)})
 	env.row(Row{Scenario: "4 fan-out", Figure: "register→update p99 (all seen: max over changes)",
 		Value:  fmt.Sprintf("%s (%s)", fmtMs(res.Latency.P99), fmtMs(res.AllSeenMax)),
 		Target: "< 50 ms", Verdict: verdict(res.Latency.P99 < 50)})
+	env.row(Row{Scenario: "4 fan-out", Figure: "CPU per change: agent process / subscribers' process",
+		Value: fmt.Sprintf("%.0f ms / %.0f ms", res.AgentCPUPerChangeMs, res.ClientCPUPerChangeMs)})
 	env.row(Row{Scenario: "4 fan-out", Figure: "agent memory per subscriber: Go heap+stacks (RSS)",
 		Value:  fmt.Sprintf("%.1f KiB (%.1f KiB)", res.GoBytesPerSub/1024, res.RSSBytesPerSub/1024),
 		Target: "≤ 10 KiB", Verdict: verdict(res.GoBytesPerSub <= 10<<10)})

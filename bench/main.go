@@ -55,7 +55,10 @@ type config struct {
 	Run        map[string]bool
 	JSON       string
 	CPUProfile string
-	Quick      bool
+	// AgentProfile is a directory for the CPU and heap profiles of the
+	// fan-out scenario's agent process.
+	AgentProfile string
+	Quick        bool
 
 	Duration         time.Duration // each throughput measurement
 	LatencyEvents    int
@@ -107,6 +110,7 @@ func parseFlags(args []string, stderr io.Writer) (*config, error) {
 	runList := fs.String("run", strings.Join(scenarios, ","), "comma-separated scenarios to run: "+strings.Join(scenarios, ", "))
 	fs.StringVar(&cfg.JSON, "json", "", "write every figure to this JSON `file`")
 	fs.StringVar(&cfg.CPUProfile, "cpuprofile", "", "write a CPU profile of this process (load generator, in-process agents and etcd) to `file`")
+	fs.StringVar(&cfg.AgentProfile, "agent-profile", "", "write CPU and heap profiles of the fan-out agent process into `dir`")
 	fs.BoolVar(&cfg.Quick, "quick", false, "tiny sizes, for a smoke run")
 	fs.DurationVar(&cfg.Duration, "duration", cfg.Duration, "length of each throughput measurement")
 	fs.IntVar(&cfg.LatencyEvents, "latency-events", cfg.LatencyEvents, "register→event samples (and as many raw etcd ones)")
@@ -132,7 +136,7 @@ func parseFlags(args []string, stderr io.Writer) (*config, error) {
 	if cfg.Quick {
 		keep := cfg
 		cfg = quick
-		cfg.JSON, cfg.CPUProfile, cfg.Quick = keep.JSON, keep.CPUProfile, true
+		cfg.JSON, cfg.CPUProfile, cfg.AgentProfile, cfg.Quick = keep.JSON, keep.CPUProfile, keep.AgentProfile, true
 		for name, v := range map[string]func(){
 			"duration":           func() { cfg.Duration = keep.Duration },
 			"latency-events":     func() { cfg.LatencyEvents = keep.LatencyEvents },
