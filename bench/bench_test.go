@@ -49,8 +49,8 @@ func TestSmoke(t *testing.T) {
 		t.Fatalf("errors: %v", rep.Errors)
 	}
 	switch {
-	case rep.Throughput == nil || len(rep.Throughput.Runs) != 5:
-		t.Errorf("throughput: %+v, want 3 agent and 2 etcd runs", rep.Throughput)
+	case rep.Throughput == nil || len(rep.Throughput.Runs) != 6:
+		t.Errorf("throughput: %+v, want an agent and a raw etcd run per shape", rep.Throughput)
 	case rep.Latency == nil || rep.Latency.Agent.N != 20 || rep.Latency.Etcd.N != 20:
 		t.Errorf("latency: %+v, want 20 samples of each", rep.Latency)
 	case rep.Heartbeat == nil || rep.Heartbeat.HeldAtEnd != rep.Heartbeat.Registrations:
