@@ -627,9 +627,17 @@ func (p *proc) stop() {
 // or 0 when absent.
 func metric(tb testing.TB, addr, series string) float64 {
 	tb.Helper()
+	v, err := metricValue(addr, series)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return v
+}
+
+func metricValue(addr, series string) (float64, error) {
 	resp, err := http.Get("http://" + addr + "/metrics")
 	if err != nil {
-		tb.Fatalf("GET /metrics: %v", err)
+		return 0, fmt.Errorf("GET /metrics: %w", err)
 	}
 	defer resp.Body.Close()
 	sc := bufio.NewScanner(resp.Body)
@@ -639,15 +647,15 @@ func metric(tb testing.TB, addr, series string) float64 {
 		if rest, ok := strings.CutPrefix(line, series+" "); ok {
 			v, err := strconv.ParseFloat(strings.TrimSpace(rest), 64)
 			if err != nil {
-				tb.Fatalf("metric %s: %v", line, err)
+				return 0, fmt.Errorf("metric %s: %w", line, err)
 			}
-			return v
+			return v, nil
 		}
 	}
 	if err := sc.Err(); err != nil {
-		tb.Fatalf("reading /metrics: %v", err)
+		return 0, fmt.Errorf("reading /metrics: %w", err)
 	}
-	return 0
+	return 0, nil
 }
 
 // health returns the status code of GET /health.
