@@ -173,6 +173,10 @@ type Stats struct {
 	SlowSubscribersCut uint64 // subscriptions cut off for falling behind
 	Expired            uint64 // registrations expired for lack of heartbeats
 	BackendErrors      uint64 // failed backend calls and broken backend streams
+
+	// Store is the backend's liveness session, when the backend reports it
+	// (backend.SessionReporter); nil otherwise.
+	Store *backend.SessionState
 }
 
 type counters struct {
@@ -196,6 +200,10 @@ func (a *Agent) Stats() Stats {
 	s.SlowSubscribersCut = a.stats.slowCut.Load()
 	s.Expired = a.stats.expired.Load()
 	s.BackendErrors = a.stats.backendErrors.Load()
+	if r, ok := a.backend.(backend.SessionReporter); ok {
+		st := r.SessionState()
+		s.Store = &st
+	}
 	return s
 }
 

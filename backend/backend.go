@@ -121,3 +121,22 @@ type Stream interface {
 
 // ErrClosed is returned by a Backend's methods after Close.
 var ErrClosed = errors.New("backend: closed")
+
+// SessionReporter is implemented by a backend that can tell the state of
+// its liveness session (an etcd lease, a ZooKeeper session). It is
+// optional; the agent exports it as metrics when present.
+type SessionReporter interface {
+	// SessionState returns the state now. It does not block.
+	SessionState() SessionState
+}
+
+// SessionState describes a backend's liveness session.
+type SessionState struct {
+	// Live reports whether the backend holds a session it believes valid.
+	// It is false while a lost session is being replaced, and after Close.
+	Live bool
+	// Established counts the sessions the backend has obtained since Open:
+	// 1 at start, one more each time a lost session was replaced (and the
+	// backend's registrations written again).
+	Established uint64
+}

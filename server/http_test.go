@@ -246,6 +246,7 @@ func TestMetrics(t *testing.T) {
 		"discoverd_registrations", "discoverd_sessions", "discoverd_subscribers", "discoverd_watches",
 		"discoverd_events_fanned_out_total", "discoverd_slow_subscribers_cut_total", "discoverd_backend_errors_total",
 		"discoverd_rpc_streams", "discoverd_sse_streams",
+		"discoverd_store_session_up", "discoverd_store_sessions_established_total",
 	} {
 		if v := scrape(t, e.url, name); v < 0 {
 			t.Errorf("metric %s missing", name)
@@ -253,6 +254,12 @@ func TestMetrics(t *testing.T) {
 	}
 	if v := scrape(t, e.url, "discoverd_registrations"); v != 0 {
 		t.Fatalf("discoverd_registrations = %v before any registration", v)
+	}
+	if v := scrape(t, e.url, "discoverd_store_session_up"); v != 1 {
+		t.Errorf("discoverd_store_session_up = %v with a live etcd lease, want 1", v)
+	}
+	if v := scrape(t, e.url, "discoverd_store_sessions_established_total"); v != 1 {
+		t.Errorf("discoverd_store_sessions_established_total = %v, want 1", v)
 	}
 
 	c := mustDial(t, e.addr)

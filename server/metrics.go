@@ -122,11 +122,16 @@ var (
 		"Subscribers cut off because their queue was full.", nil, nil)
 	descBackendErrors = prometheus.NewDesc("discoverd_backend_errors_total",
 		"Failed store operations.", nil, nil)
+	descSessionUp = prometheus.NewDesc("discoverd_store_session_up",
+		"1 while the agent holds a valid store session (etcd lease, ZooKeeper session), 0 while it is lost.", nil, nil)
+	descSessionsEstablished = prometheus.NewDesc("discoverd_store_sessions_established_total",
+		"Store sessions obtained since start: 1, plus one per lost session replaced (registrations re-written).", nil, nil)
 )
 
 func (c agentCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descRegistrations, descSessions, descSubscribers,
-		descWatches, descEvents, descFanout, descExpired, descSlowCut, descBackendErrors} {
+		descWatches, descEvents, descFanout, descExpired, descSlowCut, descBackendErrors,
+		descSessionUp, descSessionsEstablished} {
 		ch <- d
 	}
 }
@@ -148,4 +153,12 @@ func (c agentCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(descExpired, float64(st.Expired))
 	counter(descSlowCut, float64(st.SlowSubscribersCut))
 	counter(descBackendErrors, float64(st.BackendErrors))
+	if st.Store != nil {
+		up := 0.0
+		if st.Store.Live {
+			up = 1
+		}
+		gauge(descSessionUp, up)
+		counter(descSessionsEstablished, float64(st.Store.Established))
+	}
 }

@@ -92,9 +92,13 @@ type Backend struct {
 	drained  chan struct{}    // closed when inflight drops to 0 (renewal waits)
 	regs     map[string]*reg  // remembered registrations, by key
 	streams  map[*stream]struct{}
+	leases   uint64 // leases granted since Open (Open's, then each renewal)
 }
 
-var _ backend.Backend = (*Backend)(nil)
+var (
+	_ backend.Backend         = (*Backend)(nil)
+	_ backend.SessionReporter = (*Backend)(nil)
+)
 
 // reg is a remembered registration. It is replaced, never mutated, except
 // for stored (guarded by Backend.mu).
@@ -165,6 +169,7 @@ func Open(ctx context.Context, cfg Config) (*Backend, error) {
 		return nil, fmt.Errorf("etcd: granting a lease on %v: %w", cfg.Endpoints, err)
 	}
 	b.lease = lease.ID
+	b.leases = 1
 	close(b.ready)
 	b.ctx, b.cancel = context.WithCancel(context.Background())
 	b.wg.Add(1)
@@ -322,6 +327,14 @@ func (b *Backend) shutdown(revoke bool) error {
 		err = fmt.Errorf("etcd: closing client: %w", cerr)
 	}
 	return err
+}
+
+// SessionState reports whether the backend holds a lease now and how many
+// leases it has been granted since Open. It does not block.
+func (b *Backend) SessionState() backend.SessionState {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return backend.SessionState{Live: b.lease != 0 && !b.closed, Established: b.leases}
 }
 
 func (b *Backend) isClosed() bool {
@@ -482,6 +495,7 @@ func (b *Backend) renew() clientv3.LeaseID {
 		if err == nil {
 			b.mu.Lock()
 			b.lease = lease
+			b.leases++
 			close(b.ready)
 			b.mu.Unlock()
 			b.log.Info("etcd lease renewed; registrations restored", "lease", fmt.Sprintf("%x", int64(lease)), "registrations", n)

@@ -217,6 +217,9 @@ func TestLeaseRevokedUnderneath(t *testing.T) {
 	v := mustSubscribe(t, watcher, name)
 	v.waitFor("the snapshot", func(got map[string]backend.Instance) bool { return len(got) == 3 })
 	before := v.addrs[addr(0)].Created
+	if st := b.SessionState(); !st.Live || st.Established != 1 {
+		t.Fatalf("SessionState before the revoke = %+v, want live, 1 established", st)
+	}
 
 	old := leaseOf(t, cli, etcd.DefaultPrefix+name+"/"+addr(0))
 	if _, err := cli.Revoke(ctx, old); err != nil {
@@ -240,6 +243,9 @@ func TestLeaseRevokedUnderneath(t *testing.T) {
 	if err != nil || ttl.TTL <= 0 {
 		t.Fatalf("new lease %x: TTL %v, err %v", lease, ttl, err)
 	}
+	if st := b.SessionState(); !st.Live || st.Established != 2 {
+		t.Errorf("SessionState after the renewal = %+v, want live, 2 established", st)
+	}
 	// The backend works on: a new registration lands on the new lease, and
 	// Close removes everything at once.
 	if err := b.Register(ctx, name, addr(3), nil); err != nil {
@@ -252,6 +258,9 @@ func TestLeaseRevokedUnderneath(t *testing.T) {
 		t.Fatalf("Close: %v", err)
 	}
 	v.waitFor("Close to remove everything", func(got map[string]backend.Instance) bool { return len(got) == 0 })
+	if st := b.SessionState(); st.Live {
+		t.Errorf("SessionState after Close = %+v, want not live", st)
+	}
 }
 
 func leaseOf(tb testing.TB, cli *clientv3.Client, key string) clientv3.LeaseID {

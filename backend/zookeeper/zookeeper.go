@@ -45,6 +45,7 @@ import (
 	"path"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/go-zookeeper/zk"
@@ -117,9 +118,14 @@ type Backend struct {
 	dirtied map[string]bool // an event arrived while arming
 
 	closeOnce sync.Once
+
+	sessions atomic.Uint64 // sessions established since Open
 }
 
-var _ backend.Backend = (*Backend)(nil)
+var (
+	_ backend.Backend         = (*Backend)(nil)
+	_ backend.SessionReporter = (*Backend)(nil)
+)
 
 // registration is what the backend remembers of one of its registrations:
 // enough to create it again under a new session.
@@ -183,6 +189,7 @@ func Open(ctx context.Context, cfg Config) (*Backend, error) {
 	b.log.Info("zookeeper session established", "session", fmt.Sprintf("%#x", session), "servers", cfg.Servers)
 
 	b.wg.Add(1)
+	b.sessions.Store(1)
 	go b.sessionLoop(session)
 	return b, nil
 }
@@ -295,6 +302,7 @@ func (b *Backend) sessionLoop(session int64) {
 			continue
 		}
 		if id != session {
+			b.sessions.Add(1)
 			b.log.Warn("zookeeper session expired; registering again", "old", fmt.Sprintf("%#x", session), "new", fmt.Sprintf("%#x", id))
 			session = id
 		}
@@ -513,6 +521,18 @@ func (b *Backend) Unregister(ctx context.Context, name, addr string) error {
 		return fmt.Errorf("zookeeper: unregister %s/%s: %w", name, addr, err)
 	}
 	return nil
+}
+
+// SessionState reports whether the client has a session now and how many
+// sessions the backend has established since Open. It does not block.
+func (b *Backend) SessionState() backend.SessionState {
+	b.mu.Lock()
+	closed := b.closed
+	b.mu.Unlock()
+	return backend.SessionState{
+		Live:        !closed && b.conn.State() == zk.StateHasSession,
+		Established: b.sessions.Load(),
+	}
 }
 
 // Ping reports whether the backend has a live session with a reachable

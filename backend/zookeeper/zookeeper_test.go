@@ -315,6 +315,9 @@ func TestSessionExpiryRecreatesRegistrations(t *testing.T) {
 		expectEvent(t, own, backend.Put, addr)
 	}
 	oldSession := b.SessionID()
+	if st := b.SessionState(); !st.Live || st.Established != 1 {
+		t.Fatalf("SessionState before expiry = %+v, want live, 1 established", st)
+	}
 
 	heal := b.Partition()
 	// The server expires the session after the TTL and removes its znodes.
@@ -341,6 +344,9 @@ func TestSessionExpiryRecreatesRegistrations(t *testing.T) {
 	}
 	if b.SessionID() == oldSession {
 		t.Errorf("session id unchanged after expiry")
+	}
+	if st := b.SessionState(); !st.Live || st.Established != 2 {
+		t.Errorf("SessionState after expiry = %+v, want live, 2 established", st)
 	}
 	// The partitioned backend's own stream converges to the same view:
 	// both instances present with their new Created.
