@@ -75,7 +75,7 @@ func TestRegisterFindUnregister(t *testing.T) {
 		if err := owner.Unregister(name, "127.0.0.1:1001"); !errors.Is(err, discoverd.ErrUnknownRegistration) {
 			t.Fatalf("second Unregister = %v, want ErrUnknownRegistration", err)
 		}
-		if !errors.Is(discoverd.ErrUnknownRegistration, &api.Error{Code: api.CodeNotFound}) {
+		if api.ErrorCode(discoverd.ErrUnknownRegistration) != api.CodeNotFound {
 			t.Fatal("ErrUnknownRegistration does not carry CodeNotFound")
 		}
 	})
@@ -552,7 +552,7 @@ func TestReconnect(t *testing.T) {
 	if _, err := watcher.NewServiceSet(name); !errors.Is(err, discoverd.ErrDisconnected) {
 		t.Fatalf("NewServiceSet while disconnected = %v, want ErrDisconnected", err)
 	}
-	if !errors.Is(discoverd.ErrDisconnected, &api.Error{Code: api.CodeUnavailable}) {
+	if api.ErrorCode(discoverd.ErrDisconnected) != api.CodeUnavailable {
 		t.Fatal("ErrDisconnected does not carry CodeUnavailable")
 	}
 	gone.Close()
