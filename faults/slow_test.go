@@ -173,7 +173,8 @@ func TestSlowSubscriber(t *testing.T) {
 	if !strings.HasPrefix(end.Error, string(api.CodeResourceExhausted)+": ") {
 		t.Errorf("the slow stream ended with %q, want a %s error", end.Error, api.CodeResourceExhausted)
 	}
-	t.Logf("agent log lines about it: %q", lastLine(lb.String(), "slow"))
+	t.Logf("what the operator sees: log %q; discoverd_slow_subscribers_cut_total %v",
+		lastLine(lb.String(), "slow"), metric(t, addr, "discoverd_slow_subscribers_cut_total"))
 	// The connection itself goes on.
 	if err := slow.send(api.MethodRegister, 2, api.Args{Name: "other", Addr: "10.0.1.1:80"}); err != nil {
 		t.Fatal(err)
