@@ -173,8 +173,15 @@ func TestSlowSubscriber(t *testing.T) {
 	if !strings.HasPrefix(end.Error, string(api.CodeResourceExhausted)+": ") {
 		t.Errorf("the slow stream ended with %q, want a %s error", end.Error, api.CodeResourceExhausted)
 	}
-	t.Logf("what the operator sees: log %q; discoverd_slow_subscribers_cut_total %v",
-		lastLine(lb.String(), "slow"), metric(t, addr, "discoverd_slow_subscribers_cut_total"))
+	// What the operator sees: a log line and a counter for the cut.
+	if n := metric(t, addr, "discoverd_rpc_streams_cut_total"); n != 1 {
+		t.Errorf("discoverd_rpc_streams_cut_total = %v, want 1", n)
+	}
+	if line := lastLine(lb.String(), "rpc stream cut off"); line == "" {
+		t.Errorf("no log line for the cut; log:\n%s", lb.String())
+	} else {
+		t.Logf("what the operator sees: log %q", line)
+	}
 	// The connection itself goes on.
 	if err := slow.send(api.MethodRegister, 2, api.Args{Name: "other", Addr: "10.0.1.1:80"}); err != nil {
 		t.Fatal(err)

@@ -169,6 +169,9 @@ func (s *Server) stream(ctx context.Context, op, name string,
 				return nil
 			case errors.Is(err, rpc.ErrSlowReader):
 				// The rpc server cut the stream; it ends with this text.
+				s.metrics.rpcCut.Inc()
+				s.log.Warn("rpc stream cut off: the client reads too slowly",
+					"op", op, "name", name, "remote", rpc.ConnFromContext(ctx).RemoteAddr())
 				return api.Errorf(api.CodeResourceExhausted, "%s stream of %q: the client reads too slowly", op, name)
 			}
 			return s.wireError(op, err)
