@@ -11,3 +11,9 @@ func (b *Backend) Partition() (heal func()) {
 
 // SessionID is the backend's current ZooKeeper session id.
 func (b *Backend) SessionID() int64 { return b.conn.SessionID() }
+
+// The znode data codec, for the fuzz target.
+var (
+	EncodeAttrs = encodeAttrs
+	DecodeAttrs = decodeAttrs
+)
