@@ -162,7 +162,7 @@ func (c *serverConn) readLoop() error {
 			c.closeStream(req.seq)
 			continue
 		}
-		svc, m, lookupErr := c.srv.lookup(req.method)
+		m, lookupErr := c.srv.lookup(req.method)
 		if lookupErr != nil {
 			if err := c.codec.readRequestBody(nil); err != nil {
 				return fmt.Errorf("reading body of %q: %w", req.method, err)
@@ -183,11 +183,11 @@ func (c *serverConn) readLoop() error {
 			}
 			continue
 		}
-		if m.stream {
-			if !c.startStream(req, svc, m, argv) {
+		if m.stream != nil {
+			if !c.startStream(req, m, argv.Interface()) {
 				return nil
 			}
-		} else if !c.startCall(req, svc, m, argv) {
+		} else if !c.startCall(req, m, argv.Interface()) {
 			return nil
 		}
 	}
@@ -216,7 +216,10 @@ func (c *serverConn) replyError(req request, text string) bool {
 	return true
 }
 
-func (c *serverConn) startCall(req request, svc *service, m *method, argv reflect.Value) bool {
+// startCall runs a unary method in a goroutine of its own; args is a
+// pointer to its decoded argument. It returns false when the connection has
+// ended.
+func (c *serverConn) startCall(req request, m *method, args any) bool {
 	if !c.acquire() {
 		return false
 	}
@@ -230,12 +233,13 @@ func (c *serverConn) startCall(req request, svc *service, m *method, argv reflec
 		case reflect.Slice:
 			replyv.Elem().Set(reflect.MakeSlice(m.replyType, 0, 0))
 		}
-		err := c.invoke(req.method, svc, m, c.callCtx, argv, replyv)
+		reply := replyv.Interface()
+		err := c.callUnary(req.method, m, args, reply)
 		resp := response{method: req.method, seq: req.seq, final: true}
 		if err != nil {
 			resp.errText = errorText(err)
 		} else {
-			resp.body = replyv.Interface()
+			resp.body = reply
 		}
 		c.mu.Lock()
 		c.enqueueLocked(&outQueue{unary: true}, resp)
@@ -244,7 +248,10 @@ func (c *serverConn) startCall(req request, svc *service, m *method, argv reflec
 	return true
 }
 
-func (c *serverConn) startStream(req request, svc *service, m *method, argv reflect.Value) bool {
+// startStream runs a streaming method in a goroutine of its own; args is a
+// pointer to its decoded argument. It returns false when the connection has
+// ended.
+func (c *serverConn) startStream(req request, m *method, args any) bool {
 	st := &serverStream{c: c, seq: req.seq, method: req.method}
 	st.ctx, st.cancel = context.WithCancelCause(c.callCtx)
 	c.mu.Lock()
@@ -256,57 +263,62 @@ func (c *serverConn) startStream(req request, svc *service, m *method, argv refl
 	c.streams[req.seq] = st
 	c.mu.Unlock()
 	c.handlers.Add(1)
-	go func() {
-		defer c.handlers.Done()
-		err := c.invoke(req.method, svc, m, st.ctx, argv, reflect.ValueOf(st))
-		c.mu.Lock()
-		switch {
-		case st.final:
-			// Already ended (CloseStream); the method's result is moot.
-		case st.ended:
-			// Cut as slow: the method may say why in its own words.
-			text := ErrSlowReader.Error()
-			if err != nil && !errors.Is(err, ErrSlowReader) && !errors.Is(err, context.Canceled) {
-				text = errorText(err)
-			}
-			st.endLocked(ErrSlowReader, text, false)
-		default:
-			text := eos
-			if err != nil {
-				text = errorText(err)
-			}
-			st.endLocked(ErrStreamClosed, text, false)
-		}
-		c.mu.Unlock()
-	}()
+	go c.runStream(st, m, args)
 	return true
 }
 
-// invoke calls the method, turning a panic into an error (logged with its
-// stack) so that one faulty method does not take the process down.
-func (c *serverConn) invoke(name string, svc *service, m *method, ctx context.Context, argv, last reflect.Value) (err error) {
-	defer func() {
-		if p := recover(); p != nil {
-			c.log.Error("rpc: method panicked", "method", name, "panic", p, "stack", string(debug.Stack()))
-			err = fmt.Errorf("rpc: method %s failed (internal error)", name)
+// runStream is the goroutine of one stream. A stream's handler may stay
+// parked for the life of the connection, so the frames below it are kept
+// few and small: one goroutine stack per subscriber is most of a
+// subscriber's memory.
+func (c *serverConn) runStream(st *serverStream, m *method, args any) {
+	defer c.handlers.Done()
+	c.endStream(st, c.callStream(st, m, args))
+}
+
+// endStream ends st after its method returned err.
+func (c *serverConn) endStream(st *serverStream, err error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	switch {
+	case st.final:
+		// Already ended (CloseStream); the method's result is moot.
+	case st.ended:
+		// Cut as slow: the method may say why in its own words.
+		text := ErrSlowReader.Error()
+		if err != nil && !errors.Is(err, ErrSlowReader) && !errors.Is(err, context.Canceled) {
+			text = errorText(err)
 		}
-	}()
-	in := make([]reflect.Value, 0, 4)
-	in = append(in, svc.rcvr)
-	if m.withCtx {
-		in = append(in, reflect.ValueOf(ctx))
+		st.endLocked(ErrSlowReader, text, false)
+	default:
+		text := eos
+		if err != nil {
+			text = errorText(err)
+		}
+		st.endLocked(ErrStreamClosed, text, false)
 	}
-	if m.argIsPtr {
-		in = append(in, argv)
-	} else {
-		in = append(in, argv.Elem())
+}
+
+// callUnary and callStream call a method, turning a panic into an error
+// (logged with its stack) so that one faulty method does not take the
+// process down.
+func (c *serverConn) callUnary(name string, m *method, args, reply any) (err error) {
+	defer c.recoverMethod(name, &err)
+	return m.call(c.callCtx, args, reply)
+}
+
+func (c *serverConn) callStream(st *serverStream, m *method, args any) (err error) {
+	defer c.recoverMethod(st.method, &err)
+	return m.stream(st.ctx, args, st)
+}
+
+// recoverMethod, deferred by a method's caller, turns the method's panic
+// into *err.
+func (c *serverConn) recoverMethod(name string, err *error) {
+	if p := recover(); p != nil {
+		c.log.Error("rpc: method panicked", "method", name, "panic", p, "stack", string(debug.Stack()))
+		*err = fmt.Errorf("rpc: method %s failed (internal error)", name)
 	}
-	in = append(in, last)
-	out := m.fn.Call(in)
-	if e := out[0].Interface(); e != nil {
-		return e.(error)
-	}
-	return nil
 }
 
 func errorText(err error) string {

@@ -27,6 +27,14 @@
 // connection a call came on, and Conn.Done when it ends, so state can be
 // tied to the connection that created it.
 //
+// Functions can be published too, typed and without reflection:
+// RegisterUnary(srv, "Greeter.Hello", hello) and RegisterStream(srv,
+// "Greeter.Count", count), with the shapes above (ctx required). On the
+// wire they are indistinguishable from a receiver's methods. A stream is a
+// goroutine parked in its method for the stream's life, and calling it
+// directly keeps that goroutine's stack small: prefer RegisterStream for
+// streams that are many and long-lived.
+//
 // Each connection has one reader (the ServeConn goroutine), one writer
 // goroutine that serialises every reply, and one goroutine per executing
 // call. Many calls run at once and their replies interleave. Stream.Send

@@ -76,3 +76,55 @@ func Example() {
 	// 3
 	// end: <nil>
 }
+
+// Functions are published with their types, and their handlers are called
+// without reflection.
+func ExampleRegisterStream() {
+	srv := rpc.NewServer()
+	countdown := func(ctx context.Context, args *GreetArgs, s rpc.Stream) error {
+		for i := 3; i > 0; i-- {
+			if err := s.Send(fmt.Sprintf("%s %d", args.Name, i)); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	greet := func(ctx context.Context, args *GreetArgs, reply *string) error {
+		*reply = "hello, " + args.Name
+		return nil
+	}
+	if err := rpc.RegisterStream(srv, "Launch.Countdown", countdown); err != nil {
+		log.Fatal(err)
+	}
+	if err := rpc.RegisterUnary(srv, "Launch.Greet", greet); err != nil {
+		log.Fatal(err)
+	}
+	server, client := net.Pipe()
+	served := make(chan struct{})
+	go func() { defer close(served); srv.ServeConn(server, rpc.JSON) }()
+	defer func() { srv.Close(); <-served }()
+
+	c := rpc.NewClient(client, rpc.JSON)
+	defer c.Close()
+	ctx := context.Background()
+	var reply string
+	if err := c.Call(ctx, "Launch.Greet", &GreetArgs{Name: "crew"}, &reply); err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println(reply)
+	ch := make(chan string)
+	sc, err := c.Stream(ctx, "Launch.Countdown", &GreetArgs{Name: "T-minus"}, ch)
+	if err != nil {
+		log.Fatal(err)
+	}
+	for s := range ch {
+		fmt.Println(s)
+	}
+	fmt.Println("end:", sc.Err())
+	// Output:
+	// hello, crew
+	// T-minus 3
+	// T-minus 2
+	// T-minus 1
+	// end: <nil>
+}

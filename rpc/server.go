@@ -51,19 +51,23 @@ type Server struct {
 // zero Server is equally usable.
 func NewServer() *Server { return &Server{} }
 
+// service is the methods published under one service name, by one
+// RegisterName receiver and any number of typed functions.
 type service struct {
-	name    string
-	rcvr    reflect.Value
 	methods map[string]*method
+	hasRcvr bool // a receiver was registered under this name
 }
 
+// method is one published method. Its argument is decoded into a new
+// argType value, and the handler is given a pointer to it (an any holding
+// *A); a unary handler also gets a pointer to a new replyType value.
 type method struct {
-	fn        reflect.Value // func value taking the receiver first
-	withCtx   bool
-	argType   reflect.Type // the type to allocate (pointee when argIsPtr)
-	argIsPtr  bool
-	replyType reflect.Type // pointee of the reply pointer; nil for streams
-	stream    bool
+	argType   reflect.Type
+	replyType reflect.Type // nil for streams
+	// Exactly one is set. Both return the method's error; a panic is
+	// recovered by the caller.
+	call   func(ctx context.Context, args, reply any) error
+	stream func(ctx context.Context, args any, st Stream) error
 }
 
 var (
@@ -90,45 +94,141 @@ func (s *Server) Register(rcvr any) error {
 //	func (t *T) M(ctx context.Context, args *A, stream rpc.Stream) error // stream
 //	func (t *T) M(args *A, stream rpc.Stream) error                    // stream
 //
-// args may also be passed by value. Methods of other shapes are ignored. It
-// returns an error if name is taken or empty, if rcvr has no such method,
-// or if an argument type holds a map that gob would size from the peer's
-// count (a map inside a slice, a map or behind a pointer; maps in struct
-// fields are fine).
+// args may also be passed by value. Methods of other shapes are ignored.
+// Methods are called through reflection; RegisterUnary and RegisterStream
+// publish functions without it. It returns an error if name is empty or
+// already has a receiver, if one of the methods is already published
+// under name (by RegisterUnary or RegisterStream), if rcvr has no method of
+// a suitable shape, or if an argument type holds a map that gob would size
+// from the peer's count (a map inside a slice, a map or behind a pointer;
+// maps in struct fields are fine).
 func (s *Server) RegisterName(name string, rcvr any) error {
 	if name == "" {
 		return errors.New("rpc: Register: empty service name")
 	}
-	svc := &service{name: name, rcvr: reflect.ValueOf(rcvr), methods: make(map[string]*method)}
+	methods := make(map[string]*method)
+	rv := reflect.ValueOf(rcvr)
 	t := reflect.TypeOf(rcvr)
 	for i := range t.NumMethod() {
 		m := t.Method(i)
-		mt, ok := methodShape(m)
+		mt, ok := reflectMethod(rv, m)
 		if !ok {
 			continue
 		}
 		if err := checkArgType(mt.argType); err != nil {
 			return fmt.Errorf("rpc: Register %s.%s: argument %w", name, m.Name, err)
 		}
-		svc.methods[m.Name] = mt
+		methods[m.Name] = mt
 	}
-	if len(svc.methods) == 0 {
+	if len(methods) == 0 {
 		return fmt.Errorf("rpc: Register %s: type %v has no exported methods of a suitable shape", name, t)
 	}
 	s.svcMu.Lock()
 	defer s.svcMu.Unlock()
-	if s.services == nil {
-		s.services = make(map[string]*service)
-	}
-	if _, dup := s.services[name]; dup {
+	svc := s.services[name]
+	if svc != nil && svc.hasRcvr {
 		return fmt.Errorf("rpc: Register: service %q already defined", name)
 	}
-	s.services[name] = svc
+	if svc != nil {
+		for m := range methods {
+			if svc.methods[m] != nil {
+				return fmt.Errorf("rpc: Register: method %q already defined", name+"."+m)
+			}
+		}
+	}
+	svc = s.serviceLocked(name)
+	svc.hasRcvr = true
+	for m, mt := range methods {
+		svc.methods[m] = mt
+	}
 	return nil
 }
 
-// methodShape recognises the accepted method signatures.
-func methodShape(m reflect.Method) (*method, bool) {
+// RegisterUnary publishes f as the unary method serviceMethod
+// ("Service.Method"). The server calls f directly, without reflection,
+// with a new *A decoded from the request and a new *R whose value is sent
+// as the reply when f returns nil (maps and slices in R start empty, not
+// nil, as with RegisterName). On the wire the method is indistinguishable
+// from a receiver's method of the same shape, and it may share its service
+// name with a receiver and other functions.
+//
+// It returns an error if serviceMethod is not of the form "Service.Method",
+// is already published, if f is nil, or if A is an interface type or holds
+// a map that gob would size from the peer's count (see RegisterName). It
+// is safe for concurrent use, also with calls being served.
+func RegisterUnary[A, R any](s *Server, serviceMethod string, f func(ctx context.Context, args *A, reply *R) error) error {
+	if f == nil {
+		return fmt.Errorf("rpc: RegisterUnary %s: nil function", serviceMethod)
+	}
+	return s.registerFunc("RegisterUnary", serviceMethod, &method{
+		argType:   reflect.TypeFor[A](),
+		replyType: reflect.TypeFor[R](),
+		call: func(ctx context.Context, args, reply any) error {
+			return f(ctx, args.(*A), reply.(*R))
+		},
+	})
+}
+
+// RegisterStream publishes f as the streaming method serviceMethod
+// ("Service.Method"). The server calls f directly, without reflection, in
+// the stream's own goroutine, with the stream's context, a new *A decoded
+// from the request and the Stream; f runs until the stream should end, and
+// its result ends the stream as for a receiver's streaming method (EOS for
+// nil, else the error's text). Calling f without reflection keeps the
+// stack of a long-lived stream small.
+//
+// Errors and concurrency are as for RegisterUnary.
+func RegisterStream[A any](s *Server, serviceMethod string, f func(ctx context.Context, args *A, st Stream) error) error {
+	if f == nil {
+		return fmt.Errorf("rpc: RegisterStream %s: nil function", serviceMethod)
+	}
+	return s.registerFunc("RegisterStream", serviceMethod, &method{
+		argType: reflect.TypeFor[A](),
+		stream: func(ctx context.Context, args any, st Stream) error {
+			return f(ctx, args.(*A), st)
+		},
+	})
+}
+
+// registerFunc publishes a method built by RegisterUnary or RegisterStream.
+func (s *Server) registerFunc(op, serviceMethod string, m *method) error {
+	dot := strings.LastIndex(serviceMethod, ".")
+	if dot <= 0 || dot == len(serviceMethod)-1 {
+		return fmt.Errorf("rpc: %s: %q is not of the form \"Service.Method\"", op, serviceMethod)
+	}
+	if m.argType.Kind() == reflect.Interface {
+		return fmt.Errorf("rpc: %s %s: argument type %v is an interface", op, serviceMethod, m.argType)
+	}
+	if err := checkArgType(m.argType); err != nil {
+		return fmt.Errorf("rpc: %s %s: argument %w", op, serviceMethod, err)
+	}
+	name, mname := serviceMethod[:dot], serviceMethod[dot+1:]
+	s.svcMu.Lock()
+	defer s.svcMu.Unlock()
+	if svc := s.services[name]; svc != nil && svc.methods[mname] != nil {
+		return fmt.Errorf("rpc: %s: method %q already defined", op, serviceMethod)
+	}
+	s.serviceLocked(name).methods[mname] = m
+	return nil
+}
+
+// serviceLocked returns the service called name, creating it. s.svcMu must
+// be held for writing.
+func (s *Server) serviceLocked(name string) *service {
+	if s.services == nil {
+		s.services = make(map[string]*service)
+	}
+	svc := s.services[name]
+	if svc == nil {
+		svc = &service{methods: make(map[string]*method)}
+		s.services[name] = svc
+	}
+	return svc
+}
+
+// reflectMethod recognises the accepted method signatures and returns a
+// method that calls m on rcvr through reflection.
+func reflectMethod(rcvr reflect.Value, m reflect.Method) (*method, bool) {
 	if !m.IsExported() {
 		return nil, false
 	}
@@ -140,12 +240,12 @@ func methodShape(m reflect.Method) (*method, bool) {
 	for i := 1; i < t.NumIn(); i++ {
 		in = append(in, t.In(i))
 	}
-	mt := &method{fn: m.Func}
+	withCtx := false
 	if len(in) == 3 {
 		if in[0] != ctxType {
 			return nil, false
 		}
-		mt.withCtx = true
+		withCtx = true
 		in = in[1:]
 	}
 	if len(in) != 2 {
@@ -155,16 +255,34 @@ func methodShape(m reflect.Method) (*method, bool) {
 	if arg.Kind() == reflect.Interface || !exportedOrBuiltin(arg) {
 		return nil, false
 	}
-	if arg.Kind() == reflect.Pointer {
-		mt.argType, mt.argIsPtr = arg.Elem(), true
-	} else {
-		mt.argType = arg
+	mt := &method{argType: arg}
+	argIsPtr := arg.Kind() == reflect.Pointer
+	if argIsPtr {
+		mt.argType = arg.Elem()
+	}
+	fn := m.Func
+	invoke := func(ctx context.Context, args, last any) error {
+		in := make([]reflect.Value, 0, 4)
+		in = append(in, rcvr)
+		if withCtx {
+			in = append(in, reflect.ValueOf(ctx))
+		}
+		argv := reflect.ValueOf(args)
+		if !argIsPtr {
+			argv = argv.Elem()
+		}
+		in = append(in, argv, reflect.ValueOf(last))
+		if e := fn.Call(in)[0].Interface(); e != nil {
+			return e.(error)
+		}
+		return nil
 	}
 	switch {
 	case last == streamType:
-		mt.stream = true
+		mt.stream = func(ctx context.Context, args any, st Stream) error { return invoke(ctx, args, st) }
 	case last.Kind() == reflect.Pointer && exportedOrBuiltin(last):
 		mt.replyType = last.Elem()
+		mt.call = invoke
 	default:
 		return nil, false
 	}
@@ -178,22 +296,22 @@ func exportedOrBuiltin(t reflect.Type) bool {
 	return token.IsExported(t.Name()) || t.PkgPath() == ""
 }
 
-func (s *Server) lookup(serviceMethod string) (*service, *method, error) {
+func (s *Server) lookup(serviceMethod string) (*method, error) {
 	dot := strings.LastIndex(serviceMethod, ".")
 	if dot < 0 {
-		return nil, nil, fmt.Errorf("rpc: service/method request ill-formed: %q", serviceMethod)
+		return nil, fmt.Errorf("rpc: service/method request ill-formed: %q", serviceMethod)
 	}
 	s.svcMu.RLock()
+	defer s.svcMu.RUnlock()
 	svc := s.services[serviceMethod[:dot]]
-	s.svcMu.RUnlock()
 	if svc == nil {
-		return nil, nil, fmt.Errorf("rpc: can't find service %q", serviceMethod)
+		return nil, fmt.Errorf("rpc: can't find service %q", serviceMethod)
 	}
 	m := svc.methods[serviceMethod[dot+1:]]
 	if m == nil {
-		return nil, nil, fmt.Errorf("rpc: can't find method %q", serviceMethod)
+		return nil, fmt.Errorf("rpc: can't find method %q", serviceMethod)
 	}
-	return svc, m, nil
+	return m, nil
 }
 
 func (s *Server) maxMessageSize() int {
