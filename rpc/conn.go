@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"reflect"
+	"runtime"
 	"runtime/debug"
 	"sync"
 )
@@ -345,21 +346,38 @@ func (c *serverConn) enqueueLocked(q *outQueue, r response) {
 	}
 }
 
-// writeLoop is the connection's only writer. It flushes whenever it has
-// nothing more to write, and ends the connection on a write error.
+// writeLoop is the connection's only writer. It writes the ready replies
+// one from each call in turn, flushes when none is left, and ends the
+// connection on a write error.
+//
+// Before a flush it yields the processor once (runtime.Gosched) and looks
+// again. One event often wakes many handlers of a connection at once (a
+// change fanned out to its streams); each queues its reply a moment later,
+// and without the yield each reply would cost a write syscall of its own
+// (and a wake-up of the peer's reader). With it, the replies of handlers
+// that were already runnable share the flush. At most one yield precedes a
+// flush, so a lone reply waits only for that yield, which returns at once
+// when nothing else is runnable.
 func (c *serverConn) writeLoop() {
 	defer close(c.writerDone)
+	yielded := false // since the last flush
 	for {
 		c.mu.Lock()
 		for len(c.ready) == 0 && !c.dead {
 			c.mu.Unlock()
-			if err := c.codec.flush(); err != nil {
-				c.shutdown(fmt.Errorf("writing: %w", err))
-				return
-			}
-			select {
-			case <-c.wake:
-			case <-c.ctx.Done():
+			if !yielded {
+				runtime.Gosched()
+				yielded = true
+			} else {
+				if err := c.codec.flush(); err != nil {
+					c.shutdown(fmt.Errorf("writing: %w", err))
+					return
+				}
+				yielded = false
+				select {
+				case <-c.wake:
+				case <-c.ctx.Done():
+				}
 			}
 			c.mu.Lock()
 		}
