@@ -147,7 +147,7 @@ func New(a Agent, opts Options) (*Server, error) {
 		conns:   make(map[uint64]*connState),
 		metrics: newMetrics(a),
 	}
-	if err := rs.RegisterName("Agent", &rpcAgent{s: s}); err != nil {
+	if err := s.registerRPC(rs); err != nil {
 		cancel()
 		return nil, fmt.Errorf("server: register rpc receiver: %w", err)
 	}
