@@ -80,7 +80,14 @@ func serveBytes(t *testing.T, codec rpc.Codec, data []byte) {
 	srv := rpc.NewServer()
 	srv.MaxMessageSize = 64 << 10
 	srv.Logger = slog.New(slog.DiscardHandler)
-	if err := srv.Register(FuzzSvc{}); err != nil {
+	// The same methods as typed functions, in the same service.
+	err := errors.Join(
+		srv.Register(FuzzSvc{}),
+		rpc.RegisterUnary(srv, "FuzzSvc.EchoFn", FuzzSvc{}.Echo),
+		rpc.RegisterStream(srv, "FuzzSvc.CountFn", FuzzSvc{}.Count),
+		rpc.RegisterStream(srv, "FuzzSvc.WaitFn", FuzzSvc{}.Wait),
+	)
+	if err != nil {
 		t.Fatal(err)
 	}
 	srv.ServeConn(byteConn{bytes.NewReader(data), io.Discard}, codec)
@@ -109,12 +116,14 @@ func fuzzSeeds(t *testing.T) map[string]map[string][]byte {
 			"stream":  gobConv(wireRequest{"FuzzSvc.Count", 1}, args, wireRequest{"FuzzSvc.Wait", 2}, args, wireRequest{"CloseStream", 2}, struct{}{}),
 			"unknown": gobConv(wireRequest{"FuzzSvc.Nope", 1}, args, wireRequest{"Nope", 2}, 7, wireRequest{"FuzzSvc.Echo", 3}, FuzzArgs{}),
 			"mixed":   gobConv(wireRequest{"FuzzSvc.Wait", 1}, args, wireRequest{"FuzzSvc.Echo", 2}, args, wireRequest{"CloseStream", 9}, struct{}{}, wireRequest{"CloseStream", 1}, struct{}{}),
+			"typed":   gobConv(wireRequest{"FuzzSvc.EchoFn", 1}, args, wireRequest{"FuzzSvc.CountFn", 2}, args, wireRequest{"FuzzSvc.WaitFn", 3}, args, wireRequest{"CloseStream", 3}, struct{}{}),
 		},
 		"FuzzJSONServerCodec": {
 			"unary":   []byte(`{"method":"FuzzSvc.Echo","params":[{"N":3,"S":"s","List":["a"],"Attrs":{"k":"v"},"Inner":{"M":{"x":1}}}],"id":1}` + "\n" + `{"method":"FuzzSvc.Fail","params":[{}],"id":"two"}` + "\n"),
 			"stream":  []byte(`{"method":"FuzzSvc.Count","params":[{"N":3}],"id":1}` + "\n" + `{"method":"FuzzSvc.Wait","params":[{}],"id":[2]}` + "\n" + `{"method":"CloseStream","params":[],"id":[2]}` + "\n"),
 			"unknown": []byte(`{"method":"FuzzSvc.Nope","params":[{}],"id":1}{"method":"Nope","id":null}{"method":"FuzzSvc.Echo","params":{"N":1},"id":3}`),
 			"bad":     []byte(`{"method":"FuzzSvc.Echo","params":[{"N":"x"}],"id":1}` + "\n" + `{"method":"FuzzSvc.Echo","params":[1,2,3],"id":2}` + "\n"),
+			"typed":   []byte(`{"method":"FuzzSvc.EchoFn","params":[{"N":3,"Attrs":{"k":"v"}}],"id":1}` + "\n" + `{"method":"FuzzSvc.CountFn","params":[{"N":3}],"id":2}` + "\n" + `{"method":"FuzzSvc.WaitFn","params":[{"N":"x"}],"id":3}` + "\n" + `{"method":"FuzzSvc.WaitFn","params":[{}],"id":4}` + "\n" + `{"method":"CloseStream","params":[],"id":4}` + "\n"),
 		},
 	}
 }
