@@ -41,6 +41,8 @@ import (
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap/zapcore"
+	"google.golang.org/grpc"
+	grpcbackoff "google.golang.org/grpc/backoff"
 
 	"github.com/flynn/discoverd/api"
 	"github.com/flynn/discoverd/backend"
@@ -72,25 +74,26 @@ type Config struct {
 // Backend is a backend.Backend on etcd v3. Its methods are safe for
 // concurrent use.
 type Backend struct {
-	client *clientv3.Client
-	prefix string
-	ttl    int64 // lease TTL in seconds
-	dial   time.Duration
-	log    *slog.Logger
+	client  *clientv3.Client
+	prefix  string
+	ttl     int64         // lease TTL in seconds
+	dial    time.Duration // Config.DialTimeout
+	attempt time.Duration // bound on each store call of the lease keeper
+	log     *slog.Logger
 
 	ctx    context.Context // cancelled by Close and Abandon
 	cancel context.CancelFunc
 	wg     sync.WaitGroup // the lease keeper
 
-	lost chan struct{} // a writer saw the lease missing; capacity 1
+	lost chan struct{} // a writer found the lease missing; capacity 1
 
 	mu       sync.Mutex
 	closed   bool
-	lease    clientv3.LeaseID // 0 while the lease is being renewed
+	lease    clientv3.LeaseID // 0 while a lost lease is being replaced
 	ready    chan struct{}    // closed when lease != 0
-	inflight int              // writers admitted on the current lease
-	drained  chan struct{}    // closed when inflight drops to 0 (renewal waits)
+	pending  clientv3.LeaseID // granted by the keeper, not yet published as lease
 	regs     map[string]*reg  // remembered registrations, by key
+	keyLocks map[string]*keyLock
 	streams  map[*stream]struct{}
 	leases   uint64 // leases granted since Open (Open's, then each renewal)
 }
@@ -110,10 +113,13 @@ type reg struct {
 // Timeouts of internal operations.
 const (
 	defaultDialTimeout = 5 * time.Second
-	revokeTimeout      = 2 * time.Second // Close's bound on revoking the lease
-	maxBackoff         = 2 * time.Second // between retries of lease renewal and stream resync
-	restoreBatch       = 64              // puts per transaction when restoring registrations (etcd allows 128)
-	streamBuffer       = 16              // events queued per stream
+	revokeTimeout      = 2 * time.Second        // Close's bound on revoking the lease
+	maxResyncBackoff   = time.Second            // between retries of a stream's resync
+	maxRenewBackoff    = 250 * time.Millisecond // between the keeper's retries (each call waits for a connection)
+	maxReconnectDelay  = time.Second            // cap of gRPC's reconnect backoff (also ≤ TTL/4)
+	minAttempt         = 500 * time.Millisecond // floor of the keeper's per-call bound (else TTL/2, ≤ DialTimeout)
+	restoreBatch       = 64                     // puts per transaction when restoring registrations (etcd allows 128)
+	streamBuffer       = 16                     // events queued per stream
 )
 
 // Open connects to etcd, grants the backend's lease and starts keeping it
@@ -140,26 +146,45 @@ func Open(ctx context.Context, cfg Config) (*Backend, error) {
 		cfg.Logger = slog.Default()
 	}
 	log := cfg.Logger.With("component", "etcd")
+	ttl := max(1, int64(math.Ceil(cfg.TTL.Seconds())))
+	// gRPC's default reconnect backoff grows to 2 minutes: after an
+	// outage of a few TTLs the client would reach etcd seconds after it is
+	// back, and the old lease, which etcd extends by a TTL when it elects
+	// a leader, would expire before the registrations are moved off it.
+	// Retrying at least every TTL/4 (at most 1 s) costs a refused
+	// connection per endpoint and retry while etcd is down.
+	reconnect := min(maxReconnectDelay, time.Duration(ttl)*time.Second/4)
 	client, err := clientv3.New(clientv3.Config{
 		Endpoints:            cfg.Endpoints,
 		DialTimeout:          cfg.DialTimeout,
 		DialKeepAliveTime:    10 * time.Second,
 		DialKeepAliveTimeout: 5 * time.Second,
-		Logger:               zapLogger(log, zapcore.ErrorLevel, nil),
+		DialOptions: []grpc.DialOption{grpc.WithConnectParams(grpc.ConnectParams{
+			Backoff: grpcbackoff.Config{
+				BaseDelay:  min(100*time.Millisecond, reconnect),
+				Multiplier: 1.6,
+				Jitter:     0.2,
+				MaxDelay:   reconnect,
+			},
+			MinConnectTimeout: cfg.DialTimeout,
+		})},
+		Logger: zapLogger(log, zapcore.ErrorLevel, nil),
 	})
 	if err != nil {
 		return nil, fmt.Errorf("etcd: connecting to %v: %w", cfg.Endpoints, err)
 	}
 	b := &Backend{
-		client:  client,
-		prefix:  cfg.Prefix,
-		ttl:     max(1, int64(math.Ceil(cfg.TTL.Seconds()))),
-		dial:    cfg.DialTimeout,
-		log:     log,
-		lost:    make(chan struct{}, 1),
-		ready:   make(chan struct{}),
-		regs:    make(map[string]*reg),
-		streams: make(map[*stream]struct{}),
+		client:   client,
+		prefix:   cfg.Prefix,
+		ttl:      ttl,
+		dial:     cfg.DialTimeout,
+		attempt:  min(cfg.DialTimeout, max(minAttempt, time.Duration(ttl)*time.Second/2)),
+		log:      log,
+		lost:     make(chan struct{}, 1),
+		ready:    make(chan struct{}),
+		regs:     make(map[string]*reg),
+		keyLocks: make(map[string]*keyLock),
+		streams:  make(map[*stream]struct{}),
 	}
 	gctx, cancel := context.WithTimeout(ctx, cfg.DialTimeout)
 	lease, err := client.Grant(gctx, b.ttl)
@@ -181,10 +206,13 @@ func Open(ctx context.Context, cfg Config) (*Backend, error) {
 // remembers it so that it is stored again if the lease is lost and
 // renewed. When the backend already stored the same attributes for
 // name/addr, it writes nothing (a heartbeat). It blocks until etcd
-// acknowledges the write or ctx is done; while the lease is being renewed
-// it waits for the renewal. On error the backend keeps what it held
-// before (a new registration is forgotten, but the write may have reached
-// the store: it then lives until the lease ends). It returns
+// acknowledges the write on the backend's current lease, or ctx is done:
+// while a lost lease is being replaced it waits for the new one, and if
+// the lease is replaced while its write is in flight it writes again on
+// the new lease (the first write may have landed on the old one). Calls
+// for the same name/addr are serialised. On error the backend keeps what
+// it held before (a new registration is forgotten, but the write may have
+// reached the store: it then lives until the lease ends). It returns
 // backend.ErrClosed after Close.
 func (b *Backend) Register(ctx context.Context, name, addr string, attrs map[string]string) error {
 	key, err := b.key(name, addr)
@@ -197,51 +225,74 @@ func (b *Backend) Register(ctx context.Context, name, addr string, attrs map[str
 	}
 	ctx, cancel := b.opContext(ctx)
 	defer cancel()
-	for {
-		lease, err := b.acquire(ctx)
-		if err != nil {
-			return b.opError("register", name, addr, err)
-		}
-		b.mu.Lock()
-		prev := b.regs[key]
-		if prev != nil && prev.stored && prev.val == val {
-			b.mu.Unlock()
-			b.release()
-			return nil
-		}
-		next := &reg{val: val}
-		b.regs[key] = next
-		b.mu.Unlock()
+	unlock, err := b.lockKey(ctx, key)
+	if err != nil {
+		return b.opError("register", name, addr, err)
+	}
+	defer unlock()
 
-		_, err = b.client.Put(ctx, key, val, clientv3.WithLease(lease))
-
-		b.mu.Lock()
-		switch {
-		case err == nil:
-			next.stored = b.regs[key] == next
-		case b.regs[key] == next && prev == nil:
-			delete(b.regs, key)
-		case b.regs[key] == next:
-			b.regs[key] = &reg{val: prev.val} // not known to be stored any more
-		}
+	lease, err := b.lockLease(ctx)
+	if err != nil {
+		return b.opError("register", name, addr, err)
+	}
+	prev := b.regs[key]
+	if prev != nil && prev.stored && prev.val == val {
 		b.mu.Unlock()
-		b.release()
-		if errors.Is(err, rpctypes.ErrLeaseNotFound) {
-			b.leaseLost(lease)
-			continue // wait for the new lease, then write again
-		}
-		if err != nil {
-			return b.opError("register", name, addr, err)
-		}
 		return nil
 	}
+	// Remembered before the write: a renewal that starts meanwhile
+	// restores this value, and a renewal in progress sees the change
+	// before it publishes its lease.
+	next := &reg{val: val}
+	b.regs[key] = next
+	for {
+		b.mu.Unlock()
+		_, err = b.client.Put(ctx, key, val, clientv3.WithLease(lease))
+		b.mu.Lock()
+		if err == nil && b.lease == lease {
+			// The lease was current from before the write to after it: a
+			// renewal, if one follows, restores next after this write.
+			next.stored = true
+			b.mu.Unlock()
+			return nil
+		}
+		replaced := b.lease != lease
+		next.stored = false
+		b.mu.Unlock()
+		if errors.Is(err, rpctypes.ErrLeaseNotFound) {
+			b.leaseLost(lease)
+			replaced = true
+		}
+		if !replaced {
+			break
+		}
+		// The lease was declared lost during the write. The renewal may
+		// have restored next before this write reached the store, moving
+		// the key back onto the old lease (or it failed on it): write
+		// again on the new lease.
+		if lease, err = b.lockLease(ctx); err != nil {
+			break
+		}
+	}
+	b.mu.Lock()
+	if b.regs[key] == next { // always, under the key lock; for clarity
+		if prev == nil {
+			delete(b.regs, key)
+		} else {
+			b.regs[key] = &reg{val: prev.val} // not known to be stored any more
+		}
+	}
+	b.mu.Unlock()
+	return b.opError("register", name, addr, err)
 }
 
 // Unregister forgets name/addr and deletes it from the store. Removing a
 // registration that does not exist is not an error. It blocks until etcd
-// acknowledges the delete or ctx is done; on error the key may remain in
-// the store until the backend's lease ends. It returns backend.ErrClosed
-// after Close.
+// acknowledges the delete or ctx is done; it does not wait for a lost
+// lease to be replaced (the renewal does not restore what was forgotten).
+// On error the key may remain in the store until the lease it is on ends.
+// Calls for the same name/addr are serialised. It returns
+// backend.ErrClosed after Close.
 func (b *Backend) Unregister(ctx context.Context, name, addr string) error {
 	key, err := b.key(name, addr)
 	if err != nil {
@@ -249,15 +300,18 @@ func (b *Backend) Unregister(ctx context.Context, name, addr string) error {
 	}
 	ctx, cancel := b.opContext(ctx)
 	defer cancel()
-	b.mu.Lock()
-	delete(b.regs, key)
-	b.mu.Unlock()
-	// Deleting as a writer on the lease orders the delete after a renewal
-	// in progress, which might otherwise put the key back.
-	if _, err := b.acquire(ctx); err != nil {
+	unlock, err := b.lockKey(ctx, key)
+	if err != nil {
 		return b.opError("unregister", name, addr, err)
 	}
-	defer b.release()
+	defer unlock()
+	b.mu.Lock()
+	if b.closed {
+		b.mu.Unlock()
+		return backend.ErrClosed
+	}
+	delete(b.regs, key)
+	b.mu.Unlock()
 	if _, err := b.client.Delete(ctx, key); err != nil {
 		return b.opError("unregister", name, addr, err)
 	}
@@ -312,21 +366,24 @@ func (b *Backend) shutdown(revoke bool) error {
 	b.cancel()
 	b.wg.Wait()
 
-	var err error
+	var errs []error
 	b.mu.Lock()
-	lease := b.lease
+	leases := []clientv3.LeaseID{b.lease, b.pending} // the keeper has stopped
 	b.mu.Unlock()
-	if revoke && lease != 0 {
+	for _, lease := range leases {
+		if !revoke || lease == 0 {
+			continue
+		}
 		ctx, cancel := context.WithTimeout(context.Background(), revokeTimeout)
-		if _, rerr := b.client.Revoke(ctx, lease); rerr != nil && !errors.Is(rerr, rpctypes.ErrLeaseNotFound) {
-			err = fmt.Errorf("etcd: revoking lease %x (registrations expire after the TTL): %w", int64(lease), rerr)
+		if _, err := b.client.Revoke(ctx, lease); err != nil && !errors.Is(err, rpctypes.ErrLeaseNotFound) {
+			errs = append(errs, fmt.Errorf("etcd: revoking lease %x (registrations expire after the TTL): %w", int64(lease), err))
 		}
 		cancel()
 	}
-	if cerr := b.client.Close(); cerr != nil && err == nil && !errors.Is(cerr, context.Canceled) {
-		err = fmt.Errorf("etcd: closing client: %w", cerr)
+	if err := b.client.Close(); err != nil && !errors.Is(err, context.Canceled) {
+		errs = append(errs, fmt.Errorf("etcd: closing client: %w", err))
 	}
-	return err
+	return errors.Join(errs...)
 }
 
 // SessionState reports whether the backend holds a lease now and how many
@@ -369,10 +426,9 @@ func (b *Backend) opError(op, name, addr string, err error) error {
 	return fmt.Errorf("etcd: %s %s %s: %w", op, name, addr, err)
 }
 
-// acquire waits until the backend holds a lease and admits the caller as a
-// writer on it; the caller must release. It fails with backend.ErrClosed
-// or ctx's error.
-func (b *Backend) acquire(ctx context.Context) (clientv3.LeaseID, error) {
+// lockLease waits until the backend holds a lease and returns it with b.mu
+// held. It fails, without b.mu, with backend.ErrClosed or ctx's error.
+func (b *Backend) lockLease(ctx context.Context) (clientv3.LeaseID, error) {
 	for {
 		b.mu.Lock()
 		if b.closed {
@@ -380,10 +436,7 @@ func (b *Backend) acquire(ctx context.Context) (clientv3.LeaseID, error) {
 			return 0, backend.ErrClosed
 		}
 		if b.lease != 0 {
-			b.inflight++
-			lease := b.lease
-			b.mu.Unlock()
-			return lease, nil
+			return b.lease, nil
 		}
 		ready := b.ready
 		b.mu.Unlock()
@@ -398,156 +451,39 @@ func (b *Backend) acquire(ctx context.Context) (clientv3.LeaseID, error) {
 	}
 }
 
-func (b *Backend) release() {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	b.inflight--
-	if b.inflight == 0 && b.drained != nil {
-		close(b.drained)
-		b.drained = nil
-	}
+// keyLock serialises the writers (Register, Unregister) of one key, so
+// that each starts from the outcome of the one before and a retried write
+// never overtakes a later call. It is a channel so that waiting for it
+// honours a context.
+type keyLock struct {
+	ch   chan struct{} // capacity 1: full while held
+	refs int           // holder and waiters; guarded by Backend.mu
 }
 
-// leaseLost marks lease as lost, if it is still the current one, and wakes
-// the keeper. Writers then wait for the renewal.
-func (b *Backend) leaseLost(lease clientv3.LeaseID) {
+// lockKey acquires key's lock, waiting at most until ctx is done.
+func (b *Backend) lockKey(ctx context.Context, key string) (unlock func(), err error) {
 	b.mu.Lock()
-	defer b.mu.Unlock()
-	if b.lease != lease || lease == 0 {
-		return
+	l := b.keyLocks[key]
+	if l == nil {
+		l = &keyLock{ch: make(chan struct{}, 1)}
+		b.keyLocks[key] = l
 	}
-	b.lease = 0
-	b.ready = make(chan struct{})
-	select {
-	case b.lost <- struct{}{}:
-	default:
-	}
-}
-
-// keep is the lease keeper, the backend's one goroutine. It keeps the
-// current lease alive and, when the lease is lost, renews it and restores
-// every remembered registration, until Close.
-func (b *Backend) keep(lease clientv3.LeaseID) {
-	defer b.wg.Done()
-	for {
-		b.keepAlive(lease)
-		if b.ctx.Err() != nil {
-			return
-		}
-		b.leaseLost(lease)
+	l.refs++
+	b.mu.Unlock()
+	release := func() {
 		b.mu.Lock()
-		select { // a writer's signal for this same loss
-		case <-b.lost:
-		default:
+		if l.refs--; l.refs == 0 {
+			delete(b.keyLocks, key)
 		}
-		n := len(b.regs)
 		b.mu.Unlock()
-		b.log.Warn("etcd lease lost; renewing it and restoring registrations", "lease", fmt.Sprintf("%x", int64(lease)), "registrations", n)
-		if lease = b.renew(); lease == 0 {
-			return
-		}
 	}
-}
-
-// keepAlive returns when lease is lost (it expired or was revoked, or the
-// client stopped hearing from etcd for the TTL) or the backend closes.
-func (b *Backend) keepAlive(lease clientv3.LeaseID) {
-	ctx, cancel := context.WithCancel(b.ctx)
-	defer cancel()
-	ch, err := b.client.KeepAlive(ctx, lease)
-	if err != nil {
-		b.log.Warn("etcd lease keepalive failed", "error", err)
-		return
+	select {
+	case l.ch <- struct{}{}:
+		return func() { <-l.ch; release() }, nil
+	case <-ctx.Done():
+		release()
+		return nil, ctx.Err()
 	}
-	for {
-		select {
-		case _, ok := <-ch:
-			if !ok {
-				return
-			}
-		case <-b.lost:
-			return
-		}
-	}
-}
-
-// renew waits for the writers on the lost lease, then grants a new lease
-// and restores the registrations on it, retrying with backoff. It returns
-// the new lease, or 0 if the backend closed.
-func (b *Backend) renew() clientv3.LeaseID {
-	b.mu.Lock()
-	var drained chan struct{}
-	if b.inflight > 0 {
-		b.drained = make(chan struct{})
-		drained = b.drained
-	}
-	b.mu.Unlock()
-	if drained != nil {
-		select {
-		case <-drained:
-		case <-b.ctx.Done():
-			return 0
-		}
-	}
-	backoff := newBackoff()
-	for {
-		lease, n, err := b.restore()
-		if err == nil {
-			b.mu.Lock()
-			b.lease = lease
-			b.leases++
-			close(b.ready)
-			b.mu.Unlock()
-			b.log.Info("etcd lease renewed; registrations restored", "lease", fmt.Sprintf("%x", int64(lease)), "registrations", n)
-			return lease
-		}
-		if b.ctx.Err() != nil {
-			return 0
-		}
-		b.log.Warn("etcd lease renewal failed; retrying", "error", err)
-		if !backoff.wait(b.ctx) {
-			return 0
-		}
-	}
-}
-
-// restore grants a new lease and puts every remembered registration on it.
-// On error the new lease is revoked (best effort) and nothing is changed.
-func (b *Backend) restore() (clientv3.LeaseID, int, error) {
-	ctx, cancel := context.WithTimeout(b.ctx, max(b.dial, time.Duration(b.ttl)*time.Second))
-	defer cancel()
-	grant, err := b.client.Grant(ctx, b.ttl)
-	if err != nil {
-		return 0, 0, fmt.Errorf("granting a lease: %w", err)
-	}
-	b.mu.Lock()
-	keys := slices.Sorted(maps.Keys(b.regs))
-	regs := make([]*reg, len(keys))
-	for i, k := range keys {
-		regs[i] = b.regs[k]
-	}
-	b.mu.Unlock()
-	for start := 0; start < len(keys); start += restoreBatch {
-		end := min(start+restoreBatch, len(keys))
-		ops := make([]clientv3.Op, 0, end-start)
-		for i := start; i < end; i++ {
-			ops = append(ops, clientv3.OpPut(keys[i], regs[i].val, clientv3.WithLease(grant.ID)))
-		}
-		if _, err := b.client.Txn(ctx).Then(ops...).Commit(); err != nil {
-			rctx, rcancel := context.WithTimeout(context.Background(), revokeTimeout)
-			b.client.Revoke(rctx, grant.ID) // else it expires with the TTL
-			rcancel()
-			return 0, 0, fmt.Errorf("restoring registrations: %w", err)
-		}
-	}
-	b.mu.Lock()
-	for i, k := range keys {
-		if b.regs[k] == regs[i] {
-			regs[i].stored = true
-		}
-	}
-	b.mu.Unlock()
-	return grant.ID, len(keys), nil
 }
 
 // encodeAttrs returns attrs as a JSON object (keys sorted, so equal attrs
@@ -588,17 +524,19 @@ func byCreated(a, b backend.Instance) int {
 	return cmp.Or(cmp.Compare(a.Created, b.Created), strings.Compare(a.Addr, b.Addr))
 }
 
-// backoff is an exponential delay from 50 ms up to maxBackoff.
-type backoff struct{ d time.Duration }
+// backoff is an exponential delay from 50 ms up to a maximum.
+type backoff struct{ d, max time.Duration }
 
-func newBackoff() *backoff { return &backoff{d: 50 * time.Millisecond} }
+func newBackoff(limit time.Duration) *backoff {
+	return &backoff{d: min(50*time.Millisecond, limit), max: limit}
+}
 
 // wait sleeps for the current delay and doubles it; it returns false if
 // ctx is done first.
 func (b *backoff) wait(ctx context.Context) bool {
 	t := time.NewTimer(b.d)
 	defer t.Stop()
-	b.d = min(2*b.d, maxBackoff)
+	b.d = min(2*b.d, b.max)
 	select {
 	case <-t.C:
 		return true

@@ -131,7 +131,7 @@ func (s *stream) run(snapshot []backend.Instance) {
 	if !s.send(backend.Event{Type: backend.Current}) {
 		return
 	}
-	backoff := newBackoff()
+	backoff := newBackoff(maxResyncBackoff)
 	for {
 		err := s.watch()
 		if s.ctx.Err() != nil {
@@ -151,7 +151,7 @@ func (s *stream) run(snapshot []backend.Instance) {
 			}
 			s.b.log.Warn("etcd resync failed; retrying", "service", s.name, "error", err)
 		}
-		backoff = newBackoff()
+		backoff = newBackoff(maxResyncBackoff)
 	}
 }
 

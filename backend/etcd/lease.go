@@ -1,0 +1,281 @@
+package etcd
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"slices"
+	"time"
+
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	clientv3 "go.etcd.io/etcd/client/v3"
+)
+
+// The lease keeper. Its goroutine (keep) is the only one that declares
+// the lease lost after a silence and the only one that replaces it.
+//
+// A silent keepalive stream is not a lost lease: during a leader election
+// etcd answers nothing, for longer than a short TTL, yet the new leader
+// extends every lease by a TTL plus the election timeout. So when the
+// stream gives up, the keeper asks etcd (TimeToLive) and carries on with
+// the same lease if etcd still holds it. The lease is lost when etcd says
+// so, or when etcd has not answered for one more TTL after the stream
+// gave up.
+//
+// Replacing a lost lease never waits for the writers in flight on it (a
+// write blocked by an election can take etcd's request timeout, longer
+// than what is left of the old lease). Instead:
+//   - A writer remembers its value in regs before it writes. After its
+//     write it checks that the lease did not change; if it did, it writes
+//     again on the new lease (its first write may have moved the key back
+//     onto the old lease after the renewal restored it).
+//   - The renewal writes regs on the new lease until the store matches
+//     regs, checked under mu, and publishes the lease in that same
+//     critical section: a registration forgotten or changed while it ran
+//     (Unregister does not wait for the lease) is deleted or written again
+//     before anyone can see the new lease.
+
+// leaseLost marks lease as lost, if it is still the current one, and wakes
+// the keeper. Writers then wait for the renewal.
+func (b *Backend) leaseLost(lease clientv3.LeaseID) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.lease != lease || lease == 0 {
+		return
+	}
+	b.lease = 0
+	b.ready = make(chan struct{})
+	select {
+	case b.lost <- struct{}{}:
+	default:
+	}
+}
+
+func (b *Backend) currentLease() clientv3.LeaseID {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.lease
+}
+
+// keep is the lease keeper, the backend's one goroutine. It keeps the
+// current lease alive and, when the lease is lost, renews it and restores
+// every remembered registration, until Close.
+func (b *Backend) keep(lease clientv3.LeaseID) {
+	defer b.wg.Done()
+	ttl := time.Duration(b.ttl) * time.Second
+	expiry := time.Now().Add(ttl)
+	for {
+		expiry = b.keepAlive(lease, expiry)
+		if b.ctx.Err() != nil {
+			return
+		}
+		held, why := b.check(lease, &expiry)
+		if b.ctx.Err() != nil {
+			return
+		}
+		if held {
+			continue
+		}
+		b.leaseLost(lease)
+		b.mu.Lock()
+		select { // a writer's signal for this same loss
+		case <-b.lost:
+		default:
+		}
+		n := len(b.regs)
+		b.mu.Unlock()
+		b.log.Warn("etcd lease lost; renewing it and restoring registrations", "lease", leaseHex(lease), "registrations", n, "reason", why)
+		if lease = b.renew(); lease == 0 {
+			return
+		}
+		expiry = time.Now().Add(ttl)
+	}
+}
+
+// keepAlive keeps lease alive until the client's keepalive stream gives
+// up on it (no answer from etcd within the lease's TTL, or etcd answered
+// that it does not hold it), a writer finds it missing, or the backend
+// closes. It returns when the lease runs out by etcd's last answer
+// (expiry if there was none).
+func (b *Backend) keepAlive(lease clientv3.LeaseID, expiry time.Time) time.Time {
+	ctx, cancel := context.WithCancel(b.ctx)
+	defer cancel()
+	ch, err := b.client.KeepAlive(ctx, lease)
+	if err != nil {
+		b.log.Warn("etcd lease keepalive failed", "lease", leaseHex(lease), "error", err)
+		return expiry
+	}
+	for {
+		select {
+		case resp, ok := <-ch:
+			if !ok {
+				return expiry
+			}
+			expiry = time.Now().Add(time.Duration(resp.TTL) * time.Second)
+		case <-b.lost:
+			return expiry
+		}
+	}
+}
+
+// check asks etcd whether it still holds lease, retrying until etcd
+// answers or one TTL after *expiry (or now, if later) has passed. It
+// returns whether the lease is held (and then sets *expiry by etcd's
+// answer) and, if not, why it is taken for lost.
+func (b *Backend) check(lease clientv3.LeaseID, expiry *time.Time) (held bool, why string) {
+	if b.currentLease() != lease {
+		return false, "etcd refused a write on it: lease not found"
+	}
+	deadline := time.Now()
+	if expiry.After(deadline) {
+		deadline = *expiry
+	}
+	deadline = deadline.Add(time.Duration(b.ttl) * time.Second)
+	b.log.Warn("etcd lease keepalive interrupted; asking etcd whether it still holds the lease",
+		"lease", leaseHex(lease), "until", deadline.Format(time.RFC3339Nano))
+	backoff := newBackoff(maxRenewBackoff)
+	for {
+		ctx, cancel := context.WithTimeout(b.ctx, min(time.Until(deadline), b.attempt))
+		resp, err := b.client.TimeToLive(ctx, lease)
+		cancel()
+		switch {
+		case err == nil && resp.TTL > 0:
+			*expiry = time.Now().Add(time.Duration(resp.TTL) * time.Second)
+			b.log.Info("etcd lease still held; keeping it alive", "lease", leaseHex(lease), "ttl", time.Duration(resp.TTL)*time.Second)
+			return true, ""
+		case err == nil || errors.Is(err, rpctypes.ErrLeaseNotFound):
+			return false, "etcd no longer holds it"
+		case b.ctx.Err() != nil:
+			return false, "closing"
+		case b.currentLease() != lease:
+			return false, "etcd refused a write on it: lease not found"
+		case !time.Now().Before(deadline):
+			return false, fmt.Sprintf("etcd did not answer for a TTL after the keepalives stopped: %v", err)
+		}
+		if !backoff.wait(b.ctx) {
+			return false, "closing"
+		}
+	}
+}
+
+// renew grants a new lease and restores the registrations on it (see
+// restore), retrying with a short backoff: each attempt waits for a
+// connection, bounded by b.attempt. It returns the new lease, published,
+// or 0 if the backend closed.
+func (b *Backend) renew() clientv3.LeaseID {
+	backoff := newBackoff(maxRenewBackoff)
+	var lease clientv3.LeaseID
+	var written map[string]*reg // what the store holds on lease, by key
+	for failures := 0; ; failures++ {
+		err := b.renewOnce(&lease, &written, failures > 0)
+		if err == nil {
+			b.log.Info("etcd lease renewed; registrations restored", "lease", leaseHex(lease), "registrations", len(written))
+			return lease
+		}
+		if b.ctx.Err() != nil {
+			return 0
+		}
+		level := slog.LevelDebug
+		if failures == 0 {
+			level = slog.LevelWarn // once per loss: the store is down, retries would flood the log
+		}
+		b.log.Log(context.Background(), level, "etcd lease renewal failed; retrying", "error", err)
+		if !backoff.wait(b.ctx) {
+			return 0
+		}
+	}
+}
+
+// renewOnce is one attempt of renew. It grants a lease if *lease is 0;
+// on a retry it first checks that the lease granted before still lives
+// (and extends it), since restoring may have taken longer than its TTL.
+func (b *Backend) renewOnce(lease *clientv3.LeaseID, written *map[string]*reg, retry bool) error {
+	if *lease != 0 && retry {
+		ctx, cancel := context.WithTimeout(b.ctx, b.attempt)
+		_, err := b.client.KeepAliveOnce(ctx, *lease)
+		cancel()
+		if errors.Is(err, rpctypes.ErrLeaseNotFound) {
+			*lease = 0 // expired before the restore completed: start over
+		} else if err != nil {
+			return fmt.Errorf("extending the new lease: %w", err)
+		}
+	}
+	if *lease == 0 {
+		ctx, cancel := context.WithTimeout(b.ctx, b.attempt)
+		grant, err := b.client.Grant(ctx, b.ttl)
+		cancel()
+		if err != nil {
+			return fmt.Errorf("granting a lease: %w", err)
+		}
+		*lease, *written = grant.ID, make(map[string]*reg)
+		b.mu.Lock()
+		b.pending = grant.ID // for Close to revoke
+		b.mu.Unlock()
+	}
+	err := b.restore(*lease, *written)
+	if errors.Is(err, rpctypes.ErrLeaseNotFound) {
+		*lease = 0
+	}
+	return err
+}
+
+// restore makes the store hold every remembered registration on lease,
+// then publishes lease as the backend's. written is what the store holds
+// on lease already, by key; restore updates it. It writes in rounds: each
+// round puts what regs holds and written does not, and deletes what it
+// put earlier that regs no longer holds (a registration forgotten
+// meanwhile), until a check under b.mu finds nothing to do; the lease is
+// published in that critical section.
+func (b *Backend) restore(lease clientv3.LeaseID, written map[string]*reg) error {
+	for {
+		var (
+			ops  []clientv3.Op
+			keys []string
+			regs []*reg // nil: a delete
+		)
+		b.mu.Lock()
+		for _, k := range slices.Sorted(maps.Keys(b.regs)) {
+			if r := b.regs[k]; written[k] != r {
+				ops = append(ops, clientv3.OpPut(k, r.val, clientv3.WithLease(lease)))
+				keys, regs = append(keys, k), append(regs, r)
+			}
+		}
+		for _, k := range slices.Sorted(maps.Keys(written)) {
+			if b.regs[k] == nil {
+				ops = append(ops, clientv3.OpDelete(k))
+				keys, regs = append(keys, k), append(regs, nil)
+			}
+		}
+		if len(ops) == 0 {
+			for _, r := range b.regs {
+				r.stored = true
+			}
+			b.lease, b.pending = lease, 0
+			b.leases++
+			close(b.ready)
+			b.mu.Unlock()
+			return nil
+		}
+		b.mu.Unlock()
+		for start := 0; start < len(ops); start += restoreBatch {
+			end := min(start+restoreBatch, len(ops))
+			ctx, cancel := context.WithTimeout(b.ctx, b.attempt)
+			_, err := b.client.Txn(ctx).Then(ops[start:end]...).Commit()
+			cancel()
+			if err != nil {
+				return fmt.Errorf("restoring registrations: %w", err)
+			}
+			for i := start; i < end; i++ {
+				if regs[i] == nil {
+					delete(written, keys[i])
+				} else {
+					written[keys[i]] = regs[i]
+				}
+			}
+		}
+	}
+}
+
+func leaseHex(lease clientv3.LeaseID) string { return fmt.Sprintf("%x", int64(lease)) }
