@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"strings"
 	"testing"
 	"time"
@@ -421,12 +422,15 @@ func TestClusterMemberStopRestart(t *testing.T) {
 }
 
 // TestLeaseLostDuringOutage: the store is down for longer than the TTL, so
-// the backend's lease is lost; when the store is back, the backend takes a
-// new lease and puts its registrations back.
+// the backend gives its lease up; when the store is back, the backend
+// takes a new lease and puts its registrations back. A Register blocked
+// in its write on the old lease all along ends on the new lease, and a
+// registration removed during the outage (its delete failed) is not put
+// back by the renewal.
 func TestLeaseLostDuringOutage(t *testing.T) {
 	t.Parallel()
 	c := etcdtest.NewCluster(t, 1)
-	logs := &logWatch{msgs: make(chan string, 64)}
+	logs := &logWatch{msgs: make(chan string, 1024)}
 	ctx := ctxT(t)
 	b, err := etcd.Open(ctx, etcd.Config{Endpoints: c.Endpoints(), TTL: time.Second, Logger: slog.New(logs)})
 	if err != nil {
@@ -439,15 +443,42 @@ func TestLeaseLostDuringOutage(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	v := mustSubscribe(t, mustOpen(t, c.Endpoints(), time.Second), name)
+	v.waitFor("the registrations", func(got map[string]backend.Instance) bool { return len(got) == 3 })
 	cli := mustClient(t, c.Endpoints())
 	old := leaseOf(t, cli, etcd.DefaultPrefix+name+"/"+addr(0))
 
 	c.Member(0).Stop()
-	logs.waitFor(t, "etcd lease lost") // the client went a TTL without a keepalive answer
+	// A removal that cannot reach the store: the backend forgets addr(1)
+	// all the same, so the renewal must not store it again.
+	uctx, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
+	if err := b.Unregister(uctx, name, addr(1)); err == nil {
+		t.Fatal("Unregister with the store down = nil error")
+	}
+	cancel()
+	// No keepalive answer for a TTL: the backend asks etcd about the lease
+	// for another TTL, and meanwhile still writes on it. A write on the
+	// old lease, blocked (the client waits for a connection) until the
+	// store is back, after the lease has been given up.
+	logs.waitFor(t, "etcd lease keepalive interrupted")
+	blocked := make(chan error, 1)
+	go func() { blocked <- b.Register(ctx, name, addr(3), map[string]string{"i": "3"}) }()
+	logs.waitFor(t, "etcd lease lost")
+	if st := b.SessionState(); st.Live {
+		t.Errorf("SessionState after the lease was lost = %+v, want not live", st)
+	}
 	if err := c.Member(0).Restart(); err != nil {
 		t.Fatal(err)
 	}
 	logs.waitFor(t, "etcd lease renewed")
+	select {
+	case err := <-blocked:
+		if err != nil {
+			t.Fatalf("Register blocked across the renewal: %v", err)
+		}
+	case <-time.After(waitTimeout):
+		t.Fatalf("Register blocked across the renewal did not return within %v", waitTimeout)
+	}
 
 	lease := leaseOf(t, cli, etcd.DefaultPrefix+name+"/"+addr(0))
 	if lease == old {
@@ -457,21 +488,104 @@ func TestLeaseLostDuringOutage(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(resp.Kvs) != 3 {
-		t.Fatalf("%d registrations after the renewal, want 3", len(resp.Kvs))
-	}
+	onNew := map[string]bool{}
 	for _, kv := range resp.Kvs {
-		if clientv3.LeaseID(kv.Lease) != lease {
+		switch clientv3.LeaseID(kv.Lease) {
+		case lease:
+			onNew[strings.TrimPrefix(string(kv.Key), etcd.DefaultPrefix+name+"/")] = true
+		case old: // addr(1), until the old lease, extended by the restart, expires
+		default:
 			t.Errorf("%s on lease %x, want %x", kv.Key, kv.Lease, lease)
 		}
 	}
-	// The old lease is dead or dying; the new one is kept alive, and a
-	// clean Close still removes everything at once.
+	if want := map[string]bool{addr(0): true, addr(2): true, addr(3): true}; !maps.Equal(onNew, want) {
+		t.Errorf("on the new lease: %v, want %v", onNew, want)
+	}
+	if st := b.SessionState(); !st.Live || st.Established != 2 {
+		t.Errorf("SessionState after the renewal = %+v, want live, 2 established", st)
+	}
+	// The old lease is not kept alive: what is left on it goes.
+	v.waitFor("the removed registration gone and the blocked one stored", func(got map[string]backend.Instance) bool {
+		_, removed := got[addr(1)]
+		_, added := got[addr(3)]
+		return !removed && added && len(got) == 3
+	})
+	// A clean Close still removes everything at once.
 	if err := b.Close(); err != nil {
 		t.Fatalf("Close: %v", err)
 	}
 	if resp, err := cli.Get(ctx, etcd.DefaultPrefix+name+"/", clientv3.WithPrefix(), clientv3.WithCountOnly()); err != nil || resp.Count != 0 {
 		t.Fatalf("after Close: %v keys, err %v; want none", resp, err)
+	}
+}
+
+// TestLeaseKeptThroughQuorumLoss: the cluster loses its quorum (and its
+// leader) for longer than the TTL, so the backend's keepalives go
+// unanswered and the client gives up on them. etcd holds the lease all
+// along (no leader can expire it, and the next one extends it), so when
+// the quorum is back the backend goes on with the same lease: its keys
+// never leave the store and a subscriber sees no Delete.
+func TestLeaseKeptThroughQuorumLoss(t *testing.T) {
+	t.Parallel()
+	// TTL: how long the backend keeps asking etcd once the keepalives
+	// stopped; the test restarts a member within it. 5 s leaves room for
+	// a member restart and an election on a loaded machine.
+	const ttl = 5 * time.Second
+	c := etcdtest.NewCluster(t, 3)
+	logs := &logWatch{msgs: make(chan string, 1024)}
+	ctx := ctxT(t)
+	b, err := etcd.Open(ctx, etcd.Config{Endpoints: c.Endpoints(), TTL: ttl, Logger: slog.New(logs)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.Close() })
+	const name = "quorum"
+	for i := range 3 {
+		if err := b.Register(ctx, name, addr(i), nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	v := mustSubscribe(t, mustOpen(t, c.Endpoints(), ttl), name)
+	v.waitFor("the registrations", func(got map[string]backend.Instance) bool { return len(got) == 3 })
+	cli := mustClient(t, c.Endpoints())
+	old := leaseOf(t, cli, etcd.DefaultPrefix+name+"/"+addr(0))
+
+	leader := c.Leader()
+	if leader < 0 {
+		t.Fatal("no leader")
+	}
+	other := (leader + 1) % 3
+	c.Member(leader).Stop()
+	c.Member(other).Stop()
+	logs.waitFor(t, "etcd lease keepalive interrupted")
+	if err := c.Member(other).Restart(); err != nil {
+		t.Fatal(err)
+	}
+	logs.waitFor(t, "etcd lease still held", "etcd lease lost")
+
+	if st := b.SessionState(); !st.Live || st.Established != 1 {
+		t.Errorf("SessionState after the quorum came back = %+v, want live, 1 established", st)
+	}
+	// Writes go on, on the same lease.
+	if err := b.Register(ctx, name, addr(3), nil); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 4 {
+		if l := leaseOf(t, cli, etcd.DefaultPrefix+name+"/"+addr(i)); l != old {
+			t.Errorf("%s on lease %x, want the original %x", addr(i), l, old)
+		}
+	}
+	v.waitFor("the registration made after the quorum came back", func(got map[string]backend.Instance) bool {
+		_, ok := got[addr(3)]
+		return ok
+	})
+	for _, ev := range v.events {
+		if ev.Type == backend.Delete {
+			t.Errorf("subscriber saw %v %s", ev.Type, ev.Instance.Addr)
+		}
+	}
+	if err := c.Member(leader).Restart(); err != nil {
+		t.Fatal(err)
 	}
 }
 
@@ -490,7 +604,9 @@ func (l *logWatch) Handle(_ context.Context, r slog.Record) error {
 	return nil
 }
 
-func (l *logWatch) waitFor(tb testing.TB, prefix string) {
+// waitFor waits for a message starting with prefix, and fails tb if none
+// comes within waitTimeout or one starting with one of failOn comes first.
+func (l *logWatch) waitFor(tb testing.TB, prefix string, failOn ...string) {
 	tb.Helper()
 	timer := time.NewTimer(waitTimeout)
 	defer timer.Stop()
@@ -499,6 +615,11 @@ func (l *logWatch) waitFor(tb testing.TB, prefix string) {
 		case m := <-l.msgs:
 			if strings.HasPrefix(m, prefix) {
 				return
+			}
+			for _, f := range failOn {
+				if strings.HasPrefix(m, f) {
+					tb.Fatalf("log message %q while waiting for %q", m, prefix)
+				}
 			}
 		case <-timer.C:
 			tb.Fatalf("no log message %q within %v", prefix, waitTimeout)
