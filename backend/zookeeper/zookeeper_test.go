@@ -43,13 +43,14 @@ func run(m *testing.M) int {
 			return 1
 		}
 		srv = s
-		defer s.Close()
 	}
 	code := m.Run()
+	if srv != nil {
+		srv.Close() // before the leak check: its process-wait goroutine is ours
+	}
 	if code != 0 {
 		return code
 	}
-	srv.Close() // before the leak check: its process-wait goroutine is ours
 	if err := goleak.Find(); err != nil {
 		fmt.Fprintf(os.Stderr, "goleak: %v\n", err)
 		return 1
