@@ -20,7 +20,10 @@
 // TTL and heartbeats cost the store one keepalive per TTL/3, whatever the
 // number of registrations. An instance's Created is the key's
 // CreateRevision: attribute updates (puts on an existing key) keep it, and
-// a later registration has a larger one.
+// a later registration has a larger one. Concurrent writes share etcd
+// transactions (a Backend sends at most a few at once, each holding
+// whatever writes were waiting), so registrations made at the same time
+// may have equal Created.
 package etcd
 
 import (
@@ -84,6 +87,7 @@ type Backend struct {
 	ctx    context.Context // cancelled by Close and Abandon
 	cancel context.CancelFunc
 	wg     sync.WaitGroup // the lease keeper
+	writes *batcher       // Register's puts and Unregister's deletes
 
 	lost chan struct{} // a writer found the lease missing; capacity 1
 
@@ -199,6 +203,7 @@ func Open(ctx context.Context, cfg Config) (*Backend, error) {
 	b.ctx, b.cancel = context.WithCancel(context.Background())
 	b.wg.Add(1)
 	go b.keep(lease.ID)
+	b.writes = newBatcher(b.ctx, b.commit, batchWriters, batchOps, batchBytes, batchQueue)
 	return b, nil
 }
 
@@ -210,10 +215,13 @@ func Open(ctx context.Context, cfg Config) (*Backend, error) {
 // while a lost lease is being replaced it waits for the new one, and if
 // the lease is replaced while its write is in flight it writes again on
 // the new lease (the first write may have landed on the old one). Calls
-// for the same name/addr are serialised. On error the backend keeps what
-// it held before (a new registration is forgotten, but the write may have
-// reached the store: it then lives until the lease ends). It returns
-// backend.ErrClosed after Close.
+// for the same name/addr are serialised; concurrent calls for different
+// ones share transactions. If ctx ends before its write is sent, nothing
+// is written; once sent, Register waits for the transaction, which is
+// abandoned when the ctx of every write in it has ended. On error the
+// backend keeps what it held before (a new registration is forgotten, but
+// the write may have reached the store: it then lives until the lease
+// ends). It returns backend.ErrClosed after Close.
 func (b *Backend) Register(ctx context.Context, name, addr string, attrs map[string]string) error {
 	key, err := b.key(name, addr)
 	if err != nil {
@@ -247,7 +255,7 @@ func (b *Backend) Register(ctx context.Context, name, addr string, attrs map[str
 	b.regs[key] = next
 	for {
 		b.mu.Unlock()
-		_, err = b.client.Put(ctx, key, val, clientv3.WithLease(lease))
+		err = b.writes.put(ctx, key, val, lease)
 		b.mu.Lock()
 		if err == nil && b.lease == lease {
 			// The lease was current from before the write to after it: a
@@ -291,8 +299,9 @@ func (b *Backend) Register(ctx context.Context, name, addr string, attrs map[str
 // acknowledges the delete or ctx is done; it does not wait for a lost
 // lease to be replaced (the renewal does not restore what was forgotten).
 // On error the key may remain in the store until the lease it is on ends.
-// Calls for the same name/addr are serialised. It returns
-// backend.ErrClosed after Close.
+// Calls for the same name/addr are serialised; concurrent calls share
+// transactions, as Register's do. It returns backend.ErrClosed after
+// Close.
 func (b *Backend) Unregister(ctx context.Context, name, addr string) error {
 	key, err := b.key(name, addr)
 	if err != nil {
@@ -312,7 +321,7 @@ func (b *Backend) Unregister(ctx context.Context, name, addr string) error {
 	}
 	delete(b.regs, key)
 	b.mu.Unlock()
-	if _, err := b.client.Delete(ctx, key); err != nil {
+	if err := b.writes.delete(ctx, key); err != nil {
 		return b.opError("unregister", name, addr, err)
 	}
 	return nil
@@ -365,6 +374,7 @@ func (b *Backend) shutdown(revoke bool) error {
 	}
 	b.cancel()
 	b.wg.Wait()
+	b.writes.wait()
 
 	var errs []error
 	b.mu.Lock()
@@ -384,6 +394,12 @@ func (b *Backend) shutdown(revoke bool) error {
 		errs = append(errs, fmt.Errorf("etcd: closing client: %w", err))
 	}
 	return errors.Join(errs...)
+}
+
+// commit sends ops as one transaction: the batcher's commitFunc.
+func (b *Backend) commit(ctx context.Context, ops []clientv3.Op) error {
+	_, err := b.client.Txn(ctx).Then(ops...).Commit()
+	return err
 }
 
 // SessionState reports whether the backend holds a lease now and how many

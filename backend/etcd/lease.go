@@ -59,7 +59,7 @@ func (b *Backend) currentLease() clientv3.LeaseID {
 	return b.lease
 }
 
-// keep is the lease keeper, the backend's one goroutine. It keeps the
+// keep is the lease keeper, the backend's one lease goroutine. It keeps the
 // current lease alive and, when the lease is lost, renews it and restores
 // every remembered registration, until Close.
 func (b *Backend) keep(lease clientv3.LeaseID) {
