@@ -119,7 +119,11 @@ type Backend struct {
 
 	closeOnce sync.Once
 
-	sessions atomic.Uint64 // sessions established since Open
+	// restored is the id of the latest session on which every remembered
+	// registration was written: the session Open established, then each
+	// one sessionLoop restored. sessions counts those sessions.
+	restored atomic.Int64
+	sessions atomic.Uint64
 }
 
 var (
@@ -188,9 +192,10 @@ func Open(ctx context.Context, cfg Config) (*Backend, error) {
 	session := conn.SessionID()
 	b.log.Info("zookeeper session established", "session", fmt.Sprintf("%#x", session), "servers", cfg.Servers)
 
-	b.wg.Add(1)
+	b.restored.Store(session)
 	b.sessions.Store(1)
-	go b.sessionLoop(session)
+	b.wg.Add(1)
+	go b.sessionLoop()
 	return b, nil
 }
 
@@ -280,12 +285,14 @@ func (b *Backend) forStreams(f func(*stream)) {
 
 // sessionLoop is the backend's one goroutine: when the client gets a new
 // session (the old one expired), it creates the remembered registrations
-// again. It returns when Close is called.
-func (b *Backend) sessionLoop(session int64) {
+// again, retrying with backoff until that succeeds or the session changes
+// again, and then records the session as restored. It returns when Close
+// is called.
+func (b *Backend) sessionLoop() {
 	defer b.wg.Done()
 	var retry <-chan time.Time
 	backoff := newBackoff()
-	pending := false // a restore failed and must be tried again
+	var seen int64 // the last new session logged, to log each one once
 	for {
 		select {
 		case <-b.closing:
@@ -297,22 +304,23 @@ func (b *Backend) sessionLoop(session int64) {
 		if b.conn.State() != zk.StateHasSession {
 			continue
 		}
-		id := b.conn.SessionID()
-		if id == session && !pending {
+		id, old := b.conn.SessionID(), b.restored.Load()
+		if id == old {
 			continue
 		}
-		if id != session {
-			b.sessions.Add(1)
-			b.log.Warn("zookeeper session expired; registering again", "old", fmt.Sprintf("%#x", session), "new", fmt.Sprintf("%#x", id))
-			session = id
+		if id != seen {
+			seen = id
+			b.log.Warn("zookeeper session expired; registering again", "old", fmt.Sprintf("%#x", old), "new", fmt.Sprintf("%#x", id))
 		}
 		if err := b.restore(); err != nil {
-			b.log.Warn("zookeeper: restoring registrations", "err", err)
-			pending = true
+			b.log.Warn("zookeeper: restoring registrations", "session", fmt.Sprintf("%#x", id), "err", err)
 			retry = time.After(backoff.next())
 			continue
 		}
-		pending = false
+		// Written on id, or on a later session whose kick is pending and
+		// brings us back here: either way id itself is restored.
+		b.restored.Store(id)
+		b.sessions.Add(1)
 		backoff.reset()
 	}
 }
@@ -523,16 +531,24 @@ func (b *Backend) Unregister(ctx context.Context, name, addr string) error {
 	return nil
 }
 
-// SessionState reports whether the client has a session now and how many
-// sessions the backend has established since Open. It does not block.
+// SessionState reports the backend's session. It does not block.
+//
+// Live is true when the backend is open, the client is connected with a
+// session, and every remembered registration has been written on that
+// session: it is false while the client is disconnected (even if the
+// session may still be valid on the server), while the registrations are
+// being restored on a new session (including while that restore fails and
+// is retried), and after Close.
+//
+// Established is 1 for the session Open established plus one for each
+// later session on which the registrations were restored; a session that
+// expired before its restore succeeded is not counted.
 func (b *Backend) SessionState() backend.SessionState {
 	b.mu.Lock()
 	closed := b.closed
 	b.mu.Unlock()
-	return backend.SessionState{
-		Live:        !closed && b.conn.State() == zk.StateHasSession,
-		Established: b.sessions.Load(),
-	}
+	live := !closed && b.conn.State() == zk.StateHasSession && b.conn.SessionID() == b.restored.Load()
+	return backend.SessionState{Live: live, Established: b.sessions.Load()}
 }
 
 // Ping reports whether the backend has a live session with a reachable

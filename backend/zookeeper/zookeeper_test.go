@@ -3,6 +3,7 @@ package zookeeper_test
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -346,7 +347,9 @@ func TestSessionExpiryRecreatesRegistrations(t *testing.T) {
 	if b.SessionID() == oldSession {
 		t.Errorf("session id unchanged after expiry")
 	}
-	if st := b.SessionState(); !st.Live || st.Established != 2 {
+	// The watcher may see the znodes just before the backend records the
+	// restore as done.
+	if st := waitSessionState(t, b, "live", func(st backend.SessionState) bool { return st.Live }); st.Established != 2 {
 		t.Errorf("SessionState after expiry = %+v, want live, 2 established", st)
 	}
 	// The partitioned backend's own stream converges to the same view:
@@ -373,6 +376,114 @@ func TestSessionExpiryRecreatesRegistrations(t *testing.T) {
 		t.Fatal(err)
 	}
 	expectEvent(t, st, backend.Delete, "10.0.0.1:80")
+}
+
+// TestSessionNotLiveUntilRestored: on a new session (the old one expired)
+// the backend is not Live, and does not count the session as established,
+// until its registrations are written there. Here the restore keeps failing
+// because another client made the service's znode read-only meanwhile;
+// once that is undone, the retried restore succeeds.
+func TestSessionNotLiveUntilRestored(t *testing.T) {
+	b := open(t, time.Second)
+	raw := rawConn(t)
+	name := uniqueName(t)
+	dir := testPrefix + "/" + name
+	node := dir + "/10.0.0.1:80"
+	if err := b.Register(ctxT(t), name, "10.0.0.1:80", nil); err != nil {
+		t.Fatal(err)
+	}
+	old := b.SessionID()
+	heal := b.Partition()
+	defer heal()
+	waitExists(t, raw, node, false) // the session expired
+
+	// Swap the (empty) service znode for one nobody may create children in.
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		if err := raw.Delete(dir, -1); err != nil && !errors.Is(err, zk.ErrNoNode) {
+			t.Fatalf("Delete %s: %v", dir, err)
+		}
+		_, err := raw.Create(dir, nil, 0, zk.WorldACL(zk.PermRead|zk.PermAdmin))
+		if err == nil {
+			break
+		}
+		if !errors.Is(err, zk.ErrNodeExists) || time.Now().After(deadline) {
+			t.Fatalf("Create %s: %v", dir, err)
+		}
+	}
+	t.Cleanup(func() { raw.Delete(dir, -1) })
+
+	heal()
+	ctx := ctxT(t)
+	waitFor(t, "a new session", func() bool { return b.SessionID() != old && b.Ping(ctx) == nil })
+	if st := b.SessionState(); st.Live || st.Established != 1 {
+		t.Errorf("SessionState while the restore fails = %+v, want not live, 1 established", st)
+	}
+	if ok, _, err := raw.Exists(node); err != nil || ok {
+		t.Fatalf("%s exists=%v (err %v): the restore was expected to fail", node, ok, err)
+	}
+
+	if _, err := raw.SetACL(dir, zk.WorldACL(zk.PermAll), -1); err != nil {
+		t.Fatal(err)
+	}
+	if st := waitSessionState(t, b, "live", func(st backend.SessionState) bool { return st.Live }); st.Established != 2 {
+		t.Errorf("SessionState after the restore = %+v, want live, 2 established", st)
+	}
+	if _, stat, err := raw.Get(node); err != nil || stat.EphemeralOwner != b.SessionID() {
+		t.Errorf("%s after the restore: owner %#x (err %v), want %#x", node, stat.EphemeralOwner, err, b.SessionID())
+	}
+	if err := b.Unregister(ctxT(t), name, "10.0.0.1:80"); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// waitFor polls cond until it holds; the states it checks have no change
+// notification. The bound only catches a hang.
+func waitFor(tb testing.TB, what string, cond func() bool) {
+	tb.Helper()
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	timer := time.NewTimer(20 * time.Second)
+	defer timer.Stop()
+	for !cond() {
+		select {
+		case <-tick.C:
+		case <-timer.C:
+			tb.Fatalf("no %s within 20s", what)
+		}
+	}
+}
+
+// waitSessionState waits until b's SessionState satisfies ok and returns it.
+func waitSessionState(tb testing.TB, b *zookeeper.Backend, what string, ok func(backend.SessionState) bool) backend.SessionState {
+	tb.Helper()
+	var st backend.SessionState
+	waitFor(tb, "session state "+what, func() bool {
+		st = b.SessionState()
+		return ok(st)
+	})
+	return st
+}
+
+// waitExists waits, with a watch, until the znode p exists (or not).
+func waitExists(tb testing.TB, c *zk.Conn, p string, want bool) {
+	tb.Helper()
+	timer := time.NewTimer(20 * time.Second)
+	defer timer.Stop()
+	for {
+		ok, _, ch, err := c.ExistsW(p)
+		if err != nil {
+			tb.Fatalf("ExistsW %s: %v", p, err)
+		}
+		if ok == want {
+			return
+		}
+		select {
+		case <-ch:
+		case <-timer.C:
+			tb.Fatalf("%s exists=%v for 20s, want %v", p, ok, want)
+		}
+	}
 }
 
 // TestStreamKeepsViewAcrossConnectionLoss partitions a subscriber for less
