@@ -572,7 +572,9 @@ func (b *Backend) Ping(ctx context.Context) error {
 }
 
 // Close ends the session, which deletes every registration of this backend
-// at once, ends all streams (their Err is nil) and stops every goroutine.
+// at once, ends all streams that are still open (their Err is then
+// backend.ErrClosed; a stream closed by its own Close before keeps a nil
+// Err) and stops every goroutine.
 // Closing the session is bounded by the client library (about a second
 // when no server answers). It is idempotent and always returns nil.
 func (b *Backend) Close() error {
