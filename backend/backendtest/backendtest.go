@@ -681,6 +681,10 @@ func (s *suite) testAfterClose(t *testing.T) {
 			t.Fatal("stream still open after the backend closed")
 		}
 	}
+	// It was not closed by its own Close, so Err says why it ended.
+	if err := st.Err(); !errors.Is(err, backend.ErrClosed) {
+		t.Errorf("stream Err after the backend closed = %v, want ErrClosed", err)
+	}
 	ctx := callCtx(t)
 	checks := map[string]error{
 		"Register":   b.Register(ctx, name, "10.0.0.1:80", nil),
