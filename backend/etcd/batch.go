@@ -150,7 +150,7 @@ func (q *batcher) run() {
 		keys  = make(map[string]struct{})
 		ops   []clientv3.Op
 	)
-	for {
+	for q.ctx.Err() == nil {
 		if len(held) == 0 {
 			select {
 			case w := <-q.queue:
@@ -174,10 +174,8 @@ func (q *batcher) run() {
 			batch[i] = nil
 		}
 		clear(ops)
-		if q.ctx.Err() != nil {
-			return // callers of held writes see the batcher closed
-		}
 	}
+	// Callers of held writes see the batcher closed.
 }
 
 // fill builds the next transaction: the held writes first (oldest), then
