@@ -21,6 +21,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -122,7 +123,7 @@ minSessionTimeout=%d
 maxSessionTimeout=%d
 maxClientCnxns=0
 admin.enableServer=false
-4lw.commands.whitelist=ruok,srvr,stat,cons
+4lw.commands.whitelist=ruok,srvr,stat,cons,dump
 `, TickTime.Milliseconds(), filepath.Join(dir, "data"), port, MinSessionTimeout.Milliseconds(), MaxSessionTimeout.Milliseconds())
 	if err := os.WriteFile(filepath.Join(dir, "zoo.cfg"), []byte(cfg), 0o644); err != nil {
 		return nil, fmt.Errorf("zktest: %w", err)
@@ -219,6 +220,47 @@ func (s *Server) waitReady(ctx context.Context, exit <-chan struct{}) error {
 		case <-tick.C:
 		}
 	}
+}
+
+// HasSession reports whether the server still knows the session id: it
+// is open, or it expired but its ephemeral znodes are not all deleted yet.
+// Once it returns false, everything the session's expiry removes is gone.
+// It asks with the "dump" four-letter command, so it must not be used
+// while the server is stopped.
+func (s *Server) HasSession(id int64) (bool, error) {
+	out, err := s.fourLetter("dump")
+	if err != nil {
+		return false, err
+	}
+	if !strings.Contains(out, "SessionTracker dump") {
+		return false, fmt.Errorf("zktest: unexpected dump output %q", out)
+	}
+	want := fmt.Sprintf("%#x", id)
+	for _, f := range strings.Fields(out) {
+		if strings.TrimSuffix(f, ":") == want {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+// fourLetter sends one of ZooKeeper's four-letter commands and returns the
+// answer.
+func (s *Server) fourLetter(cmd string) (string, error) {
+	c, err := net.DialTimeout("tcp", s.Addr(), 5*time.Second)
+	if err != nil {
+		return "", fmt.Errorf("zktest: %s: %w", cmd, err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := c.Write([]byte(cmd)); err != nil {
+		return "", fmt.Errorf("zktest: %s: %w", cmd, err)
+	}
+	out, err := io.ReadAll(io.LimitReader(c, 1<<20))
+	if err != nil {
+		return "", fmt.Errorf("zktest: %s: %w", cmd, err)
+	}
+	return string(out), nil
 }
 
 func (s *Server) ruok() bool {
