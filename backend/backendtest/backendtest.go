@@ -61,6 +61,15 @@ type Harness struct {
 	// the store-restart subtests are skipped unless both are set.
 	StopStore, StartStore func(tb testing.TB)
 
+	// ExpireSession makes the store end b's session the way a partition
+	// longer than the TTL does (ZooKeeper: expire the session; etcd: revoke
+	// the lease), so that b's registrations vanish while b keeps running;
+	// b must then renew its session and store its registrations again. It
+	// returns once the store has ended the session and removed its
+	// registrations. Optional: the session-renewal subtest is skipped when
+	// it is nil.
+	ExpireSession func(tb testing.TB, b backend.Backend)
+
 	// TTL is the session TTL the suite asks for. It must be one the store
 	// accepts (ZooKeeper: within its min and max session timeouts). Default
 	// 2 s.
@@ -74,6 +83,10 @@ const (
 	waitTimeout = 15 * time.Second // for an event that should come promptly
 	callTimeout = 15 * time.Second // for one backend call
 	expirySlack = 10 * time.Second // beyond the TTL, for a dead session's registrations to go
+
+	// retryInterval spaces the tries of a call that fails while a store
+	// is unreachable (some backends fail at once when disconnected).
+	retryInterval = 50 * time.Millisecond
 )
 
 // Run runs the conformance suite against h. Subtests that do not disturb
@@ -104,6 +117,8 @@ func Run(t *testing.T, h Harness) {
 			{"LeaderIsSmallestCreated", s.testLeaderOrder},
 			{"TwoBackendsSeeEachOther", s.testTwoBackends},
 			{"ExpiryWhenOwnerKilled", s.testExpiryOnKill},
+			{"RegistrationsStoredAgainAfterSessionRenewal", s.testSessionRenewal},
+			{"CancelledRegisterLeavesNoOrphan", s.testRegisterCancelled},
 			{"CloseRemovesRegistrationsAtOnce", s.testCloseRemoves},
 			{"MethodsAfterCloseReturnErrClosed", s.testAfterClose},
 			{"StreamCloseEndsEvents", s.testStreamClose},
@@ -271,6 +286,20 @@ func (r *recorder) expect(typ backend.EventType, addr string) backend.Event {
 	return ev
 }
 
+// until reads events until one satisfies stop, and returns it.
+func (r *recorder) until(what string, stop func(backend.Event) bool) backend.Event {
+	r.tb.Helper()
+	deadline := time.Now().Add(waitTimeout)
+	for {
+		if time.Now().After(deadline) {
+			r.tb.Fatalf("stream %s: no %s within %v; view %s", r.name, what, waitTimeout, r.describe())
+		}
+		if ev := r.next(); stop(ev) {
+			return ev
+		}
+	}
+}
+
 // waitView reads events until the set of addresses in the view is exactly
 // addrs.
 func (r *recorder) waitView(addrs ...string) {
@@ -326,11 +355,43 @@ func attrsEqual(a, b map[string]string) bool {
 
 // marker registers a fresh instance and waits for its Put, so that every
 // event caused by earlier writes must have been read by now: events are
-// delivered in store order. It returns the Put.
+// delivered in store order. The Put must be the next event. It returns it.
 func (r *recorder) marker(b backend.Backend, addr string) backend.Event {
 	r.tb.Helper()
 	mustRegister(r.tb, b, r.name, addr, nil)
 	return r.expect(backend.Put, addr)
+}
+
+// readPast is marker for when other events may come first: it reads
+// events up to and including the marker's Put.
+func (r *recorder) readPast(b backend.Backend, addr string) backend.Event {
+	r.tb.Helper()
+	mustRegister(r.tb, b, r.name, addr, nil)
+	return r.until("Put of marker "+addr, func(ev backend.Event) bool {
+		return ev.Type == backend.Put && ev.Instance.Addr == addr
+	})
+}
+
+// retry calls f until it succeeds, at most every retryInterval, and fails
+// tb if it still fails after waitTimeout. It is for calls that may fail
+// while a backend reconnects.
+func retry(tb testing.TB, what string, f func(ctx context.Context) error) {
+	tb.Helper()
+	tick := time.NewTicker(retryInterval)
+	defer tick.Stop()
+	deadline := time.Now().Add(waitTimeout)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		err := f(ctx)
+		cancel()
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			tb.Fatalf("%s: still failing after %v: %v", what, waitTimeout, err)
+		}
+		<-tick.C
+	}
 }
 
 func (s *suite) testRegisterEmitsPut(t *testing.T) {
@@ -613,8 +674,12 @@ func (s *suite) testTwoBackends(t *testing.T) {
 	rb.waitView("10.0.0.2:80")
 }
 
+// testExpiryOnKill: a killed backend's registrations stay until its
+// session expires (Kill is not Close), then vanish by themselves.
 func (s *suite) testExpiryOnKill(t *testing.T) {
-	victim, survivor, watcher := s.open(t), s.open(t), s.open(t)
+	// A TTL long enough to look at the registrations after the kill.
+	ttl := 3 * s.h.TTL
+	victim, survivor, watcher := s.openTTL(t, ttl), s.open(t), s.open(t)
 	name := s.name(t)
 	r := mustSubscribe(t, watcher, name)
 	mustRegister(t, victim, name, "10.0.0.1:80", nil)
@@ -623,10 +688,25 @@ func (s *suite) testExpiryOnKill(t *testing.T) {
 	r.waitView("10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80")
 
 	s.h.Kill(t, victim)
-	deadline := time.Now().Add(s.h.TTL + expirySlack)
+	killed := time.Now()
+	// A fresh snapshot still holds them. The session was kept alive until
+	// the kill, so it has at least about two thirds of its TTL left (keep
+	// alives go every third of the TTL); the check is made only if the
+	// snapshot came well within that, so a slow machine cannot fail it.
+	fresh := mustSubscribe(t, survivor, name)
+	if took := time.Since(killed); took < ttl/3 {
+		if !fresh.viewIs(map[string]bool{"10.0.0.1:80": true, "10.0.0.2:80": true, "10.0.0.3:80": true}) {
+			t.Fatalf("snapshot %v after Kill: %s; a killed backend's registrations must stay until its session expires (TTL %v)", took, fresh.describe(), ttl)
+		}
+	} else {
+		t.Logf("snapshot after Kill took %v, too close to the TTL (%v) to check that the registrations were kept", took, ttl)
+	}
+	fresh.s.Close()
+
+	deadline := time.Now().Add(ttl + expirySlack)
 	for len(r.view) > 1 {
 		if time.Now().After(deadline) {
-			t.Fatalf("killed backend's registrations still present %v after the TTL (%v); view %s", s.h.TTL+expirySlack, s.h.TTL, r.describe())
+			t.Fatalf("killed backend's registrations still present %v after the TTL (%v); view %s", ttl+expirySlack, ttl, r.describe())
 		}
 		ev := r.next()
 		if ev.Type != backend.Delete || ev.Instance.Addr == "10.0.0.3:80" {
@@ -639,6 +719,149 @@ func (s *suite) testExpiryOnKill(t *testing.T) {
 		t.Errorf("fresh snapshot %s, want [10.0.0.3:80]", r2.describe())
 	}
 	r.marker(survivor, "10.0.0.4:80")
+}
+
+// testSessionRenewal: when the store ends a backend's session under it,
+// the backend renews the session and stores its registrations again, with
+// their latest attributes; registrations made or updated again right after
+// the renewal take effect; and the registrations stored again are ordinary
+// ones, which Unregister and Close remove.
+func (s *suite) testSessionRenewal(t *testing.T) {
+	if s.h.ExpireSession == nil {
+		t.Skip("Harness.ExpireSession not set")
+	}
+	b, watcher := s.open(t), s.open(t)
+	name := s.name(t)
+	r := mustSubscribe(t, watcher, name)
+	mustRegister(t, b, name, "10.0.0.1:80", map[string]string{"v": "1"})
+	mustRegister(t, b, name, "10.0.0.2:80", map[string]string{"v": "1"})
+	mustRegister(t, b, name, "10.0.0.2:80", map[string]string{"v": "2"})
+	r.waitView("10.0.0.1:80", "10.0.0.2:80")
+	before := maps.Clone(r.view)
+
+	s.h.ExpireSession(t, b)
+	// The session's end removed the registrations; a marker written after
+	// it comes after their Deletes (and maybe after their Puts, if b was
+	// quick to store them again).
+	r.readPast(watcher, "10.0.9.1:80")
+
+	// Made again after the renewal: a heartbeat, an attribute update and
+	// a new registration. They may fail while b reconnects.
+	retry(t, "Register 10.0.0.1:80 again", func(ctx context.Context) error {
+		return b.Register(ctx, name, "10.0.0.1:80", map[string]string{"v": "1"})
+	})
+	retry(t, "Register 10.0.0.2:80 with new attrs", func(ctx context.Context) error {
+		return b.Register(ctx, name, "10.0.0.2:80", map[string]string{"v": "3"})
+	})
+	retry(t, "Register 10.0.0.3:80", func(ctx context.Context) error {
+		return b.Register(ctx, name, "10.0.0.3:80", map[string]string{"v": "1"})
+	})
+	want := map[string]string{"10.0.0.1:80": "1", "10.0.0.2:80": "3", "10.0.0.3:80": "1", "10.0.9.1:80": ""}
+	r.until("view with the registrations stored again", func(backend.Event) bool {
+		if len(r.view) != len(want) {
+			return false
+		}
+		for addr, v := range want {
+			if in, ok := r.view[addr]; !ok || in.Attrs["v"] != v {
+				return false
+			}
+		}
+		return true
+	})
+	for _, addr := range []string{"10.0.0.1:80", "10.0.0.2:80"} {
+		if r.view[addr].Created == before[addr].Created {
+			t.Errorf("%s has the Created %d of the expired session's registration: its expiry was not seen", addr, before[addr].Created)
+		}
+	}
+	if sr, ok := b.(backend.SessionReporter); ok {
+		waitSession(t, sr, func(st backend.SessionState) bool { return st.Live && st.Established >= 2 })
+	}
+
+	// Ordinary registrations: Unregister removes one for good, and a fresh
+	// subscriber agrees.
+	mustUnregister(t, b, name, "10.0.0.1:80")
+	r.expect(backend.Delete, "10.0.0.1:80")
+	r.marker(watcher, "10.0.9.2:80")
+	if r2 := mustSubscribe(t, s.open(t), name); !r2.viewIs(map[string]bool{"10.0.0.2:80": true, "10.0.0.3:80": true, "10.0.9.1:80": true, "10.0.9.2:80": true}) {
+		t.Errorf("fresh snapshot %s, want [10.0.0.2:80 10.0.0.3:80 10.0.9.1:80 10.0.9.2:80]", r2.describe())
+	}
+	// And Close removes the rest.
+	if err := b.Close(); err != nil {
+		t.Fatalf("Close: %v", err)
+	}
+	r.waitView("10.0.9.1:80", "10.0.9.2:80")
+}
+
+// waitSession polls sr until its state satisfies ok; SessionState has no
+// change notification.
+func waitSession(tb testing.TB, sr backend.SessionReporter, ok func(backend.SessionState) bool) {
+	tb.Helper()
+	tick := time.NewTicker(retryInterval)
+	defer tick.Stop()
+	deadline := time.Now().Add(waitTimeout)
+	for st := sr.SessionState(); !ok(st); st = sr.SessionState() {
+		if time.Now().After(deadline) {
+			tb.Fatalf("SessionState %+v after %v", st, waitTimeout)
+		}
+		<-tick.C
+	}
+}
+
+// testRegisterCancelled: a Register whose ctx ends while it runs either
+// leaves nothing or a registration that Unregister removes; nothing
+// reappears afterwards, not even after a session renewal (when the harness
+// can force one), which would store again what the backend still
+// remembers.
+func (s *suite) testRegisterCancelled(t *testing.T) {
+	b, watcher := s.open(t), s.open(t)
+	name := s.name(t)
+	r := mustSubscribe(t, watcher, name)
+	// Deadlines from "already over" to "about one round trip" end the
+	// call at different points of its way to the store.
+	delays := []time.Duration{0, time.Microsecond, 50 * time.Microsecond, 200 * time.Microsecond, time.Millisecond, 3 * time.Millisecond, 10 * time.Millisecond, 30 * time.Millisecond, 100 * time.Millisecond}
+	// Unregister follows at once, as when a client goes away, so that it
+	// races with whatever the cancelled call left running.
+	for i, d := range delays {
+		addr := fmt.Sprintf("10.0.0.%d:80", i+1)
+		ctx, cancel := context.WithTimeout(context.Background(), d)
+		err := b.Register(ctx, name, addr, map[string]string{"d": d.String()})
+		cancel()
+		mustUnregister(t, b, name, addr)
+		t.Logf("Register with a %v deadline: %v", d, err)
+	}
+	// Also with several calls on the same key queued behind each other.
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	for i := range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			b.Register(ctx, name, "10.0.1.1:80", map[string]string{"i": fmt.Sprint(i)})
+		}()
+	}
+	cancel()
+	wg.Wait()
+	mustUnregister(t, b, name, "10.0.1.1:80")
+
+	r.readPast(b, "10.0.9.1:80")
+	if !r.viewIs(map[string]bool{"10.0.9.1:80": true}) {
+		t.Errorf("view after unregistering the cancelled registrations: %s, want only the marker", r.describe())
+	}
+	if r2 := mustSubscribe(t, s.open(t), name); !r2.viewIs(map[string]bool{"10.0.9.1:80": true}) {
+		t.Errorf("fresh snapshot %s, want only the marker", r2.describe())
+	}
+
+	// The backend forgot them too: a session renewal stores none again.
+	sr, ok := b.(backend.SessionReporter)
+	if s.h.ExpireSession == nil || !ok {
+		return
+	}
+	s.h.ExpireSession(t, b)
+	waitSession(t, sr, func(st backend.SessionState) bool { return st.Live && st.Established >= 2 })
+	r.readPast(watcher, "10.0.9.2:80")
+	if !r.viewIs(map[string]bool{"10.0.9.1:80": true, "10.0.9.2:80": true}) {
+		t.Errorf("view after a session renewal: %s, want only the markers", r.describe())
+	}
 }
 
 func (s *suite) testCloseRemoves(t *testing.T) {
@@ -745,18 +968,7 @@ func (s *suite) testPingStoreDown(t *testing.T) {
 	if err == nil {
 		t.Fatal("Ping with the store down = nil, want an error")
 	}
-	deadline := time.Now().Add(waitTimeout)
-	for {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		err := b.Ping(ctx)
-		cancel()
-		if err == nil {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("Ping after the store restarted: %v", err)
-		}
-	}
+	retry(t, "Ping after the store restarted", b.Ping)
 }
 
 // testRecoverAfterStoreRestart: streams and registrations survive a short
@@ -775,18 +987,9 @@ func (s *suite) testRecoverAfterRestart(t *testing.T) {
 	s.h.StartStore(t)
 
 	// Writes may fail while the clients reconnect; retry within the bound.
-	deadline := time.Now().Add(waitTimeout)
-	for {
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		err := a.Register(ctx, name, "10.0.0.3:80", nil)
-		cancel()
-		if err == nil {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("Register after the store restarted: %v", err)
-		}
-	}
+	retry(t, "Register after the store restarted", func(ctx context.Context) error {
+		return a.Register(ctx, name, "10.0.0.3:80", nil)
+	})
 	mustUnregister(t, b, name, "10.0.0.2:80")
 	r.waitView("10.0.0.1:80", "10.0.0.3:80")
 	// A new subscriber agrees.
