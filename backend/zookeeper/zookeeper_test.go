@@ -130,9 +130,27 @@ func TestConformance(t *testing.T) {
 		Kill: func(tb testing.TB, b backend.Backend) {
 			b.(*zookeeper.Backend).Abandon()
 		},
-		StopStore:  s.Stop,
-		StartStore: s.Start,
-		TTL:        2 * time.Second,
+		ExpireSession: func(tb testing.TB, b backend.Backend) { expireSession(tb, s, b.(*zookeeper.Backend)) },
+		StopStore:     s.Stop,
+		StartStore:    s.Start,
+		TTL:           2 * time.Second,
+	})
+}
+
+// expireSession cuts b off from ZooKeeper until the server has expired its
+// session and deleted its ephemeral znodes, then lets it reconnect (it then
+// finds its session expired and opens a new one).
+func expireSession(tb testing.TB, s *zktest.Server, b *zookeeper.Backend) {
+	tb.Helper()
+	id := b.SessionID()
+	heal := b.Partition()
+	defer heal()
+	waitFor(tb, "expiry of the session", func() bool {
+		alive, err := s.HasSession(id)
+		if err != nil {
+			tb.Fatal(err)
+		}
+		return !alive
 	})
 }
 
