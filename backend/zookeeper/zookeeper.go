@@ -52,6 +52,7 @@ import (
 
 	"github.com/flynn/discoverd/api"
 	"github.com/flynn/discoverd/backend"
+	"github.com/flynn/discoverd/internal/keylock"
 )
 
 // DefaultPrefix is the znode under which registrations live when
@@ -94,11 +95,14 @@ type Backend struct {
 	dial   *cutDialer
 
 	// kick wakes the session goroutine after a client state change.
-	kick    chan struct{}
-	closing chan struct{} // closed by Close
+	kick chan struct{}
+	// life is cancelled by Close: it ends the waits of the backend's
+	// goroutines.
+	life    context.Context
+	endLife context.CancelFunc
 	wg      sync.WaitGroup
 
-	locks keyLocks // serialises writes per znode
+	locks keylock.Set[string] // serialises writes per znode
 
 	mu      sync.Mutex
 	closed  bool
@@ -157,12 +161,14 @@ func Open(ctx context.Context, cfg Config) (*Backend, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
+	life, endLife := context.WithCancel(context.Background())
 	b := &Backend{
 		prefix:  cfg.Prefix,
 		log:     cfg.Logger.With("backend", "zookeeper"),
 		dial:    &cutDialer{},
 		kick:    make(chan struct{}, 1),
-		closing: make(chan struct{}),
+		life:    life,
+		endLife: endLife,
 		regs:    make(map[string]registration),
 		streams: make(map[string]map[*stream]struct{}),
 		armed:   make(map[string]bool),
@@ -177,15 +183,18 @@ func Open(ctx context.Context, cfg Config) (*Backend, error) {
 		zk.WithEventCallback(b.onEvent),
 	)
 	if err != nil {
+		endLife()
 		return nil, fmt.Errorf("zookeeper: connect %v: %w", cfg.Servers, err)
 	}
 	b.conn, b.zkEv = conn, events
 
 	if err := b.waitSession(ctx); err != nil {
+		endLife()
 		b.shutdownConn()
 		return nil, fmt.Errorf("zookeeper: open session with %v: %w", cfg.Servers, err)
 	}
 	if err := b.do(ctx, func() error { return b.ensurePath(b.prefix) }); err != nil {
+		endLife()
 		b.shutdownConn()
 		return nil, fmt.Errorf("zookeeper: create %s: %w", b.prefix, err)
 	}
@@ -295,7 +304,7 @@ func (b *Backend) sessionLoop() {
 	var seen int64 // the last new session logged, to log each one once
 	for {
 		select {
-		case <-b.closing:
+		case <-b.life.Done():
 			return
 		case <-b.kick:
 		case <-retry:
@@ -335,18 +344,18 @@ func (b *Backend) restore() error {
 	b.mu.Unlock()
 	var n int
 	for _, p := range paths {
-		if err := b.locks.lock(p, nil, b.closing); err != nil {
+		unlock, err := b.lockKey(b.life, p)
+		if err != nil {
 			return err
 		}
 		b.mu.Lock()
 		reg, ok := b.regs[p]
 		b.mu.Unlock()
-		var err error
 		if ok {
 			err = b.put(p, reg.data, false)
 			n++
 		}
-		b.locks.unlock(p)
+		unlock()
 		if err != nil {
 			return fmt.Errorf("%s: %w", p, err)
 		}
@@ -582,7 +591,7 @@ func (b *Backend) Close() error {
 		b.mu.Lock()
 		b.closed = true
 		b.mu.Unlock()
-		close(b.closing)
+		b.endLife()
 		// Cancel the streams first, then stop the client, which fails
 		// every request a stream may be blocked in, then wait for them.
 		streams := b.allStreams()
@@ -652,13 +661,11 @@ func (b *Backend) isClosed() bool {
 // lock until then, which keeps the writes to p in order.
 func (b *Backend) withKey(ctx context.Context, p string, f func() error) error {
 	return b.do(ctx, func() error {
-		if err := b.locks.lock(p, ctx.Done(), b.closing); err != nil {
+		unlock, err := b.lockKey(ctx, p)
+		if err != nil {
 			return err
 		}
-		defer b.locks.unlock(p)
-		if err := ctx.Err(); err != nil {
-			return err
-		}
+		defer unlock()
 		return f()
 	})
 }
@@ -741,58 +748,18 @@ func decodeAttrs(data []byte) (map[string]string, error) {
 // errClosing is returned by key-lock waits cut short by Close.
 var errClosing = errors.New("backend closing")
 
-// keyLocks is a set of mutexes by key, created on demand and dropped when
-// unused.
-type keyLocks struct {
-	mu sync.Mutex
-	m  map[string]*keyLock
-}
-
-type keyLock struct {
-	ch   chan struct{} // holds a token while locked
-	refs int
-}
-
-// lock acquires the lock of key, or gives up when cancel or closing is
-// closed (either may be nil).
-func (l *keyLocks) lock(key string, cancel, closing <-chan struct{}) error {
-	l.mu.Lock()
-	if l.m == nil {
-		l.m = make(map[string]*keyLock)
+// lockKey acquires the key lock of p, giving up when ctx is done (with
+// ctx's error) or the backend closes (with errClosing). A ctx that is done
+// by the time the lock is free never gets it.
+func (b *Backend) lockKey(ctx context.Context, p string) (unlock func(), err error) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	defer context.AfterFunc(b.life, cancel)()
+	unlock, err = b.locks.Lock(ctx, p)
+	if err != nil && b.life.Err() != nil {
+		return nil, errClosing
 	}
-	k := l.m[key]
-	if k == nil {
-		k = &keyLock{ch: make(chan struct{}, 1)}
-		l.m[key] = k
-	}
-	k.refs++
-	l.mu.Unlock()
-	select {
-	case k.ch <- struct{}{}:
-		return nil
-	case <-cancel:
-		l.release(key, k)
-		return context.Canceled
-	case <-closing:
-		l.release(key, k)
-		return errClosing
-	}
-}
-
-func (l *keyLocks) unlock(key string) {
-	l.mu.Lock()
-	k := l.m[key]
-	l.mu.Unlock()
-	<-k.ch
-	l.release(key, k)
-}
-
-func (l *keyLocks) release(key string, k *keyLock) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if k.refs--; k.refs == 0 {
-		delete(l.m, key)
-	}
+	return unlock, err
 }
 
 // cutDialer dials TCP and can cut the live connection and refuse new ones:
