@@ -56,8 +56,9 @@ type Backend interface {
 	Ping(ctx context.Context) error
 
 	// Close ends the backend's session, which removes every registration
-	// made through it at once (best effort, bounded in time), closes all
-	// its streams, and stops its goroutines. It is idempotent.
+	// made through it at once (best effort, bounded in time), ends all its
+	// open streams with ErrClosed, and stops its goroutines. It is
+	// idempotent.
 	Close() error
 }
 
@@ -111,8 +112,9 @@ type Stream interface {
 	// recover from (see Err). The consumer must keep reading; the backend
 	// may buffer but is allowed to block on a reader that stops.
 	Events() <-chan Event
-	// Err returns why the stream ended: nil after Close, the cause
-	// otherwise. Valid once Events is closed.
+	// Err returns why the stream ended: nil after the stream's own Close,
+	// ErrClosed after the backend's Close, the cause otherwise. Valid once
+	// Events is closed.
 	Err() error
 	// Close ends the stream and waits for its goroutines to stop. It is
 	// idempotent.
