@@ -11,6 +11,7 @@ import (
 
 	"github.com/flynn/discoverd/api"
 	"github.com/flynn/discoverd/backend"
+	"github.com/flynn/discoverd/internal/keylock"
 )
 
 // Args is the argument of the agent's methods (go-discoverd applications
@@ -27,9 +28,19 @@ const (
 	DefaultWatchLinger      = 5 * time.Second
 )
 
-// backendTimeout bounds the backend calls the agent makes on its own
-// behalf (expiry, Session.Close, cleanup retries): one deadline per batch.
+// backendTimeout bounds each backend call the agent makes on its own
+// behalf (expiry, Session.Close, orphan retries, a removal whose caller
+// gave up), each wait for a key lock on its own behalf, and how long a
+// lookup of a name not watched yet waits for the store's first snapshot.
 const backendTimeout = 5 * time.Second
+
+// removeParallelism bounds the store removals of one batch (a janitor
+// sweep, a Session.Close) that run at once.
+const removeParallelism = 16
+
+// maxOrphanBackoff bounds the delay between two retries of orphaned keys
+// while the store keeps failing.
+const maxOrphanBackoff = time.Minute
 
 // Config configures an Agent. Only Backend is required; the zero value of
 // every other field selects its documented default.
@@ -71,17 +82,29 @@ type Agent struct {
 	backend backend.Backend
 	log     *slog.Logger
 
+	// backendTimeout is the constant backendTimeout, shortened by tests.
+	backendTimeout time.Duration
+
 	ctx    context.Context // cancelled by Close: stops every goroutine
 	cancel context.CancelFunc
 	wg     sync.WaitGroup // the janitor and every watch goroutine
+	wake   chan struct{}  // capacity 1: asks the janitor to sweep now
+
+	// locks serialises the store operations on one registration key, so
+	// that a Register, an Unregister and an expiry of the same name/addr
+	// reach the store in the order they were decided.
+	locks keylock.Set[regKey]
 
 	mu       sync.Mutex
 	closed   bool
 	regs     map[regKey]*registration
 	orphans  map[regKey]struct{} // keys that may still be in the store without being held here
-	keyLocks map[regKey]*keyLock
 	watches  map[string]*watch
 	sessions int
+	// Retries of orphans back off while the store fails: orphanFails
+	// consecutive failed batches, next retry not before orphanNext.
+	orphanFails int
+	orphanNext  time.Time
 
 	stats counters
 }
@@ -89,6 +112,10 @@ type Agent struct {
 // New validates cfg, applies its defaults and starts the agent's expiry
 // loop. The caller must call Close.
 func New(cfg Config) (*Agent, error) {
+	return newAgent(cfg, backendTimeout)
+}
+
+func newAgent(cfg Config, timeout time.Duration) (*Agent, error) {
 	if cfg.Backend == nil {
 		return nil, errors.New("agent: Config.Backend is required")
 	}
@@ -112,15 +139,16 @@ func New(cfg Config) (*Agent, error) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	a := &Agent{
-		cfg:      cfg,
-		backend:  cfg.Backend,
-		log:      cfg.Logger,
-		ctx:      ctx,
-		cancel:   cancel,
-		regs:     make(map[regKey]*registration),
-		orphans:  make(map[regKey]struct{}),
-		keyLocks: make(map[regKey]*keyLock),
-		watches:  make(map[string]*watch),
+		cfg:            cfg,
+		backend:        cfg.Backend,
+		log:            cfg.Logger,
+		backendTimeout: timeout,
+		ctx:            ctx,
+		cancel:         cancel,
+		wake:           make(chan struct{}, 1),
+		regs:           make(map[regKey]*registration),
+		orphans:        make(map[regKey]struct{}),
+		watches:        make(map[string]*watch),
 	}
 	a.wg.Add(1)
 	go a.janitor()
@@ -226,11 +254,11 @@ func (a *Agent) backendError(ctx context.Context, op string, err error, attrs ..
 
 // janitor is the agent's one periodic loop: it expires registrations whose
 // heartbeats stopped, retries the removal of orphaned keys, and stops idle
-// watches. It runs until Close.
+// watches. It also sweeps at once when woken (a new orphan to retry). It
+// runs until Close.
 func (a *Agent) janitor() {
 	defer a.wg.Done()
-	tick := max(a.cfg.TTL/4, 10*time.Millisecond)
-	t := time.NewTicker(tick)
+	t := time.NewTicker(a.sweepPeriod())
 	defer t.Stop()
 	for {
 		select {
@@ -238,7 +266,19 @@ func (a *Agent) janitor() {
 			return
 		case now := <-t.C:
 			a.sweep(now)
+		case <-a.wake:
+			a.sweep(time.Now())
 		}
+	}
+}
+
+func (a *Agent) sweepPeriod() time.Duration { return max(a.cfg.TTL/4, 10*time.Millisecond) }
+
+// wakeJanitor asks the janitor to sweep now, without blocking.
+func (a *Agent) wakeJanitor() {
+	select {
+	case a.wake <- struct{}{}:
+	default:
 	}
 }
 
@@ -248,14 +288,19 @@ func (a *Agent) sweep(now time.Time) {
 		a.mu.Unlock()
 		return
 	}
-	var stale, orphans []regKey
+	var keys []regKey
 	for k, r := range a.regs {
 		if now.Sub(r.beat) > a.cfg.TTL {
-			stale = append(stale, k)
+			keys = append(keys, k)
 		}
 	}
-	for k := range a.orphans {
-		orphans = append(orphans, k)
+	// While orphan retries back off, the store is believed down: expiries
+	// are done in memory and their keys join the orphans.
+	storeOK := !now.Before(a.orphanNext)
+	if storeOK {
+		for k := range a.orphans {
+			keys = append(keys, k)
+		}
 	}
 	for name, w := range a.watches {
 		if w.refs == 0 && now.Sub(w.idleSince) >= a.cfg.WatchLinger {
@@ -264,118 +309,213 @@ func (a *Agent) sweep(now time.Time) {
 		}
 	}
 	a.mu.Unlock()
-
-	if len(stale) == 0 && len(orphans) == 0 {
-		return
-	}
-	ctx, cancel := context.WithTimeout(a.ctx, backendTimeout)
-	defer cancel()
-	for _, k := range stale {
-		a.expire(ctx, k)
-	}
-	for _, k := range orphans {
-		a.retryOrphan(ctx, k)
+	if len(keys) > 0 {
+		a.removeBatch("expire", keys, a.prepareSweep, storeOK)
 	}
 }
 
-// expire removes k if its last heartbeat is still older than the TTL.
-func (a *Agent) expire(ctx context.Context, k regKey) {
-	unlock, err := a.lockKey(ctx, k)
-	if err != nil {
-		return // shutting down or out of time; the next sweep retries
-	}
-	defer unlock()
+// prepareSweep decides, under k's key lock, what the janitor does with k:
+// a registration still without a heartbeat within the TTL is dropped from
+// memory (expired), an orphan not registered again is kept; both are then
+// removed from the store (true).
+func (a *Agent) prepareSweep(k regKey) bool {
 	a.mu.Lock()
-	r := a.regs[k]
-	if a.closed || r == nil || time.Since(r.beat) <= a.cfg.TTL {
+	if a.closed {
 		a.mu.Unlock()
-		return
+		return false
 	}
-	a.forgetLocked(k, r)
+	if r := a.regs[k]; r != nil {
+		delete(a.orphans, k)
+		if time.Since(r.beat) <= a.cfg.TTL {
+			a.mu.Unlock()
+			return false
+		}
+		a.forgetLocked(k, r)
+		a.mu.Unlock()
+		a.stats.expired.Add(1)
+		a.log.Info("agent: registration expired: no heartbeat within the TTL", "name", k.name, "addr", k.addr, "ttl", a.cfg.TTL)
+		return true
+	}
+	_, orphan := a.orphans[k]
 	a.mu.Unlock()
-	a.stats.expired.Add(1)
-	a.log.Info("agent: registration expired: no heartbeat within the TTL", "name", k.name, "addr", k.addr, "ttl", a.cfg.TTL)
-	a.removeFromStore(ctx, k)
+	return orphan
 }
 
-// retryOrphan removes from the store a key that a failed call may have
-// left there, unless it has been registered again since.
-func (a *Agent) retryOrphan(ctx context.Context, k regKey) {
-	unlock, err := a.lockKey(ctx, k)
-	if err != nil {
+// errBatchStopped cancels the store calls of a batch after a store failure.
+var errBatchStopped = errors.New("agent: batch stopped after a store failure")
+
+// removeBatch removes keys from the store on the agent's behalf, at most
+// removeParallelism at a time, and blocks until every key is done. For
+// each key, prepare runs under the key's lock and reports whether the key
+// must be removed (it drops the registration from memory first, if any).
+//
+// Without useStore, or once a store call of the batch failed, the keys
+// are not sent to the store: they become orphans, retried by the janitor
+// with backoff. A failure is counted and logged once per batch, with how
+// many removals it deferred; calls cut short by the batch's stop or by the
+// agent's Close are not failures.
+func (a *Agent) removeBatch(op string, keys []regKey, prepare func(regKey) bool, useStore bool) {
+	stopCtx, stop := context.WithCancelCause(a.ctx)
+	defer stop(nil)
+	if !useStore {
+		stop(errBatchStopped)
+	}
+	var (
+		mu                                      sync.Mutex
+		firstErr                                error
+		removed, failed, deferred, lockTimeouts int
+	)
+	one := func(k regKey) {
+		lockCtx, cancel := context.WithTimeout(a.ctx, a.backendTimeout)
+		unlock, err := a.locks.Lock(lockCtx, k)
+		cancel()
+		if err != nil {
+			if a.ctx.Err() == nil {
+				mu.Lock()
+				lockTimeouts++
+				mu.Unlock()
+			}
+			return
+		}
+		defer unlock()
+		if !prepare(k) {
+			return
+		}
+		if stopCtx.Err() != nil {
+			a.addOrphan(k, false)
+			mu.Lock()
+			deferred++
+			mu.Unlock()
+			return
+		}
+		ctx, cancel := context.WithTimeout(stopCtx, a.backendTimeout)
+		err = a.removeFromStore(ctx, k)
+		cancel()
+		mu.Lock()
+		defer mu.Unlock()
+		switch {
+		case err == nil:
+			removed++
+		case a.ctx.Err() != nil || errors.Is(err, backend.ErrClosed) || errors.Is(err, errShutdown):
+		case errors.Is(context.Cause(stopCtx), errBatchStopped):
+			deferred++
+		default:
+			failed++
+			if firstErr == nil {
+				firstErr = err
+			}
+			stop(errBatchStopped)
+		}
+	}
+
+	sem := make(chan struct{}, removeParallelism)
+	var wg sync.WaitGroup
+	for _, k := range keys {
+		sem <- struct{}{}
+		wg.Add(1)
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			one(k)
+		}()
+	}
+	wg.Wait()
+
+	if lockTimeouts > 0 {
+		a.log.Warn("agent: "+op+": registrations busy past the timeout; left to expire or to the next sweep",
+			"count", lockTimeouts, "timeout", a.backendTimeout)
+	}
+	a.mu.Lock()
+	switch {
+	case failed > 0:
+		a.orphanFails++
+		delay := min(a.sweepPeriod()<<min(a.orphanFails-1, 16), max(maxOrphanBackoff, a.sweepPeriod()))
+		a.orphanNext = time.Now().Add(delay)
+		a.mu.Unlock()
+		a.stats.backendErrors.Add(1)
+		a.log.Warn("agent: backend unregister failed; removals left to retry",
+			"op", op, "failed", failed, "deferred", deferred, "removed", removed, "retry_in", delay, "err", firstErr)
+	case removed > 0:
+		a.orphanFails, a.orphanNext = 0, time.Time{}
+		a.mu.Unlock()
+	default:
+		a.mu.Unlock()
+	}
+}
+
+// addOrphan records that k may be in the store without being held. A
+// retry soon (the caller gave up, the store is fine) wakes the janitor
+// unless retries are backing off.
+func (a *Agent) addOrphan(k regKey, soon bool) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.closed {
 		return
 	}
-	defer unlock()
-	a.mu.Lock()
-	_, orphan := a.orphans[k]
-	_, held := a.regs[k]
-	if held {
-		delete(a.orphans, k)
-	}
-	a.mu.Unlock()
-	if orphan && !held {
-		a.removeFromStore(ctx, k)
+	a.orphans[k] = struct{}{}
+	if soon && a.orphanFails == 0 {
+		a.wakeJanitor()
 	}
 }
 
 // removeFromStore unregisters k from the store; on failure k becomes an
-// orphan that the janitor retries. The caller holds k's key lock.
+// orphan that the janitor retries. It returns the backend's error as is
+// and neither counts nor logs it. The caller holds k's key lock.
 func (a *Agent) removeFromStore(ctx context.Context, k regKey) error {
 	err := a.backend.Unregister(ctx, k.name, k.addr)
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if err != nil {
-		if a.closed || errors.Is(err, backend.ErrClosed) {
+		if a.closed {
 			return errShutdown
 		}
 		a.orphans[k] = struct{}{}
-		a.stats.backendErrors.Add(1)
-		a.log.Warn("agent: backend unregister failed; will retry", "name", k.name, "addr", k.addr, "err", err)
-		if ctx.Err() != nil {
-			return ctx.Err()
-		}
-		return api.Errorf(api.CodeUnavailable, "store unavailable: unregister failed (details in the agent's log); the agent retries it")
+		return err
 	}
 	delete(a.orphans, k)
 	return nil
 }
 
-// keyLock serialises the store operations on one registration key, so that
-// a Register, an Unregister and an expiry of the same name/addr reach the
-// store in the order they were decided. It is a channel so that waiting
-// for it honours a context.
-type keyLock struct {
-	ch   chan struct{}
-	refs int // guarded by Agent.mu
+// removeNow removes k from the store for a caller that has already dropped
+// it from memory: the call is bounded by backendTimeout and by Close, not
+// by ctx, so that a caller giving up does not leave the key behind. A
+// failure is counted and logged, and the janitor retries it. The caller
+// holds k's key lock.
+func (a *Agent) removeNow(ctx context.Context, k regKey) error {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), a.backendTimeout)
+	defer cancel()
+	stop := context.AfterFunc(a.ctx, cancel)
+	defer stop()
+	err := a.removeFromStore(ctx, k)
+	switch {
+	case err == nil:
+		return nil
+	case a.ctx.Err() != nil || errors.Is(err, backend.ErrClosed) || errors.Is(err, errShutdown):
+		return errShutdown
+	}
+	a.stats.backendErrors.Add(1)
+	a.log.Warn("agent: backend unregister failed; will retry", "name", k.name, "addr", k.addr, "err", err)
+	return api.Errorf(api.CodeUnavailable, "store unavailable: unregister failed (details in the agent's log); the agent retries it")
 }
 
-// lockKey acquires k's key lock, waiting at most until ctx is done.
+// lockKey acquires k's key lock, waiting at most until ctx is done (its
+// error is returned) or the agent closes (errShutdown). A ctx already done
+// never gets the lock.
 func (a *Agent) lockKey(ctx context.Context, k regKey) (unlock func(), err error) {
-	a.mu.Lock()
-	l := a.keyLocks[k]
-	if l == nil {
-		l = &keyLock{ch: make(chan struct{}, 1)}
-		a.keyLocks[k] = l
-	}
-	l.refs++
-	a.mu.Unlock()
-	release := func() {
-		a.mu.Lock()
-		if l.refs--; l.refs == 0 {
-			delete(a.keyLocks, k)
-		}
-		a.mu.Unlock()
-	}
-	select {
-	case l.ch <- struct{}{}:
-		return func() { <-l.ch; release() }, nil
-	case <-ctx.Done():
-		release()
-		return nil, ctx.Err()
-	case <-a.ctx.Done():
-		release()
+	if a.ctx.Err() != nil {
 		return nil, errShutdown
 	}
+	lctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	stop := context.AfterFunc(a.ctx, func() { cancel(errShutdown) })
+	defer stop()
+	unlock, err = a.locks.Lock(lctx, k)
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		return nil, errShutdown
+	}
+	return unlock, nil
 }
 
 func (k regKey) String() string { return fmt.Sprintf("%s/%s", k.name, k.addr) }

@@ -3,7 +3,10 @@ package agent_test
 import (
 	"context"
 	"errors"
+	"maps"
+	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -12,15 +15,48 @@ import (
 	"github.com/flynn/discoverd/backend/etcd/etcdtest"
 )
 
-// faultyBackend is a real backend with a seam to inject stream failures:
+// faultyBackend is a real backend with seams to inject failures:
 // breakStreams ends every open stream with an error, and while down,
-// Subscribe fails. Everything else goes to the real store.
+// Subscribe fails; while hang is set, Subscribe blocks until its ctx ends;
+// while failUnregister is set, Unregister fails without reaching the
+// store; inject adds an event to every open stream (foreign data).
+// Everything else goes to the real store.
 type faultyBackend struct {
 	backend.Backend
+
+	hang           atomic.Bool
+	failUnregister atomic.Bool
+	unregisters    atomic.Int64 // Unregister calls
 
 	mu      sync.Mutex
 	down    bool
 	streams map[*faultyStream]struct{}
+}
+
+func (f *faultyBackend) Unregister(ctx context.Context, name, addr string) error {
+	f.unregisters.Add(1)
+	if f.failUnregister.Load() {
+		return errInjected
+	}
+	return f.Backend.Unregister(ctx, name, addr)
+}
+
+// inject delivers ev on every open stream, as if the store sent it.
+func (f *faultyBackend) inject(tb testing.TB, ev backend.Event) {
+	tb.Helper()
+	f.mu.Lock()
+	streams := slices.Collect(maps.Keys(f.streams))
+	f.mu.Unlock()
+	if len(streams) == 0 {
+		tb.Fatal("inject: no open stream")
+	}
+	for _, s := range streams {
+		select {
+		case s.inject <- ev:
+		case <-time.After(wait):
+			tb.Fatal("inject: the stream did not take the event")
+		}
+	}
 }
 
 var errInjected = errors.New("injected stream failure")
@@ -32,11 +68,15 @@ func (f *faultyBackend) Subscribe(ctx context.Context, name string) (backend.Str
 	if down {
 		return nil, errInjected
 	}
+	if f.hang.Load() {
+		<-ctx.Done()
+		return nil, ctx.Err()
+	}
 	inner, err := f.Backend.Subscribe(ctx, name)
 	if err != nil {
 		return nil, err
 	}
-	s := &faultyStream{inner: inner, events: make(chan backend.Event), broken: make(chan struct{}), done: make(chan struct{})}
+	s := &faultyStream{inner: inner, events: make(chan backend.Event), inject: make(chan backend.Event), broken: make(chan struct{}), done: make(chan struct{})}
 	f.mu.Lock()
 	if f.streams == nil {
 		f.streams = make(map[*faultyStream]struct{})
@@ -70,6 +110,7 @@ func (f *faultyBackend) heal() {
 type faultyStream struct {
 	inner     backend.Stream
 	events    chan backend.Event
+	inject    chan backend.Event // events to deliver as if from the store
 	breakOnce sync.Once
 	broken    chan struct{} // closed to break (or close) the stream
 	done      chan struct{} // closed when forward returned
@@ -82,21 +123,24 @@ func (s *faultyStream) forward() {
 	defer close(s.events)
 	defer s.inner.Close()
 	for {
+		var ev backend.Event
 		select {
 		case <-s.broken:
 			s.err = errInjected
 			return
-		case ev, ok := <-s.inner.Events():
+		case ev = <-s.inject:
+		case e, ok := <-s.inner.Events():
 			if !ok {
 				s.err = s.inner.Err()
 				return
 			}
-			select {
-			case s.events <- ev:
-			case <-s.broken:
-				s.err = errInjected
-				return
-			}
+			ev = e
+		}
+		select {
+		case s.events <- ev:
+		case <-s.broken:
+			s.err = errInjected
+			return
 		}
 	}
 }

@@ -150,10 +150,13 @@ func (s *Session) Register(ctx context.Context, args api.Args) (string, error) {
 	if err != nil {
 		if r != nil {
 			r.dirty = true
-		} else if !a.closed {
-			a.orphans[k] = struct{}{} // the write may have happened
 		}
 		a.mu.Unlock()
+		if r == nil {
+			// The write may have happened. When the caller gave up, the
+			// store is probably fine: retry the removal at once.
+			a.addOrphan(k, ctx.Err() != nil)
+		}
 		return "", a.backendError(ctx, "register", err, "name", k.name, "addr", k.addr)
 	}
 	delete(a.orphans, k)
@@ -162,10 +165,11 @@ func (s *Session) Register(ctx context.Context, args api.Args) (string, error) {
 		return "", errShutdown
 	}
 	if r == nil && s.closed {
-		// Close ran while we were writing: it cannot have seen this
-		// registration, so withdraw it here.
+		// Close ran while we were writing (the connection died): it
+		// cannot have seen this registration, so withdraw it here, even
+		// though ctx has most likely ended with the connection.
 		a.mu.Unlock()
-		_ = a.removeFromStore(ctx, k)
+		_ = a.removeNow(ctx, k)
 		return "", errSessionClosed
 	}
 	if r == nil {
@@ -254,12 +258,23 @@ func notFound(k regKey) error {
 }
 
 // Unregister removes the registration args.Name/args.Addr (a ":port"
-// address is expanded as in Register) from the store at once. It blocks
-// until the store acknowledged it or ctx is done. Errors: *api.Error with
-// CodeNotFound when the agent does not hold it, CodeInvalidArgument,
-// CodeUnavailable (the agent then keeps retrying the removal in the
-// background), or ctx.Err(). After any error other than CodeInvalidArgument
-// the agent no longer holds the registration.
+// address is expanded as in Register) from the store at once. Any session
+// of the agent may remove it.
+//
+// It may wait for another store operation on the same registration; ctx
+// bounds that wait. Once the registration is dropped from memory, the
+// store removal is no longer bound by ctx but by an internal timeout (a
+// few seconds), so that a caller giving up leaves nothing behind. It
+// returns nil once the store acknowledged the removal. Errors, and what
+// the agent holds after each:
+//   - CodeInvalidArgument (bad name or addr): nothing changed.
+//   - CodeNotFound: the agent did not hold it (nor a removal to retry).
+//   - ctx.Err(): ctx ended while waiting; nothing changed, the agent holds
+//     the registration if it did.
+//   - CodeUnavailable "session closed" or "agent shutting down": nothing
+//     changed (a registration owned by another session stays with it).
+//   - CodeUnavailable "store unavailable": the agent no longer holds the
+//     registration and keeps retrying its removal in the background.
 func (s *Session) Unregister(ctx context.Context, args api.Args) error {
 	k, err := s.key(args)
 	if err != nil {
@@ -286,7 +301,7 @@ func (s *Session) Unregister(ctx context.Context, args api.Args) error {
 		a.forgetLocked(k, r)
 	}
 	a.mu.Unlock()
-	return a.removeFromStore(ctx, k)
+	return a.removeNow(ctx, k)
 }
 
 // forgetLocked drops the registration k from the agent and its owner.
@@ -296,10 +311,12 @@ func (a *Agent) forgetLocked(k regKey, r *registration) {
 }
 
 // Close unregisters every registration the session owns and ends the
-// session; later calls fail with CodeUnavailable. It blocks until the
-// store acknowledged the removals, bounded by an internal timeout; a
-// removal that fails is logged and retried by the agent in the background.
-// After Agent.Close it only marks the session closed. It is idempotent.
+// session; later calls fail with CodeUnavailable. It drops the
+// registrations from memory and blocks until the store acknowledged their
+// removals, made several at once; each is bounded by an internal timeout.
+// If the store fails, the remaining removals are not attempted: they are
+// logged once and retried by the agent in the background. After
+// Agent.Close it only marks the session closed. It is idempotent.
 func (s *Session) Close() {
 	a := s.a
 	a.mu.Lock()
@@ -318,32 +335,22 @@ func (s *Session) Close() {
 		keys = append(keys, k)
 	}
 	a.mu.Unlock()
-
-	ctx, cancel := context.WithTimeout(a.ctx, backendTimeout)
-	defer cancel()
-	for _, k := range keys {
-		s.release(ctx, k)
+	if len(keys) > 0 {
+		a.removeBatch("session close", keys, s.prepareRelease, true)
 	}
 }
 
-// release unregisters k if s still owns it.
-func (s *Session) release(ctx context.Context, k regKey) {
+// prepareRelease drops k from memory if s still owns it, and reports
+// whether it must be removed from the store. The caller holds k's key
+// lock.
+func (s *Session) prepareRelease(k regKey) bool {
 	a := s.a
-	unlock, err := a.lockKey(ctx, k)
-	if err != nil {
-		// Out of time, or the agent is closing: without heartbeats the
-		// registration expires within a TTL (or goes with the backend).
-		a.log.Warn("agent: session close: registration left to expire", "name", k.name, "addr", k.addr, "err", err)
-		return
-	}
-	defer unlock()
 	a.mu.Lock()
+	defer a.mu.Unlock()
 	r := a.regs[k]
-	if r == nil || r.owner != s {
-		a.mu.Unlock()
-		return
+	if a.closed || r == nil || r.owner != s {
+		return false
 	}
 	a.forgetLocked(k, r)
-	a.mu.Unlock()
-	_ = a.removeFromStore(ctx, k) // logged; retried by the janitor
+	return true
 }

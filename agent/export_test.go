@@ -1,0 +1,37 @@
+package agent
+
+import (
+	"slices"
+	"time"
+)
+
+// NewWithBackendTimeout is New with the internal backend timeout set to d,
+// so that tests of an unreachable store need not wait seconds.
+func NewWithBackendTimeout(cfg Config, d time.Duration) (*Agent, error) {
+	return newAgent(cfg, d)
+}
+
+// RemoveParallelism is how many store removals a batch runs at once.
+const RemoveParallelism = removeParallelism
+
+// HeldAddrs returns the addresses of name that the agent holds, sorted.
+func HeldAddrs(a *Agent, name string) []string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	var addrs []string
+	for k := range a.regs {
+		if k.name == name {
+			addrs = append(addrs, k.addr)
+		}
+	}
+	slices.Sort(addrs)
+	return addrs
+}
+
+// Orphans returns how many keys the agent still has to remove from the
+// store, and how many batches of retries failed in a row.
+func Orphans(a *Agent) (orphans, failedBatches int) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return len(a.orphans), a.orphanFails
+}
