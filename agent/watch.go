@@ -30,9 +30,11 @@ type watch struct {
 	ctx    context.Context // cancelled to stop the watch
 	cancel context.CancelFunc
 
-	readyOnce sync.Once
-	ready     chan struct{} // closed once the cache holds a complete snapshot
-	done      chan struct{} // closed when run has returned
+	readyOnce  sync.Once
+	ready      chan struct{} // closed once the cache holds a complete snapshot
+	failedOnce sync.Once
+	failed     chan struct{} // closed once an attempt to get a snapshot failed
+	done       chan struct{} // closed when run has returned
 
 	// guarded by Agent.mu
 	refs      int       // subscriptions and one-shot lookups using the watch
@@ -47,7 +49,15 @@ type watch struct {
 	leader  api.ServiceUpdate            // online instance with the smallest Created; zero if none
 	subs    map[*Subscription]struct{}   // Subscribe streams
 	leaders map[*Subscription]struct{}   // Leader streams
+
+	// Instances refused for breaking the api limits (foreign data):
+	// logged at most once per badLogEvery, with how many since.
+	badLogged time.Time
+	badCount  int
 }
+
+// badLogEvery rate-limits the log of refused instances, per watch.
+const badLogEvery = time.Minute
 
 // acquireWatch returns the watch of name, starting it if needed, and
 // counts one more user. The caller must call releaseWatch.
@@ -66,6 +76,7 @@ func (a *Agent) acquireWatch(name string) (*watch, error) {
 			ctx:     ctx,
 			cancel:  cancel,
 			ready:   make(chan struct{}),
+			failed:  make(chan struct{}),
 			done:    make(chan struct{}),
 			cache:   make(map[string]api.ServiceUpdate),
 			subs:    make(map[*Subscription]struct{}),
@@ -94,8 +105,19 @@ func (a *Agent) releaseWatch(w *watch) {
 	}
 }
 
-// waitReady blocks until w's cache holds a complete snapshot.
+// waitReady blocks until w's cache holds a complete snapshot. It does not
+// wait for a store that cannot be reached: once an attempt to subscribe
+// has failed, or after the agent's backend timeout, it returns
+// CodeUnavailable while the watch keeps trying for later callers. It
+// returns ctx.Err() if ctx ends first, and errShutdown if w stopped.
 func (w *watch) waitReady(ctx context.Context) error {
+	select {
+	case <-w.ready:
+		return nil
+	default:
+	}
+	t := time.NewTimer(w.a.backendTimeout)
+	defer t.Stop()
 	select {
 	case <-w.ready:
 		return nil
@@ -103,21 +125,31 @@ func (w *watch) waitReady(ctx context.Context) error {
 		return ctx.Err()
 	case <-w.done:
 		return errShutdown
+	case <-w.failed:
+	case <-t.C:
 	}
+	select {
+	case <-w.ready: // the retry that just succeeded
+		return nil
+	default:
+	}
+	return api.Errorf(api.CodeUnavailable, "store unreachable: no snapshot of %s yet", w.name)
 }
 
 // run owns the backend stream of w: it subscribes, applies events, and
-// resubscribes with backoff when the stream breaks, until w.ctx is done.
-// While the store is unreachable the cache keeps its last known state.
+// resubscribes with backoff when the stream breaks, until w.ctx is done or
+// the backend is closed. While the store is unreachable the cache keeps
+// its last known state.
 func (w *watch) run() {
 	defer w.a.wg.Done()
 	defer close(w.done)
 	defer w.shutdown()
+	defer w.unlist()
 	delay := minRetry
 	for {
 		stream, err := w.a.backend.Subscribe(w.ctx, w.name)
+		current := false
 		if err == nil {
-			var current bool
 			current, err = w.consume(stream)
 			_ = stream.Close()
 			if current {
@@ -125,6 +157,15 @@ func (w *watch) run() {
 			}
 		}
 		if w.ctx.Err() != nil {
+			return
+		}
+		if !current {
+			w.failedOnce.Do(func() { close(w.failed) })
+		}
+		if errors.Is(err, backend.ErrClosed) {
+			// Closed for good (main closes it after the agent; here it
+			// went first): no point in resubscribing.
+			w.a.log.Warn("agent: backend closed; watch stopped", "name", w.name)
 			return
 		}
 		w.a.stats.backendErrors.Add(1)
@@ -138,6 +179,16 @@ func (w *watch) run() {
 		case <-t.C:
 		}
 		delay = min(2*delay, maxRetry)
+	}
+}
+
+// unlist removes w from the agent's watches if it is still listed, so that
+// a watch that stopped by itself is not served to later callers.
+func (w *watch) unlist() {
+	w.a.mu.Lock()
+	defer w.a.mu.Unlock()
+	if w.a.watches[w.name] == w {
+		delete(w.a.watches, w.name)
 	}
 }
 
@@ -160,15 +211,19 @@ func (w *watch) consume(stream backend.Stream) (current bool, err error) {
 				return current, errors.New("backend stream ended without an error")
 			}
 			w.a.stats.events.Add(1)
+			u, typ := w.update(ev.Instance), ev.Type
+			if typ == backend.Put && !w.valid(u) {
+				typ = backend.Delete // what the store holds is unusable
+			}
 			if current {
 				w.mu.Lock()
-				w.applyLocked(ev.Type, w.update(ev.Instance))
+				w.applyLocked(typ, u, true)
 				w.mu.Unlock()
 				continue
 			}
-			switch ev.Type {
+			switch typ {
 			case backend.Put:
-				fresh[ev.Instance.Addr] = w.update(ev.Instance)
+				fresh[ev.Instance.Addr] = u
 			case backend.Delete:
 				delete(fresh, ev.Instance.Addr)
 			case backend.Current:
@@ -184,9 +239,39 @@ func (w *watch) update(in backend.Instance) api.ServiceUpdate {
 	return api.ServiceUpdate{Name: w.name, Addr: in.Addr, Online: true, Attrs: in.Attrs, Created: uint(in.Created)}
 }
 
+// valid reports whether u is within the api limits. The backends do not
+// enforce them on what they read, and data written by something other
+// than a discoverd agent must not reach subscribers; refusals are logged
+// at most once per badLogEvery. Only run calls it.
+func (w *watch) valid(u api.ServiceUpdate) bool {
+	err := api.ValidateAddr(u.Addr)
+	if err == nil {
+		err = api.ValidateAttrs(u.Attrs)
+	}
+	if err == nil {
+		return true
+	}
+	w.badCount++
+	if now := time.Now(); now.Sub(w.badLogged) >= badLogEvery {
+		w.a.log.Warn("agent: ignoring instances in the store that break the limits",
+			"name", w.name, "addr", truncate(u.Addr, 64), "err", err, "count", w.badCount)
+		w.badLogged, w.badCount = now, 0
+	}
+	return false
+}
+
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n] + "..."
+}
+
 // resync makes the cache equal to a complete snapshot, emitting the
-// differences as ordinary changes: removals first, then additions and
-// updates, each oldest first.
+// differences as ordinary changes to Subscribe streams: removals first,
+// then additions and updates, each oldest first. Leader streams get one
+// update at the end, if the leader's identity changed: the intermediate
+// states are not ones the store went through.
 func (w *watch) resync(fresh map[string]api.ServiceUpdate) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
@@ -198,10 +283,20 @@ func (w *watch) resync(fresh map[string]api.ServiceUpdate) {
 	}
 	sortOldestFirst(gone)
 	for _, u := range gone {
-		w.applyLocked(backend.Delete, u)
+		w.applyLocked(backend.Delete, u, false)
 	}
 	for _, u := range sortOldestFirst(slices.Collect(maps.Values(fresh))) {
-		w.applyLocked(backend.Put, u)
+		w.applyLocked(backend.Put, u, false)
+	}
+	old := w.leader
+	w.leader = api.ServiceUpdate{}
+	for _, c := range w.cache {
+		if w.leader.Addr == "" || c.Created < w.leader.Created {
+			w.leader = c
+		}
+	}
+	if w.leader.Addr != old.Addr || w.leader.Created != old.Created {
+		w.fanOutLocked(w.leaders, w.leader)
 	}
 }
 
@@ -212,15 +307,22 @@ func sortOldestFirst(us []api.ServiceUpdate) []api.ServiceUpdate {
 	return us
 }
 
-// applyLocked applies one change to the cache and fans it out. A Put that
-// changes nothing (same Created and attributes) and a Delete of an unknown
-// instance emit nothing. A Delete carries the last known attributes and
-// Created.
-func (w *watch) applyLocked(typ backend.EventType, u api.ServiceUpdate) {
+// applyLocked applies one change to the cache and fans it out to Subscribe
+// streams, and, if leaders is set, moves the leader and tells Leader
+// streams. A Put that changes nothing (same Created and attributes) and a
+// Delete of an unknown instance emit nothing. A Delete carries the last
+// known attributes and Created. A Put of a known addr with another Created
+// (the instance was removed and registered again, unseen) emits the
+// removal of the old one first.
+func (w *watch) applyLocked(typ backend.EventType, u api.ServiceUpdate, leaders bool) {
 	switch typ {
 	case backend.Put:
-		if old, ok := w.cache[u.Addr]; ok && old.Created == u.Created && maps.Equal(old.Attrs, u.Attrs) {
+		old, ok := w.cache[u.Addr]
+		if ok && old.Created == u.Created && maps.Equal(old.Attrs, u.Attrs) {
 			return
+		}
+		if ok && old.Created != u.Created {
+			w.applyLocked(backend.Delete, old, leaders)
 		}
 		w.cache[u.Addr] = u
 	case backend.Delete:
@@ -235,7 +337,7 @@ func (w *watch) applyLocked(typ backend.EventType, u api.ServiceUpdate) {
 		return
 	}
 	w.fanOutLocked(w.subs, u)
-	if w.moveLeaderLocked(u) {
+	if leaders && w.moveLeaderLocked(u) {
 		w.fanOutLocked(w.leaders, w.leader)
 	}
 }
