@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"runtime"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -122,8 +123,13 @@ func TestConcurrentSessions(t *testing.T) {
 	if err != nil {
 		t.Fatalf("Instances: %v", err)
 	}
-	if held := p.a1.Stats().Registrations; held != len(insts) {
-		t.Fatalf("the agent holds %d registrations, the store %d: %+v", held, len(insts), insts)
+	var stored []string
+	for _, u := range insts {
+		stored = append(stored, u.Addr) // the marker included: a1 holds it too
+	}
+	slices.Sort(stored)
+	if held := agent.HeldAddrs(p.a1, "race"); !slices.Equal(held, stored) {
+		t.Fatalf("the agent holds %v, the store %v", held, stored)
 	}
 
 	marker.Close()
