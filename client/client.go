@@ -2,6 +2,7 @@ package discoverd
 
 import (
 	"context"
+	"errors"
 	"log/slog"
 	"math/rand/v2"
 	"os"
@@ -389,21 +390,37 @@ func sleep(stop <-chan struct{}, d time.Duration) bool {
 
 // call makes one unary call on conn, or on the current connection when
 // conn is nil (failing fast with ErrDisconnected when there is none),
-// bounded by CallTimeout. The error is translated by wireError.
+// bounded by CallTimeout. The error is translated by callCtx.
 func (c *Client) call(conn *rpc.Client, op, method string, args, reply any) error {
+	ctx, cancel := context.WithTimeout(c.ctx, c.cfg.CallTimeout)
+	defer cancel()
+	return c.callCtx(ctx, conn, op, method, args, reply)
+}
+
+// callCtx is call bounded by ctx, which must derive from c.ctx. Errors:
+// ErrClosed once the client is closed, ErrDisconnected without a
+// connection, timeoutError when ctx's deadline passes, else wireError's.
+func (c *Client) callCtx(ctx context.Context, conn *rpc.Client, op, method string, args, reply any) error {
 	if conn == nil {
 		c.mu.Lock()
 		cur, closed := c.conn, c.closed
 		c.mu.Unlock()
 		switch {
 		case closed:
-			return wireError(op, ErrClosed)
+			return ErrClosed
 		case cur == nil:
-			return wireError(op, ErrDisconnected)
+			return ErrDisconnected
 		}
 		conn = cur
 	}
-	ctx, cancel := context.WithTimeout(c.ctx, c.cfg.CallTimeout)
-	defer cancel()
-	return wireError(op, conn.Call(ctx, method, args, reply))
+	err := conn.Call(ctx, method, args, reply)
+	switch {
+	case err == nil:
+		return nil
+	case c.ctx.Err() != nil:
+		return ErrClosed
+	case errors.Is(err, context.DeadlineExceeded):
+		return timeoutError(op)
+	}
+	return wireError(op, err)
 }

@@ -154,8 +154,18 @@ func TestNewClientAddress(t *testing.T) {
 		t.Error(err)
 	}
 	c.Close()
-	if err := c.Register(serviceName(t, "x"), "127.0.0.1:2"); !errors.Is(err, discoverd.ErrClosed) {
+	// After Close, calls fail with the sentinel itself.
+	if err := c.Register(serviceName(t, "x"), "127.0.0.1:2"); err != discoverd.ErrClosed {
 		t.Errorf("Register after Close = %v, want ErrClosed", err)
+	}
+	if _, err := c.NewServiceSet(serviceName(t, "x")); err != discoverd.ErrClosed {
+		t.Errorf("NewServiceSet after Close = %v, want ErrClosed", err)
+	}
+	if _, err := c.Subscribe(context.Background(), serviceName(t, "x")); err != discoverd.ErrClosed {
+		t.Errorf("Subscribe after Close = %v, want ErrClosed", err)
+	}
+	if _, err := c.Services(serviceName(t, "x"), time.Second); err != discoverd.ErrClosed {
+		t.Errorf("Services after Close = %v, want ErrClosed", err)
 	}
 	if err := c.Close(); err != nil {
 		t.Errorf("second Close = %v", err)
@@ -545,12 +555,16 @@ func TestReconnect(t *testing.T) {
 	if ev := recv(t, events, "conn event"); ev.Status != discoverd.ConnStatusConnectFailed {
 		t.Fatalf("second event = %v, want connect_failed", ev.Status)
 	}
-	// While disconnected, calls fail fast.
-	if err := watcher.Register(name, "127.0.0.1:7009"); !errors.Is(err, discoverd.ErrDisconnected) {
+	// While disconnected, calls fail fast, with the sentinel itself (as
+	// go-discoverd did: programs compare with ==).
+	if err := watcher.Register(name, "127.0.0.1:7009"); err != discoverd.ErrDisconnected {
 		t.Fatalf("Register while disconnected = %v, want ErrDisconnected", err)
 	}
-	if _, err := watcher.NewServiceSet(name); !errors.Is(err, discoverd.ErrDisconnected) {
+	if _, err := watcher.NewServiceSet(name); err != discoverd.ErrDisconnected {
 		t.Fatalf("NewServiceSet while disconnected = %v, want ErrDisconnected", err)
+	}
+	if _, err := watcher.Subscribe(context.Background(), name); err != discoverd.ErrDisconnected {
+		t.Fatalf("Subscribe while disconnected = %v, want ErrDisconnected", err)
 	}
 	if api.ErrorCode(discoverd.ErrDisconnected) != api.CodeUnavailable {
 		t.Fatal("ErrDisconnected does not carry CodeUnavailable")

@@ -95,7 +95,7 @@ func (c *Client) Services(name string, timeout time.Duration) ([]*Service, error
 		select {
 		case _, ok := <-updates:
 			if !ok {
-				return nil, wireError("services "+name, ErrClosed)
+				return nil, ErrClosed
 			}
 		case <-t.C:
 			return nil, ErrTimeout

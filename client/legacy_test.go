@@ -55,9 +55,17 @@ func (l *legacyAgent) Subscribe(ctx context.Context, args *api.Args, stream rpc.
 func startLegacyAgent(t *testing.T, a *agent.Agent) string {
 	t.Helper()
 	sess := a.NewSession(-1)
+	t.Cleanup(sess.Close) // after the front end has stopped
+	return serveFrontEnd(t, &legacyAgent{a: a, s: sess})
+}
+
+// serveFrontEnd serves rcvr as the RPC receiver "Agent" on a loopback
+// port until the test ends (its calls' contexts are then cancelled).
+func serveFrontEnd(t *testing.T, rcvr any) string {
+	t.Helper()
 	rs := rpc.NewServer()
 	rs.Logger = quiet()
-	if err := rs.RegisterName("Agent", &legacyAgent{a: a, s: sess}); err != nil {
+	if err := rs.RegisterName("Agent", rcvr); err != nil {
 		t.Fatal(err)
 	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -76,7 +84,6 @@ func startLegacyAgent(t *testing.T, a *agent.Agent) string {
 		rs.Close()
 		hs.Close()
 		<-done
-		sess.Close()
 	})
 	return ln.Addr().String()
 }

@@ -1,6 +1,7 @@
 package discoverd
 
 import (
+	"context"
 	"maps"
 	"strings"
 	"sync"
@@ -63,10 +64,10 @@ func (c *Client) register(name, addr string, attrs map[string]string) (string, e
 	conn, closed, r := c.conn, c.closed, c.regs[key]
 	c.mu.Unlock()
 	if closed {
-		return "", wireError("register", ErrClosed)
+		return "", ErrClosed
 	}
 	if conn == nil {
-		return "", wireError("register", ErrDisconnected)
+		return "", ErrDisconnected
 	}
 	if r == nil {
 		r = &registration{name: name, addr: addr}
@@ -87,7 +88,7 @@ func (c *Client) register(name, addr string, attrs map[string]string) (string, e
 	r.expanded = expanded
 	if c.closed {
 		c.mu.Unlock()
-		return "", wireError("register", ErrClosed)
+		return "", ErrClosed
 	}
 	c.regs[key] = r
 	now := c.conn
@@ -102,9 +103,18 @@ func (c *Client) register(name, addr string, attrs map[string]string) (string, e
 	return expanded, nil
 }
 
+// registerCall calls Agent.Register on conn, bounded by CallTimeout, and
+// returns the expanded address.
 func (c *Client) registerCall(conn *rpc.Client, name, addr string, attrs map[string]string) (string, error) {
+	ctx, cancel := context.WithTimeout(c.ctx, c.cfg.CallTimeout)
+	defer cancel()
+	return c.registerCtx(ctx, conn, name, addr, attrs)
+}
+
+// registerCtx is registerCall bounded by ctx.
+func (c *Client) registerCtx(ctx context.Context, conn *rpc.Client, name, addr string, attrs map[string]string) (string, error) {
 	var expanded string
-	err := c.call(conn, "register "+name+" "+addr, api.MethodRegister, &api.Args{Name: name, Addr: addr, Attrs: attrs}, &expanded)
+	err := c.callCtx(ctx, conn, "register "+name+" "+addr, api.MethodRegister, &api.Args{Name: name, Addr: addr, Attrs: attrs}, &expanded)
 	if err == nil && expanded == "" {
 		expanded = addr // an agent that does not report the expanded address
 	}
@@ -182,19 +192,47 @@ func (c *Client) registrations() []*registration {
 	return regs
 }
 
-// restoreRegistrations registers everything again on a new connection.
-func (c *Client) restoreRegistrations(conn *rpc.Client) {
-	for _, r := range c.registrations() {
-		r.mu.Lock()
-		if !r.gone {
-			if e, err := c.registerCall(conn, r.name, r.addr, r.attrs); err != nil {
-				c.log.Warn("discoverd: restoring a registration failed; the heartbeat loop will retry", "name", r.name, "addr", r.addr, "err", err)
-			} else {
-				c.setExpanded(r, e)
+// maxInFlight bounds the calls a heartbeat round or a restoration has in
+// flight at once. The agent runs up to rpc.DefaultMaxCallsPerConn unary
+// calls per connection; this leaves room for the application's own.
+const maxInFlight = 32
+
+// parallel runs f(0), ..., f(n-1) on at most maxInFlight goroutines and
+// returns when they have all returned.
+func parallel(n int, f func(i int)) {
+	next := make(chan int)
+	var wg sync.WaitGroup
+	for range min(n, maxInFlight) {
+		wg.Go(func() {
+			for i := range next {
+				f(i)
 			}
-		}
-		r.mu.Unlock()
+		})
 	}
+	for i := range n {
+		next <- i
+	}
+	close(next)
+	wg.Wait()
+}
+
+// restoreRegistrations registers everything again on a new connection,
+// concurrently, each call bounded by CallTimeout.
+func (c *Client) restoreRegistrations(conn *rpc.Client) {
+	regs := c.registrations()
+	parallel(len(regs), func(i int) {
+		r := regs[i]
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		if r.gone {
+			return
+		}
+		if e, err := c.registerCall(conn, r.name, r.addr, r.attrs); err != nil {
+			c.log.Warn("discoverd: restoring a registration failed; the heartbeat loop will retry", "name", r.name, "addr", r.addr, "err", err)
+		} else {
+			c.setExpanded(r, e)
+		}
+	})
 }
 
 func (c *Client) heartbeatLoop() {
@@ -207,51 +245,86 @@ func (c *Client) heartbeatLoop() {
 			return
 		case <-t.C:
 		}
-		conn := c.current()
-		if conn == nil {
-			continue // the supervisor restores everything on reconnection
-		}
-		for _, r := range c.registrations() {
-			c.heartbeat(conn, r)
-		}
+		if conn := c.current(); conn != nil {
+			c.heartbeatRound(conn)
+		} // else the supervisor restores everything on reconnection
 	}
 }
 
-// heartbeat keeps r alive with Agent.Heartbeat, registering it again when
-// the agent has forgotten it (CodeNotFound), and falling back to
-// Agent.Register, which counts as a heartbeat, with an agent that predates
-// Agent.Heartbeat.
-func (c *Client) heartbeat(conn *rpc.Client, r *registration) {
-	r.mu.Lock()
+// heartbeatRound heartbeats every registration on conn at once, then
+// registers again, at once, those the agent has forgotten (CodeNotFound),
+// or all of them with an agent that predates Agent.Heartbeat (for which
+// Agent.Register counts as a heartbeat). Each of the two phases is bounded
+// by half a HeartbeatInterval (and by CallTimeout), so a round ends within
+// an interval whatever the agent does, and a call that is slow or never
+// answered delays no other registration.
+func (c *Client) heartbeatRound(conn *rpc.Client) {
+	timeout := min(c.cfg.HeartbeatInterval/2, c.cfg.CallTimeout)
+	regs := c.registrations()
+	forgotten := make([]bool, len(regs))
+	ctx, cancel := context.WithTimeout(c.ctx, timeout)
+	parallel(len(regs), func(i int) { forgotten[i] = c.heartbeat(ctx, conn, regs[i]) })
+	cancel()
+
+	var again []*registration
+	for i, r := range regs {
+		if forgotten[i] {
+			again = append(again, r)
+		}
+	}
+	ctx, cancel = context.WithTimeout(c.ctx, timeout)
+	defer cancel()
+	parallel(len(again), func(i int) { c.reregister(ctx, conn, again[i]) })
+}
+
+// heartbeat sends one Agent.Heartbeat for r and reports whether r must be
+// registered again: the agent forgot it, or lacks Agent.Heartbeat.
+func (c *Client) heartbeat(ctx context.Context, conn *rpc.Client, r *registration) (again bool) {
+	c.mu.Lock()
+	legacy := c.legacy && c.conn == conn
+	addr := r.expanded
+	c.mu.Unlock()
+	if legacy {
+		return true
+	}
+	err := c.callCtx(ctx, conn, "heartbeat "+r.name+" "+r.addr, api.MethodHeartbeat, &api.Args{Name: r.name, Addr: addr}, &struct{}{})
+	switch {
+	case err == nil:
+		return false
+	case isUnknownMethod(err):
+		c.mu.Lock()
+		if c.conn == conn {
+			c.legacy = true
+		}
+		c.mu.Unlock()
+		return true
+	case api.ErrorCode(err) == api.CodeNotFound:
+		c.log.Info("discoverd: the agent forgot a registration; registering it again", "name", r.name, "addr", r.addr)
+		return true
+	case err == ErrClosed:
+		return false
+	}
+	c.log.Warn("discoverd: heartbeat failed", "name", r.name, "addr", r.addr, "err", err)
+	return false
+}
+
+// reregister registers r again on conn, unless a call for r is under way
+// (a Register, an Unregister or a restoration, which decides r's fate) or
+// r was unregistered meanwhile.
+func (c *Client) reregister(ctx context.Context, conn *rpc.Client, r *registration) {
+	if !r.mu.TryLock() {
+		return
+	}
 	defer r.mu.Unlock()
 	if r.gone {
 		return
 	}
-	c.mu.Lock()
-	legacy := c.legacy && c.conn == conn
-	c.mu.Unlock()
-	if !legacy {
-		err := c.call(conn, "heartbeat "+r.name+" "+r.addr, api.MethodHeartbeat, &api.Args{Name: r.name, Addr: c.expandedAddr(r)}, &struct{}{})
-		switch {
-		case err == nil:
-			return
-		case api.ErrorCode(err) == api.CodeNotFound && !isUnknownMethod(err):
-			c.log.Info("discoverd: the agent forgot a registration; registering it again", "name", r.name, "addr", r.addr)
-		case isUnknownMethod(err):
-			c.mu.Lock()
-			if c.conn == conn {
-				c.legacy = true
-			}
-			c.mu.Unlock()
-		default:
-			c.log.Warn("discoverd: heartbeat failed", "name", r.name, "addr", r.addr, "err", err)
-			return
-		}
-	}
-	if e, err := c.registerCall(conn, r.name, r.addr, r.attrs); err != nil {
+	expanded, err := c.registerCtx(ctx, conn, r.name, r.addr, r.attrs)
+	switch {
+	case err == nil:
+		c.setExpanded(r, expanded)
+	case err != ErrClosed:
 		c.log.Warn("discoverd: heartbeat (register) failed", "name", r.name, "addr", r.addr, "err", err)
-	} else {
-		c.setExpanded(r, e)
 	}
 }
 

@@ -131,20 +131,15 @@ var _ ServiceSet = (*serviceSet)(nil)
 
 // NewServiceSet subscribes to the instances of name and returns a set that
 // holds them all. It blocks until the agent has sent the current instances
-// (at most Config.CallTimeout) and fails with ErrDisconnected while the client is reconnecting, or with
-// the agent's error (e.g. CodeInvalidArgument for a bad name).
+// (at most Config.CallTimeout). It fails with ErrDisconnected while the
+// client is reconnecting, ErrClosed after Close, or the agent's error
+// (e.g. CodeInvalidArgument for a bad name).
 func (c *Client) NewServiceSet(name string) (ServiceSet, error) {
 	return c.newServiceSet(name, "")
 }
 
 func (c *Client) newServiceSet(name, selfAddr string) (*serviceSet, error) {
 	conn := c.current()
-	if conn == nil {
-		if c.isClosed() {
-			return nil, wireError("subscribe "+name, ErrClosed)
-		}
-		return nil, wireError("subscribe "+name, ErrDisconnected)
-	}
 	ctx, cancel := context.WithCancel(c.ctx)
 	s := &serviceSet{
 		c:        c,
@@ -158,7 +153,7 @@ func (c *Client) newServiceSet(name, selfAddr string) (*serviceSet, error) {
 		watchers: make(map[chan *ServiceUpdate]struct{}),
 		leaders:  make(map[chan *Service]struct{}),
 	}
-	sub, err := s.subscribe(conn)
+	sub, err := c.subscribe(ctx, conn, name)
 	if err != nil {
 		cancel()
 		return nil, err
@@ -167,8 +162,8 @@ func (c *Client) newServiceSet(name, selfAddr string) (*serviceSet, error) {
 	if c.closed {
 		c.mu.Unlock()
 		cancel()
-		sub.call.Close()
-		return nil, wireError("subscribe "+name, ErrClosed)
+		sub.stop()
+		return nil, ErrClosed
 	}
 	c.sets[s] = struct{}{}
 	c.wg.Add(1)
@@ -180,9 +175,13 @@ func (c *Client) newServiceSet(name, selfAddr string) (*serviceSet, error) {
 	select {
 	case err = <-s.ready:
 	case <-ctx.Done():
-		err = wireError("subscribe "+name, ErrClosed)
+		select {
+		case err = <-s.ready: // run reported, then closed the set
+		default:
+			err = ErrClosed
+		}
 	case <-t.C:
-		err = wireError("subscribe "+name, errors.New("the agent did not send the current instances in time"))
+		err = timeoutError("subscribe " + name)
 	}
 	if err != nil {
 		s.Close()
@@ -197,26 +196,12 @@ func (c *Client) isClosed() bool {
 	return c.closed
 }
 
-type subscription struct {
-	call *rpc.StreamCall
-	ch   chan *ServiceUpdate
-}
-
-func (s *serviceSet) subscribe(conn *rpc.Client) (subscription, error) {
-	ch := make(chan *ServiceUpdate, 64)
-	call, err := conn.Stream(s.ctx, api.MethodSubscribe, &api.Args{Name: s.name}, ch)
-	if err != nil {
-		return subscription{}, wireError("subscribe "+s.name, err)
-	}
-	return subscription{call, ch}, nil
-}
-
 var errStopped = errors.New("stopped")
 
 // run owns the set's subscription: it applies updates, and when the
 // stream ends it resubscribes (on a new connection if the old one died),
 // until the set or the client is closed.
-func (s *serviceSet) run(conn *rpc.Client, sub subscription) {
+func (s *serviceSet) run(conn *rpc.Client, sub *subscription) {
 	defer s.c.wg.Done()
 	defer s.Close()
 	first := true
@@ -248,7 +233,7 @@ func (s *serviceSet) run(conn *rpc.Client, sub subscription) {
 					return
 				}
 			}
-			if sub, err = s.subscribe(conn); err == nil {
+			if sub, err = s.c.subscribe(s.ctx, conn, s.name); err == nil {
 				break
 			}
 			s.c.log.Warn("discoverd: resubscribe failed", "name", s.name, "err", err)
@@ -259,20 +244,16 @@ func (s *serviceSet) run(conn *rpc.Client, sub subscription) {
 // consume reads one subscription until it ends. The snapshot part is
 // collected and then reconciled with the set's view, so a resubscription
 // reports only what changed. It reports whether the snapshot completed.
-func (s *serviceSet) consume(sub subscription, first bool) (current bool, err error) {
+func (s *serviceSet) consume(sub *subscription, first bool) (current bool, err error) {
 	snapshot := make(map[string]*ServiceUpdate)
 	for {
 		select {
 		case u, ok := <-sub.ch:
 			if !ok {
-				err := sub.call.Err()
 				if s.ctx.Err() != nil {
 					return current, errStopped
 				}
-				if err == nil {
-					err = errors.New("the agent ended the stream")
-				}
-				return current, wireError("subscribe "+s.name, err)
+				return current, sub.err()
 			}
 			switch {
 			case u == nil:
@@ -292,9 +273,7 @@ func (s *serviceSet) consume(sub subscription, first bool) (current bool, err er
 				s.apply(u)
 			}
 		case <-s.ctx.Done():
-			sub.call.Close()
-			for range sub.ch { // until the stream's end or the conn's
-			}
+			sub.stop()
 			return current, errStopped
 		}
 	}
