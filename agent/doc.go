@@ -50,7 +50,10 @@
 // by Config.SubscriberBuffer and is cut off with CodeResourceExhausted when
 // it falls behind, so it never blocks the watch or other subscribers. When
 // the backend stream breaks, the watch keeps serving its last known state
-// and resubscribes with backoff, emitting only the differences.
+// and resubscribes with backoff, emitting only the differences. A lookup
+// of a name not watched yet does not wait for an unreachable store: it
+// fails with CodeUnavailable. Instances read from the store that break the
+// api limits are dropped.
 //
 // Errors returned to callers are *api.Error values (or a ctx error) whose
 // messages are safe to show a client; store failures are logged and

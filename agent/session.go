@@ -95,9 +95,11 @@ func (s *Session) usableLocked() error {
 // *api.Error with CodeInvalidArgument (bad name, addr or attrs, or ":port"
 // without ExternalIP), CodeResourceExhausted (the session's cap is
 // reached), CodeUnavailable (store unreachable, session or agent closed);
-// or ctx.Err(), in which case the registration may or may not have been
-// stored (a stored one is removed by the agent within about a TTL unless it
-// is registered again). The session stays usable after any error.
+// or ctx.Err(). After a failed store write of a new registration, it may
+// or may not have been stored: the agent removes it from the store in the
+// background (at once when ctx ended, after the next janitor sweep when
+// the store failed) unless it is registered again. The session stays
+// usable after any error.
 func (s *Session) Register(ctx context.Context, args api.Args) (string, error) {
 	k, err := s.key(args)
 	if err != nil {

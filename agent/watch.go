@@ -51,7 +51,8 @@ type watch struct {
 	leaders map[*Subscription]struct{}   // Leader streams
 
 	// Instances refused for breaking the api limits (foreign data):
-	// logged at most once per badLogEvery, with how many since.
+	// logged at most once per badLogEvery, with how many since. Owned by
+	// run's goroutine.
 	badLogged time.Time
 	badCount  int
 }
@@ -406,11 +407,16 @@ func (w *watch) shutdown() {
 // removal. Nothing is lost or reordered between the snapshot and the live
 // part.
 //
-// If the name's watch has no complete snapshot yet, Subscribe blocks until
-// it has one (the store answered) or ctx is done. ctx does not bound the
+// If the name is not watched yet, Subscribe blocks until the store
+// answered with a snapshot, but not for an unreachable store: it fails
+// once the agent's first attempt to subscribe failed, or after the
+// agent's backend timeout (a few seconds), while the agent keeps trying
+// for later calls. A name already watched is served from the agent's
+// cache, even while the store is unreachable. ctx does not bound the
 // subscription; Close does, and the caller must call it. Errors:
-// CodeInvalidArgument for a bad name, CodeUnavailable when the agent is
-// closed, or ctx.Err().
+// CodeInvalidArgument for a bad name; CodeUnavailable when the store is
+// unreachable ("store unreachable: no snapshot of <name> yet") or the agent
+// is closed; ctx.Err().
 func (a *Agent) Subscribe(ctx context.Context, name string) (*Subscription, error) {
 	return a.join(ctx, name, false)
 }
@@ -469,8 +475,8 @@ func (w *watch) snapshotLocked(extra int) []api.ServiceUpdate {
 }
 
 // Instances returns the online instances of name, oldest first, from the
-// agent's cache. It blocks only when the name is not watched yet, until
-// the store answered or ctx is done. Errors as for Subscribe.
+// agent's cache. It blocks only when the name is not watched yet, as
+// Subscribe does. Errors as for Subscribe.
 func (a *Agent) Instances(ctx context.Context, name string) ([]api.ServiceUpdate, error) {
 	var us []api.ServiceUpdate
 	err := a.lookup(ctx, name, func(w *watch) { us = w.snapshotLocked(0) })
