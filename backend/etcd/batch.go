@@ -2,6 +2,7 @@ package etcd
 
 import (
 	"context"
+	"errors"
 	"sync"
 	"sync/atomic"
 
@@ -112,10 +113,10 @@ func (q *batcher) delete(ctx context.Context, key string) error {
 // ends, or the batcher closes, before a writer sends w, w is never sent
 // and do returns ctx.Err() (backend.ErrClosed when the batcher closed).
 // Once sent, do returns the transaction's result, which is the same for
-// every write in it; a transaction is abandoned (its result is then a
-// context error) when the batcher closes or the ctx of every write in it
-// has ended, so a caller whose ctx ends after its write was sent waits
-// at most for the callers sharing its transaction.
+// every write in it. A transaction is abandoned when the batcher closes
+// (its callers then get backend.ErrClosed) or the ctx of every write in
+// it has ended (ctx.Err()), so a caller whose ctx ends after its write
+// was sent waits at most for the callers sharing its transaction.
 func (q *batcher) do(ctx context.Context, w *write) error {
 	w.ctx, w.done = ctx, make(chan error, 1)
 	select {
@@ -128,7 +129,7 @@ func (q *batcher) do(ctx context.Context, w *write) error {
 	var gaveUp error
 	select {
 	case err := <-w.done:
-		return err
+		return q.result(ctx, err)
 	case <-ctx.Done():
 		gaveUp = ctx.Err()
 	case <-q.ctx.Done():
@@ -137,7 +138,23 @@ func (q *batcher) do(ctx context.Context, w *write) error {
 	if w.state.CompareAndSwap(writeQueued, writeAbandoned) {
 		return gaveUp
 	}
-	return <-w.done // sent: its transaction ends soon after every caller of it gave up
+	return q.result(ctx, <-w.done) // sent: its transaction ends soon after every caller of it gave up
+}
+
+// result is what the caller of a sent write with ctx gets for its
+// transaction's err: an abandoned transaction's context error becomes why
+// it was abandoned.
+func (q *batcher) result(ctx context.Context, err error) error {
+	if err == nil || !errors.Is(err, context.Canceled) {
+		return err
+	}
+	if q.ctx.Err() != nil {
+		return backend.ErrClosed
+	}
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	return err
 }
 
 // run is one writer: it sends a transaction of queued writes at a time

@@ -372,8 +372,8 @@ func TestBatcherClose(t *testing.T) {
 		}
 	}
 	stop()
-	if err := sent.result(t); !errors.Is(err, context.Canceled) {
-		t.Errorf("write in flight at close: %v, want the abandoned transaction's context.Canceled", err)
+	if err := sent.result(t); !errors.Is(err, backend.ErrClosed) {
+		t.Errorf("write in flight at close: %v, want backend.ErrClosed", err)
 	}
 	if tx.ctx.Err() == nil {
 		t.Error("transaction in flight not abandoned")

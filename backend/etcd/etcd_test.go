@@ -40,6 +40,17 @@ func TestConformance(t *testing.T) {
 				tb.Fatal(err)
 			}
 		},
+		// Revoking the lease is what etcd does when a partition outlasts
+		// the TTL; the revoke returns once the keys are deleted.
+		ExpireSession: func(tb testing.TB, b backend.Backend) {
+			lease := etcd.LeaseOf(b.(*etcd.Backend))
+			if lease == 0 {
+				tb.Fatal("ExpireSession: the backend holds no lease")
+			}
+			if _, err := mustClient(tb, c.Endpoints()).Revoke(ctxT(tb), lease); err != nil {
+				tb.Fatalf("ExpireSession: revoking lease %x: %v", lease, err)
+			}
+		},
 	})
 }
 

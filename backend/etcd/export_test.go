@@ -32,3 +32,7 @@ func (q *Batcher) Delete(ctx context.Context, key string) error { return q.delet
 func (q *Batcher) Queued() int { return len(q.queue) }
 
 func (q *Batcher) Wait() { q.wait() }
+
+// LeaseOf returns b's current lease (0 while a lost one is being
+// replaced).
+func LeaseOf(b *Backend) clientv3.LeaseID { return b.currentLease() }
