@@ -138,6 +138,23 @@ func TestExpandedAddress(t *testing.T) {
 		t.Fatalf("Unregister(expanded) = %v", err)
 	}
 	waitUpdate(t, updates, "self offline", offline("127.0.0.2:5432"))
+
+	t.Run("RegisterInstance returns it", func(t *testing.T) {
+		got, err := c.RegisterInstance(name, ":5433", map[string]string{"k": "v"})
+		if err != nil || got != "127.0.0.2:5433" {
+			t.Fatalf("RegisterInstance = %q, %v; want the agent's EXTERNAL_IP expansion", got, err)
+		}
+		if u := waitUpdate(t, updates, "online", online("127.0.0.2:5433")); u.Attrs["k"] != "v" {
+			t.Fatalf("registered %+v", u)
+		}
+		if got, err := c.RegisterInstance(name, "127.0.0.1:5434", nil); err != nil || got != "127.0.0.1:5434" {
+			t.Fatalf("RegisterInstance = %q, %v; want the address as given", got, err)
+		}
+		if err := c.Unregister(name, ":5433"); err != nil {
+			t.Fatal(err)
+		}
+		waitUpdate(t, updates, "offline", offline("127.0.0.2:5433"))
+	})
 }
 
 func TestNewClientAddress(t *testing.T) {
@@ -236,7 +253,9 @@ func TestDefaultClient(t *testing.T) {
 	if self.SelfAddr() != "127.0.0.1:2003" {
 		t.Fatalf("SelfAddr = %q", self.SelfAddr())
 	}
-	standby, err := discoverd.RegisterAndStandby(serviceName(t, "solo"), "127.0.0.1:2004", nil)
+	// go-discoverd's types: RegisterAndStandby returns a chan *Service.
+	var standby chan *discoverd.Service
+	standby, err = discoverd.RegisterAndStandby(serviceName(t, "solo"), "127.0.0.1:2004", nil)
 	if err != nil {
 		t.Fatalf("RegisterAndStandby: %v", err)
 	}
@@ -244,19 +263,28 @@ func TestDefaultClient(t *testing.T) {
 		t.Fatalf("standby fired with %+v", l)
 	}
 
-	// Connect replaces (and closes) the default client; its sets close.
-	if err := discoverd.Connect(ta.Addr); err != nil {
+	// As in go-discoverd, Connect leaves an existing default client (and
+	// its registrations and sets) alone, whatever the address.
+	if err := discoverd.Connect("127.0.0.1:1"); err != nil {
 		t.Fatalf("Connect: %v", err)
 	}
-	if discoverd.DefaultClient == first {
-		t.Fatal("Connect kept the old client")
+	if discoverd.DefaultClient != first {
+		t.Fatal("Connect replaced the default client")
 	}
-	if _, ok := <-updates; ok {
-		for range updates {
-		}
+	if err := discoverd.Register(name, "127.0.0.1:2005"); err != nil {
+		t.Fatalf("Register after Connect: %v", err)
 	}
+	waitUpdate(t, updates, "a registration after Connect", online("127.0.0.1:2005"))
+	waitUpdate(t, self.Watch(true), "the earlier registration, still online", online("127.0.0.1:2003"))
+
+	// Once it is closed and cleared, Connect makes a new one.
+	first.Close()
+	discoverd.DefaultClient = nil
 	if err := discoverd.Connect(""); err != nil { // "" = DISCOVERD
 		t.Fatalf(`Connect(""): %v`, err)
+	}
+	if discoverd.DefaultClient == nil || discoverd.DefaultClient == first {
+		t.Fatal("Connect did not make a new default client")
 	}
 }
 

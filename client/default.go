@@ -13,9 +13,21 @@ var DefaultClient *Client
 var defaultMu sync.Mutex
 
 // Connect connects DefaultClient to addr ("" means NewClient's default:
-// DISCOVERD or api.DefaultAgentAddr), closing the client it replaces. It
-// blocks until connected.
+// DISCOVERD or api.DefaultAgentAddr). It blocks until connected and fails
+// if that first attempt does.
+//
+// As in go-discoverd, Connect does nothing and returns nil once
+// DefaultClient is set (by an earlier Connect, by a package-level
+// function, or by assignment): addr is then ignored, and the client and
+// its registrations are left alone. To move to another agent, Close
+// DefaultClient and set it to nil first (while no package-level function
+// runs).
 func Connect(addr string) error {
+	defaultMu.Lock()
+	defer defaultMu.Unlock()
+	if DefaultClient != nil {
+		return nil
+	}
 	var c *Client
 	var err error
 	if addr == "" {
@@ -26,13 +38,7 @@ func Connect(addr string) error {
 	if err != nil {
 		return err
 	}
-	defaultMu.Lock()
-	old := DefaultClient
 	DefaultClient = c
-	defaultMu.Unlock()
-	if old != nil {
-		old.Close()
-	}
 	return nil
 }
 
@@ -98,7 +104,7 @@ func RegisterWithSet(name, addr string, attributes map[string]string) (ServiceSe
 
 // RegisterAndStandby calls DefaultClient.RegisterAndStandby, connecting it
 // first if needed.
-func RegisterAndStandby(name, addr string, attributes map[string]string) (<-chan *Service, error) {
+func RegisterAndStandby(name, addr string, attributes map[string]string) (chan *Service, error) {
 	c, err := defaultClient()
 	if err != nil {
 		return nil, err

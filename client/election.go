@@ -50,7 +50,8 @@ func (c *Client) registerWithSet(name, addr string, attributes map[string]string
 // channel that receives this instance's Service once, when it is (or
 // becomes) the leader — the oldest instance of name — and is then closed.
 // Use it for a standby mode: wait on the channel, then start serving. The
-// channel is closed without a value if the client is closed first.
+// channel is closed without a value if the client is closed first. Only
+// the client sends on it (the type is go-discoverd's, bidirectional).
 //
 // The Service's Created is the leader's fencing token. Leadership is not
 // reported as lost: if the connection to the agent drops, the instance is
@@ -58,7 +59,7 @@ func (c *Client) registerWithSet(name, addr string, attributes map[string]string
 // so a leader should treat ConnStatusDisconnected (WatchReconnects) as the
 // end of its term. Use RegisterWithSet and Leaders to follow the leader
 // continuously.
-func (c *Client) RegisterAndStandby(name, addr string, attributes map[string]string) (<-chan *Service, error) {
+func (c *Client) RegisterAndStandby(name, addr string, attributes map[string]string) (chan *Service, error) {
 	s, err := c.registerWithSet(name, addr, attributes)
 	if err != nil {
 		return nil, err

@@ -56,6 +56,17 @@ func (c *Client) RegisterWithAttributes(name, addr string, attributes map[string
 	return err
 }
 
+// RegisterInstance is RegisterWithAttributes that also returns the
+// address the agent stored: addr itself, or EXTERNAL_IP:port for an addr
+// written as ":port". It makes no subscription (RegisterWithSet returns
+// the same address as SelfAddr, but subscribes to the whole service).
+// The registration is kept online, and withdrawn by Unregister with either
+// address, exactly as with RegisterWithAttributes. Errors are those of
+// RegisterWithAttributes.
+func (c *Client) RegisterInstance(name, addr string, attributes map[string]string) (expandedAddr string, err error) {
+	return c.register(name, addr, attributes)
+}
+
 // register registers and returns the expanded address.
 func (c *Client) register(name, addr string, attrs map[string]string) (string, error) {
 	key := regKey{name, addr}
