@@ -8,9 +8,11 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"strconv"
 	"testing"
 
 	"github.com/flynn/discoverd/client/dialer"
+	"github.com/flynn/discoverd/server"
 )
 
 func TestDialer(t *testing.T) {
@@ -96,4 +98,54 @@ func TestDialer(t *testing.T) {
 	if _, err := d.Dial("tcp", name); err == nil {
 		t.Fatal("Dial after Close succeeded")
 	}
+}
+
+// TestDialerBoundsItsStreams: a Dialer holds at most MaxCachedNames of its
+// client's streams, and none for names without instances, so that the
+// application can still open ServiceSets of its own however many names it
+// dials.
+func TestDialerBoundsItsStreams(t *testing.T) {
+	// The agent's cap of streams per connection leaves room for sets that
+	// the dialer evicted and whose streams are still being closed.
+	const streams = dialer.MaxCachedNames + 32
+	ta := startAgent(t, server.Options{MaxStreamsPerConn: streams})
+	c := newClient(t, ta)
+	d := dialer.New(c, func(network, addr string) (net.Conn, error) {
+		conn, peer := net.Pipe()
+		peer.Close()
+		return conn, nil
+	})
+	defer d.Close()
+	names := streams + 32
+
+	t.Run("names without instances", func(t *testing.T) {
+		for i := range names {
+			if _, err := d.Dial("tcp", serviceName(t, strconv.Itoa(i))); !errors.Is(err, dialer.ErrNoInstances) {
+				t.Fatalf("Dial #%d = %v, want ErrNoInstances", i, err)
+			}
+		}
+		set, err := c.NewServiceSet(serviceName(t, "mine"))
+		if err != nil {
+			t.Fatalf("NewServiceSet after the dials = %v", err)
+		}
+		set.Close()
+	})
+	t.Run("names with instances", func(t *testing.T) {
+		for i := range names {
+			name := serviceName(t, strconv.Itoa(i))
+			if err := c.Register(name, "127.0.0.1:9400"); err != nil {
+				t.Fatal(err)
+			}
+			conn, err := d.Dial("tcp", name)
+			if err != nil {
+				t.Fatalf("Dial #%d = %v", i, err)
+			}
+			conn.Close()
+		}
+		set, err := c.NewServiceSet(serviceName(t, "mine"))
+		if err != nil {
+			t.Fatalf("NewServiceSet after the dials = %v", err)
+		}
+		set.Close()
+	})
 }

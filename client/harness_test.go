@@ -68,6 +68,7 @@ type testAgent struct {
 	Agent *agent.Agent
 	b     *etcd.Backend
 
+	opts server.Options // Logger is set by start
 	srv  *server.Server
 	hs   *http.Server
 	done chan struct{}
@@ -75,9 +76,9 @@ type testAgent struct {
 
 const agentTTL = 2 * time.Second
 
-// newAgent starts an agent on a free loopback port. The caller must close
-// it.
-func newAgent() (*testAgent, error) {
+// newAgent starts an agent on a free loopback port, its front end
+// configured by opts (at most one). The caller must close it.
+func newAgent(opts ...server.Options) (*testAgent, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), wait)
 	defer cancel()
 	b, err := etcd.Open(ctx, etcd.Config{Endpoints: store.Endpoints(), TTL: agentTTL, Logger: quiet()})
@@ -90,6 +91,9 @@ func newAgent() (*testAgent, error) {
 		return nil, fmt.Errorf("agent: %w", err)
 	}
 	ta := &testAgent{Agent: a, b: b, Addr: "127.0.0.1:0"}
+	if len(opts) > 0 {
+		ta.opts = opts[0]
+	}
 	if err := ta.start(); err != nil {
 		ta.close()
 		return nil, err
@@ -98,9 +102,9 @@ func newAgent() (*testAgent, error) {
 }
 
 // startAgent is newAgent for a test; t.Cleanup closes the agent.
-func startAgent(t testing.TB) *testAgent {
+func startAgent(t testing.TB, opts ...server.Options) *testAgent {
 	t.Helper()
-	ta, err := newAgent()
+	ta, err := newAgent(opts...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -121,7 +125,9 @@ func (ta *testAgent) start() error {
 		return fmt.Errorf("listen: %w", err)
 	}
 	ta.Addr = ln.Addr().String()
-	srv, err := server.New(ta.Agent, server.Options{Logger: quiet()})
+	opts := ta.opts
+	opts.Logger = quiet()
+	srv, err := server.New(ta.Agent, opts)
 	if err != nil {
 		ln.Close()
 		return fmt.Errorf("server: %w", err)

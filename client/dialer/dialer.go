@@ -16,6 +16,17 @@
 // instances, chosen at random; if it refuses, the others are tried in
 // random order until one accepts. There is no DNS fallback: "localhost" is
 // a service name like any other.
+//
+// # The cache of names
+//
+// A Dialer resolves a name through a ServiceSet, which holds one of the
+// limited streams of the client's connection to the agent (the agent
+// allows api.DefaultMaxStreamsPerConn per connection). So the Dialer keeps
+// the sets of at most MaxCachedNames names, closing the least recently
+// dialled one to make room, and does not keep the set of a name that has
+// no online instance when it is dialled (a later Dial of it asks the
+// agent again). A Dialer therefore never holds more than MaxCachedNames
+// streams, however many names it is asked for.
 package dialer
 
 import (
@@ -35,6 +46,9 @@ import (
 // online instance.
 var ErrNoInstances = errors.New("dialer: no online instance")
 
+// MaxCachedNames is how many names a Dialer keeps a ServiceSet for.
+const MaxCachedNames = 64
+
 // DialFunc dials a resolved address, as net.Dial does.
 type DialFunc func(network, addr string) (net.Conn, error)
 
@@ -52,8 +66,8 @@ type Dialer interface {
 }
 
 // New returns a Dialer that resolves names through c and connects with
-// dial, or with a net.Dialer when dial is nil. It keeps one ServiceSet per
-// name it has dialled, until Close (or c's Close).
+// dial, or with a net.Dialer when dial is nil. It keeps the ServiceSets of
+// the names it dials as the package doc says, until Close (or c's Close).
 func New(c *discoverd.Client, dial DialFunc) Dialer {
 	d := &dialer{c: c, sets: make(map[string]*entry)}
 	if dial != nil {
@@ -81,15 +95,21 @@ type dialer struct {
 	dial func(ctx context.Context, network, addr string) (net.Conn, error)
 
 	mu     sync.Mutex
-	sets   map[string]*entry
+	sets   map[string]*entry // at most MaxCachedNames
+	tick   uint64            // a logical clock for entry.used
 	closed bool
 }
 
-// entry is one name's ServiceSet, created once by the first Dial of it.
+// entry is one name's ServiceSet, opened by the first Dial of the name.
 type entry struct {
 	ready chan struct{} // closed when set or err is set
 	set   discoverd.ServiceSet
 	err   error
+
+	// Guarded by dialer.mu:
+	used    uint64 // the dialer's tick at the last Dial of the name
+	opened  bool   // set and err are set (ready is being closed)
+	dropped bool   // no longer in the cache: whoever dropped it or its opener closes set
 }
 
 func (d *dialer) Dial(network, addr string) (net.Conn, error) {
@@ -104,12 +124,13 @@ func (d *dialer) DialContext(ctx context.Context, network, addr string) (net.Con
 	if _, err := netip.ParseAddr(name); err == nil {
 		return d.dial(ctx, network, addr)
 	}
-	set, err := d.set(ctx, name)
+	e, err := d.entry(ctx, name)
 	if err != nil {
 		return nil, fmt.Errorf("dialer: %s: %w", addr, err)
 	}
-	addrs := set.Addrs()
+	addrs := e.set.Addrs()
 	if len(addrs) == 0 {
+		d.drop(name, e)
 		return nil, fmt.Errorf("dialer: service %q: %w", name, ErrNoInstances)
 	}
 	rand.Shuffle(len(addrs), func(i, j int) { addrs[i], addrs[j] = addrs[j], addrs[i] })
@@ -127,54 +148,119 @@ func (d *dialer) DialContext(ctx context.Context, network, addr string) (net.Con
 	return nil, fmt.Errorf("dialer: service %q: %w", name, errors.Join(errs...))
 }
 
-// set returns the ServiceSet of name, opening it on first use. A failed
-// open is not cached.
-func (d *dialer) set(ctx context.Context, name string) (discoverd.ServiceSet, error) {
+var errClosed = errors.New("dialer is closed")
+
+// entry returns the cache entry of name, opening its ServiceSet on first
+// use and evicting the least recently used entry when the cache is full.
+// A failed open is not cached. The set of the returned entry may have been
+// closed since (evicted): its last view is still valid to dial.
+func (d *dialer) entry(ctx context.Context, name string) (*entry, error) {
 	d.mu.Lock()
 	if d.closed {
 		d.mu.Unlock()
-		return nil, errors.New("dialer is closed")
+		return nil, errClosed
 	}
 	e, ok := d.sets[name]
+	var evicted discoverd.ServiceSet
 	if !ok {
+		if len(d.sets) >= MaxCachedNames {
+			evicted = d.evictLocked()
+		}
 		e = &entry{ready: make(chan struct{})}
 		d.sets[name] = e
 	}
+	d.tick++
+	e.used = d.tick
 	d.mu.Unlock()
+	if evicted != nil {
+		evicted.Close()
+	}
 	if !ok {
-		e.set, e.err = d.c.NewServiceSet(name)
-		d.mu.Lock()
-		if e.err != nil {
-			delete(d.sets, name)
-		} else if d.closed {
-			e.set.Close()
-			e.set, e.err = nil, errors.New("dialer is closed")
-		}
-		d.mu.Unlock()
-		close(e.ready)
+		d.open(name, e)
 	}
 	select {
 	case <-e.ready:
-		return e.set, e.err
+		if e.err != nil {
+			return nil, e.err
+		}
+		return e, nil
 	case <-ctx.Done():
 		return nil, ctx.Err()
+	}
+}
+
+// open opens the ServiceSet of e, which this goroutine created.
+func (d *dialer) open(name string, e *entry) {
+	set, err := d.c.NewServiceSet(name)
+	d.mu.Lock()
+	switch {
+	case err != nil:
+		if d.sets[name] == e {
+			delete(d.sets, name)
+		}
+	case d.closed:
+		set.Close()
+		set, err = nil, errClosed
+	case e.dropped: // evicted while opening: serve this Dial, keep nothing
+		set.Close()
+	}
+	e.set, e.err, e.opened = set, err, true
+	d.mu.Unlock()
+	close(e.ready)
+}
+
+// evictLocked drops the least recently dialled entry and returns its set
+// for the caller to close (nil if it is still opening: its opener closes
+// it).
+func (d *dialer) evictLocked() discoverd.ServiceSet {
+	var oldest string
+	var oe *entry
+	for name, e := range d.sets {
+		if oe == nil || e.used < oe.used {
+			oldest, oe = name, e
+		}
+	}
+	return d.dropLocked(oldest, oe)
+}
+
+// dropLocked removes e, the entry of name, from the cache and returns its
+// set for the caller to close (nil if e is still opening).
+func (d *dialer) dropLocked(name string, e *entry) discoverd.ServiceSet {
+	if d.sets[name] == e {
+		delete(d.sets, name)
+	}
+	if e.dropped {
+		return nil
+	}
+	e.dropped = true
+	if !e.opened {
+		return nil
+	}
+	return e.set
+}
+
+// drop removes e, the entry of name, from the cache and closes its set.
+func (d *dialer) drop(name string, e *entry) {
+	d.mu.Lock()
+	set := d.dropLocked(name, e)
+	d.mu.Unlock()
+	if set != nil {
+		set.Close()
 	}
 }
 
 func (d *dialer) Close() error {
 	d.mu.Lock()
 	d.closed = true
-	sets := d.sets
-	d.sets = make(map[string]*entry)
-	d.mu.Unlock()
-	for _, e := range sets {
-		select {
-		case <-e.ready:
-			if e.set != nil {
-				e.set.Close()
-			}
-		default: // still opening: set() closes it when it sees d.closed
+	var sets []discoverd.ServiceSet
+	for name, e := range d.sets {
+		if set := d.dropLocked(name, e); set != nil {
+			sets = append(sets, set)
 		}
+	}
+	d.mu.Unlock()
+	for _, set := range sets {
+		set.Close()
 	}
 	return nil
 }
