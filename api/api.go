@@ -32,9 +32,11 @@ type ServiceUpdate struct {
 	Online bool
 	Attrs  map[string]string
 	// Created is the store's creation index of the registration: stable across
-	// heartbeats and attribute updates, strictly larger for a later
-	// registration. The leader is the online instance with the smallest
-	// Created, so a leader may use it as a fencing token.
+	// heartbeats and attribute updates, strictly larger for a registration
+	// made after this one was acknowledged. Registrations written at the
+	// same moment may share it (one store transaction). The leader is the
+	// online instance with the smallest (Created, Addr), so a leader may use
+	// Created as a fencing token.
 	Created uint
 }
 

@@ -94,8 +94,9 @@ type Instance struct {
 	Addr  string
 	Attrs map[string]string
 	// Created is the store's creation index: stable across attribute updates,
-	// strictly larger for a registration created later (etcd CreateRevision,
-	// ZooKeeper czxid).
+	// strictly larger for a registration created after this one was
+	// acknowledged (etcd CreateRevision, ZooKeeper czxid). Registrations
+	// written in one store transaction may share it; order ties by Addr.
 	Created uint64
 }
 
