@@ -103,7 +103,8 @@ func runCommand(ctx context.Context, args []string, getenv func(string) string, 
 		fmt.Fprintf(stderr, "usage: discoverd %s\n", cmd.usage)
 		return 2
 	case err != nil:
-		fmt.Fprintf(stderr, "discoverd %s: %v\n", args[0], err)
+		// The client's errors start with "discoverd: ", as this line does.
+		fmt.Fprintf(stderr, "discoverd %s: %s\n", args[0], strings.TrimPrefix(err.Error(), "discoverd: "))
 		return 1
 	}
 	return 0
@@ -162,6 +163,24 @@ func (cl *cli) connect() (*discoverd.Client, error) {
 	return c, nil
 }
 
+// openSet parses the arguments of a command that takes one NAME (and
+// fs's flags), connects, and opens the ServiceSet of NAME, which the
+// caller closes.
+func (cl *cli) openSet(fs *flag.FlagSet, args []string) (set discoverd.ServiceSet, name string, err error) {
+	pos, err := cl.parse(fs, args, 1, 1)
+	if err != nil {
+		return nil, "", err
+	}
+	c, err := cl.connect()
+	if err != nil {
+		return nil, "", err
+	}
+	if set, err = c.NewServiceSet(pos[0]); err != nil {
+		return nil, "", err
+	}
+	return set, pos[0], nil
+}
+
 // register NAME ADDR [key=value...]: register, stay registered until
 // interrupted, then unregister.
 func (cl *cli) register(ctx context.Context, args []string) error {
@@ -184,19 +203,18 @@ func (cl *cli) register(ctx context.Context, args []string) error {
 		return err
 	}
 	events := c.WatchReconnects()
-	set, err := c.RegisterWithSet(name, addr, attrs)
+	expanded, err := c.RegisterInstance(name, addr, attrs)
 	if err != nil {
 		return err
 	}
-	set.Close() // only used to learn the expanded address
-	fmt.Fprintf(cl.stdout, "registered %s %s\n", name, set.SelfAddr())
+	fmt.Fprintf(cl.stdout, "registered %s %s\n", name, expanded)
 	for {
 		select {
 		case <-ctx.Done():
 			if err := c.Unregister(name, addr); err != nil {
 				return err
 			}
-			fmt.Fprintf(cl.stdout, "unregistered %s %s\n", name, set.SelfAddr())
+			fmt.Fprintf(cl.stdout, "unregistered %s %s\n", name, expanded)
 			return nil
 		case ev := <-events:
 			switch ev.Status {
@@ -221,15 +239,7 @@ type jsonService struct {
 func (cl *cli) services(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("services", flag.ContinueOnError)
 	asJSON := fs.Bool("json", false, "print JSON")
-	pos, err := cl.parse(fs, args, 1, 1)
-	if err != nil {
-		return err
-	}
-	c, err := cl.connect()
-	if err != nil {
-		return err
-	}
-	set, err := c.NewServiceSet(pos[0])
+	set, _, err := cl.openSet(fs, args)
 	if err != nil {
 		return err
 	}
@@ -300,15 +310,7 @@ func formatUpdate(u *discoverd.ServiceUpdate) string {
 func (cl *cli) leader(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("leader", flag.ContinueOnError)
 	follow := fs.Bool("watch", false, "print each new leader until interrupted")
-	pos, err := cl.parse(fs, args, 1, 1)
-	if err != nil {
-		return err
-	}
-	c, err := cl.connect()
-	if err != nil {
-		return err
-	}
-	set, err := c.NewServiceSet(pos[0])
+	set, name, err := cl.openSet(fs, args)
 	if err != nil {
 		return err
 	}
@@ -316,7 +318,7 @@ func (cl *cli) leader(ctx context.Context, args []string) error {
 	if !*follow {
 		l := set.Leader()
 		if l == nil {
-			return fmt.Errorf("service %q has no online instance", pos[0])
+			return fmt.Errorf("service %q has no online instance", name)
 		}
 		fmt.Fprintln(cl.stdout, l.Addr)
 		return nil

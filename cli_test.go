@@ -5,10 +5,14 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"strings"
+	"sync"
 	"testing"
 	"time"
+
+	discoverd "github.com/flynn/discoverd/client"
 )
 
 func TestIsCommand(t *testing.T) {
@@ -130,6 +134,7 @@ func TestCLIUsage(t *testing.T) {
 
 func TestCLIEndToEnd(t *testing.T) {
 	m := testMain(t)
+	m.ExternalIP = "127.0.0.2"
 	mustStart(t, m)
 	addr := m.Addr().String()
 
@@ -186,13 +191,54 @@ func TestCLIEndToEnd(t *testing.T) {
 			t.Fatalf("stopped with %d, extra output %q, stderr %s", code, rest, b.stderr)
 		}
 	}
+
+	t.Run("register expands :port", func(t *testing.T) {
+		reg := startCommand(t, addr, "register", "web", ":9002")
+		if l := reg.line(t); l != "registered web 127.0.0.2:9002" {
+			t.Fatalf("register printed %q", l)
+		}
+		if code, rest := reg.stop(t); code != 0 || len(rest) != 1 || rest[0] != "unregistered web 127.0.0.2:9002" {
+			t.Fatalf("register stopped with %d, %q; stderr %s", code, rest, reg.stderr)
+		}
+	})
+
+	t.Run("register in a big service", func(t *testing.T) {
+		// The registration does not depend on watching the service (a
+		// snapshot this big is more than an agent may queue for one
+		// stream at once).
+		c, err := discoverd.NewClientWithAddr(addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		var wg sync.WaitGroup
+		sem := make(chan struct{}, 32)
+		for i := range 1000 {
+			sem <- struct{}{}
+			wg.Go(func() {
+				defer func() { <-sem }()
+				if err := c.Register("big", fmt.Sprintf("127.0.0.1:%d", 10000+i)); err != nil {
+					t.Error(err)
+				}
+			})
+		}
+		wg.Wait()
+		reg := startCommand(t, addr, "register", "big", "127.0.0.1:9003")
+		if l := reg.line(t); l != "registered big 127.0.0.1:9003" {
+			t.Fatalf("register printed %q", l)
+		}
+		if code, rest := reg.stop(t); code != 0 || len(rest) != 1 {
+			t.Fatalf("register stopped with %d, %q; stderr %s", code, rest, reg.stderr)
+		}
+	})
 }
 
 func TestCLIRuntimeErrors(t *testing.T) {
 	m := testMain(t)
 	mustStart(t, m)
 	addr := m.Addr().String()
-	if code, _, stderr := cliRun(t, addr, "register", "bad name", "127.0.0.1:1"); code != 1 || !strings.Contains(stderr, "invalid_argument") {
+	if code, _, stderr := cliRun(t, addr, "register", "bad name", "127.0.0.1:1"); code != 1 || !strings.Contains(stderr, "invalid_argument") ||
+		strings.Count(stderr, "discoverd") != 1 {
 		t.Fatalf("register with a bad name: exit %d, stderr %q", code, stderr)
 	}
 	m.Close() // nothing listens at addr any more
