@@ -310,7 +310,7 @@ func (a *Agent) sweep(now time.Time) {
 	}
 	a.mu.Unlock()
 	if len(keys) > 0 {
-		a.removeBatch("expire", keys, a.prepareSweep, storeOK)
+		a.removeBatch("janitor sweep", keys, a.prepareSweep, storeOK)
 	}
 }
 
