@@ -46,7 +46,7 @@ type watch struct {
 	mu      sync.Mutex
 	stopped bool
 	cache   map[string]api.ServiceUpdate // addr → online instance
-	leader  api.ServiceUpdate            // online instance with the smallest Created; zero if none
+	leader  api.ServiceUpdate            // oldest online instance (compareAge); zero if none
 	subs    map[*Subscription]struct{}   // Subscribe streams
 	leaders map[*Subscription]struct{}   // Leader streams
 
@@ -290,22 +290,35 @@ func (w *watch) resync(fresh map[string]api.ServiceUpdate) {
 		w.applyLocked(backend.Put, u, false)
 	}
 	old := w.leader
-	w.leader = api.ServiceUpdate{}
-	for _, c := range w.cache {
-		if w.leader.Addr == "" || c.Created < w.leader.Created {
-			w.leader = c
-		}
-	}
+	w.leader = w.oldestLocked()
 	if w.leader.Addr != old.Addr || w.leader.Created != old.Created {
 		w.fanOutLocked(w.leaders, w.leader)
 	}
 }
 
 func sortOldestFirst(us []api.ServiceUpdate) []api.ServiceUpdate {
-	slices.SortFunc(us, func(a, b api.ServiceUpdate) int {
-		return cmp.Or(cmp.Compare(a.Created, b.Created), cmp.Compare(a.Addr, b.Addr))
-	})
+	slices.SortFunc(us, compareAge)
 	return us
+}
+
+// compareAge orders instances oldest first: by Created, then by Addr
+// (registrations written in one store transaction share their Created).
+func compareAge(a, b api.ServiceUpdate) int {
+	return cmp.Or(cmp.Compare(a.Created, b.Created), cmp.Compare(a.Addr, b.Addr))
+}
+
+func older(a, b api.ServiceUpdate) bool { return compareAge(a, b) < 0 }
+
+// oldestLocked returns the oldest instance in the cache (the leader), or
+// the zero ServiceUpdate if it is empty.
+func (w *watch) oldestLocked() api.ServiceUpdate {
+	var o api.ServiceUpdate
+	for _, c := range w.cache {
+		if o.Addr == "" || older(c, o) {
+			o = c
+		}
+	}
+	return o
 }
 
 // applyLocked applies one change to the cache and fans it out to Subscribe
@@ -366,19 +379,14 @@ func (w *watch) fanOutLocked(set map[*Subscription]struct{}, u api.ServiceUpdate
 func (w *watch) moveLeaderLocked(u api.ServiceUpdate) bool {
 	old := w.leader
 	switch {
-	case u.Online && (old.Addr == "" || u.Created < old.Created):
+	case u.Online && (old.Addr == "" || older(u, old)):
 		w.leader = u
 	case u.Addr == old.Addr && u.Online && u.Created == old.Created:
 		w.leader = u
 		return false
 	case u.Addr == old.Addr:
 		// The leader left (or was re-created later): the oldest remaining.
-		w.leader = api.ServiceUpdate{}
-		for _, c := range w.cache {
-			if w.leader.Addr == "" || c.Created < w.leader.Created {
-				w.leader = c
-			}
-		}
+		w.leader = w.oldestLocked()
 	default:
 		return false
 	}
@@ -422,10 +430,11 @@ func (a *Agent) Subscribe(ctx context.Context, name string) (*Subscription, erro
 }
 
 // Leader starts a subscription to the leader of name: the online instance
-// with the smallest Created. Next first returns the current leader (the
-// zero ServiceUpdate when there is none), then each new leader whenever the
-// leader's identity (addr, Created) changes, and the zero ServiceUpdate when
-// the last instance leaves. An attribute update of the current leader is
+// with the smallest Created (the smallest Addr among equals: registrations
+// stored in one transaction share a Created). Next first returns the
+// current leader (the zero ServiceUpdate when there is none), then each new
+// leader whenever the leader's identity (addr, Created) changes, and the
+// zero ServiceUpdate when the last instance leaves. An attribute update of the current leader is
 // not a change of leader and is not sent (LeaderOf returns it).
 // Blocking, lifetime and errors are as for Subscribe.
 func (a *Agent) Leader(ctx context.Context, name string) (*Subscription, error) {
@@ -484,8 +493,8 @@ func (a *Agent) Instances(ctx context.Context, name string) ([]api.ServiceUpdate
 }
 
 // LeaderOf returns the current leader of name (the online instance with
-// the smallest Created) and true, or false when name has no online
-// instance. Blocking and errors as for Instances.
+// the smallest Created, then Addr) and true, or false when name has no
+// online instance. Blocking and errors as for Instances.
 func (a *Agent) LeaderOf(ctx context.Context, name string) (api.ServiceUpdate, bool, error) {
 	var u api.ServiceUpdate
 	err := a.lookup(ctx, name, func(w *watch) { u = w.leader })

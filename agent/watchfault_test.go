@@ -239,3 +239,32 @@ func TestBackendClosedFirst(t *testing.T) {
 		t.Fatalf("BackendErrors = %d: the watch kept resubscribing to a closed backend", n)
 	}
 }
+
+// TestLeaderTies: instances that share a Created (stored in one
+// transaction) are ordered by Addr, so the leader does not depend on the
+// order of events nor on map iteration.
+func TestLeaderTies(t *testing.T) {
+	srv := etcdtest.NewServer(t)
+	a1 := mustAgent(t, mustBackend(t, srv, 10*time.Second), agent.Config{})
+	faulty := &faultyBackend{Backend: mustBackend(t, srv, 10*time.Second)}
+	a2 := mustAgentOn(t, faulty, agent.Config{})
+	sess := a1.NewSession(0)
+	defer sess.Close()
+	mustRegister(t, sess, "db", "10.0.0.9:80", nil)
+	lead := mustLeader(t, a2, "db")
+	mustNextIs(t, lead, "10.0.0.9:80", true)
+
+	// Older than the registered one, all with one Created, the larger
+	// addrs first.
+	for _, addr := range []string{"10.0.0.4:80", "10.0.0.3:80", "10.0.0.1:80"} {
+		faulty.inject(t, backend.Event{Type: backend.Put, Instance: backend.Instance{Name: "db", Addr: addr, Created: 1}})
+	}
+	mustNextIs(t, lead, "10.0.0.4:80", true)
+	mustNextIs(t, lead, "10.0.0.3:80", true)
+	mustNextIs(t, lead, "10.0.0.1:80", true)
+	faulty.inject(t, backend.Event{Type: backend.Delete, Instance: backend.Instance{Name: "db", Addr: "10.0.0.1:80"}})
+	mustNextIs(t, lead, "10.0.0.3:80", true)
+	if u, ok, err := a2.LeaderOf(ctxT(t), "db"); err != nil || !ok || u.Addr != "10.0.0.3:80" {
+		t.Fatalf("LeaderOf = %+v, %v, %v; want 10.0.0.3:80", u, ok, err)
+	}
+}
