@@ -56,13 +56,17 @@ type Config struct {
 	// Addr is the agent's host:port (a "tcp://" prefix is tolerated).
 	// Default: the DISCOVERD environment variable, else api.DefaultAgentAddr.
 	Addr string
-	// HeartbeatInterval is how often each registration is heartbeated. It
-	// must be well under the agent's TTL. Default: api.DefaultTTL / 2.
+	// HeartbeatInterval is how often the registrations are heartbeated,
+	// all at once; a heartbeat (or the registration that follows a
+	// not_found) is given at most half an interval. It must be well under
+	// the agent's TTL. Default: api.DefaultTTL / 2.
 	HeartbeatInterval time.Duration
 	// DialTimeout bounds one connection attempt. Default: 5s.
 	DialTimeout time.Duration
-	// CallTimeout bounds one call to the agent (Register, Unregister,
-	// a heartbeat). Default: 10s.
+	// CallTimeout bounds one call to the agent (Register, Unregister, the
+	// first snapshot of a ServiceSet, and heartbeats together with
+	// HeartbeatInterval). A call that times out fails with CodeUnavailable.
+	// Default: 10s.
 	CallTimeout time.Duration
 	// MinBackoff and MaxBackoff bound the delay between reconnection
 	// attempts, which doubles from MinBackoff up to MaxBackoff, with jitter.

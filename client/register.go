@@ -126,10 +126,15 @@ func (c *Client) registerCall(conn *rpc.Client, name, addr string, attrs map[str
 func (c *Client) registerCtx(ctx context.Context, conn *rpc.Client, name, addr string, attrs map[string]string) (string, error) {
 	var expanded string
 	err := c.callCtx(ctx, conn, "register "+name+" "+addr, api.MethodRegister, &api.Args{Name: name, Addr: addr, Attrs: attrs}, &expanded)
-	if err == nil && expanded == "" {
+	if err != nil {
+		// expanded is not read: after a timeout or Close, the rpc reader
+		// may still be decoding a late reply into it.
+		return "", err
+	}
+	if expanded == "" {
 		expanded = addr // an agent that does not report the expanded address
 	}
-	return expanded, err
+	return expanded, nil
 }
 
 // Unregister withdraws the registration name/addr (addr as given to
@@ -312,8 +317,8 @@ func (c *Client) heartbeat(ctx context.Context, conn *rpc.Client, r *registratio
 	case api.ErrorCode(err) == api.CodeNotFound:
 		c.log.Info("discoverd: the agent forgot a registration; registering it again", "name", r.name, "addr", r.addr)
 		return true
-	case err == ErrClosed:
-		return false
+	case err == ErrClosed, err == ErrDisconnected:
+		return false // the supervisor restores the registrations on the next connection
 	}
 	c.log.Warn("discoverd: heartbeat failed", "name", r.name, "addr", r.addr, "err", err)
 	return false
@@ -334,7 +339,7 @@ func (c *Client) reregister(ctx context.Context, conn *rpc.Client, r *registrati
 	switch {
 	case err == nil:
 		c.setExpanded(r, expanded)
-	case err != ErrClosed:
+	case err != ErrClosed && err != ErrDisconnected:
 		c.log.Warn("discoverd: heartbeat (register) failed", "name", r.name, "addr", r.addr, "err", err)
 	}
 }
