@@ -62,6 +62,9 @@ type response struct {
 	errText string // "" for a value; "EOS" or an error text otherwise
 	body    any    // ignored when errText is set
 	final   bool   // the last reply for seq
+	// slot, when set, is the pool of the call's slot (serverConn), given
+	// back once this reply is written.
+	slot chan struct{}
 }
 
 // emptyBody is the body written with an error or end-of-stream header.

@@ -11,26 +11,27 @@ import (
 	"runtime"
 	"runtime/debug"
 	"sync"
+	"syscall"
 )
 
 // Stream is the sending side of a streaming call, handed to a streaming
 // method. It is safe for concurrent use.
 type Stream interface {
-	// Send queues v to be written as the next reply of the stream. It never
-	// blocks. It returns ErrStreamClosed once the stream has ended (the
-	// client cancelled it, the connection closed, or the method returned),
-	// and ErrSlowReader when StreamBuffer replies are already waiting: the
-	// stream is then cut (its context is cancelled, later Sends return
-	// ErrSlowReader) and, once the method returns, it ends with the
-	// method's error text, or with ErrSlowReader's text if the method
-	// returns nil, ErrSlowReader or its context's error.
+	// Send queues v to be written as the next reply of the stream. While
+	// StreamBuffer replies of the stream wait to be written, it blocks
+	// until the connection's writer takes one (so a stream goes at the
+	// pace its reader reads, and the replies queued for it stay bounded),
+	// or until the stream ends. It returns ErrStreamClosed once the stream
+	// has ended: the client cancelled it, the connection closed, the server
+	// closed or the method returned. A producer that must not be held up by
+	// a slow reader keeps its own bounded backlog and decides itself when
+	// to give up on the reader.
 	// v is encoded later by the connection's writer and must not be
 	// modified after Send.
 	Send(v any) error
 	// Context is the stream's context: done when the client cancels the
-	// stream, the stream is cut as slow, the connection closes or the
-	// server closes. context.Cause tells which: ErrStreamClosed for a
-	// cancel, ErrSlowReader for a cut. It carries the connection
+	// stream, the connection closes or the server closes; context.Cause
+	// is ErrStreamClosed for a cancel. It carries the connection
 	// (ConnFromContext).
 	Context() context.Context
 }
@@ -59,6 +60,18 @@ func ConnFromContext(ctx context.Context) Conn {
 // serverConn is one connection being served. Its reader runs on the
 // ServeConn goroutine; it owns one writer goroutine and one goroutine per
 // executing call, and waits for all of them before ServeConn returns.
+//
+// Three pools of slots bound what a peer can make the server hold, however
+// little it reads. A slot is taken by the reader before a call starts and
+// given back by the writer once the call's final reply is written, so what
+// waits to be written for one connection is at most MaxCallsPerConn unary
+// replies (calls and error replies), MaxCallsPerConn replies of express
+// calls, and MaxStreamsPerConn × (StreamBuffer + 1) stream replies. The
+// reader waits for a unary or express slot (it stops reading the
+// connection, which pushes back on the peer); a stream request that finds
+// no stream slot is refused at once, since streams end only when asked to
+// and waiting for one would stop the reader from ever reading that
+// request.
 type serverConn struct {
 	srv       *Server
 	id        uint64
@@ -72,16 +85,18 @@ type serverConn struct {
 	cancel  context.CancelCauseFunc
 	callCtx context.Context // ctx carrying the connection
 
-	sem        chan struct{} // one token per unary reply not yet written
+	calls      chan struct{} // slots of unary calls and error replies
+	express    chan struct{} // slots of calls of Express methods
+	streams    chan struct{} // slots of streams
 	handlers   sync.WaitGroup
 	writerDone chan struct{}
 	wake       chan struct{} // capacity 1: the writer has work
 	closeOnce  sync.Once
 
-	mu      sync.Mutex
-	dead    bool
-	ready   []*outQueue // queues with replies to write, in round-robin order
-	streams map[uint64]*serverStream
+	mu     sync.Mutex
+	dead   bool
+	ready  []*outQueue // queues with replies to write, in round-robin order
+	active map[uint64]*serverStream
 }
 
 // outQueue holds the replies of one call waiting for the writer. The writer
@@ -89,8 +104,8 @@ type serverConn struct {
 // backlog delays other calls by at most one message.
 type outQueue struct {
 	msgs   []response
-	queued bool // in serverConn.ready
-	unary  bool // its (single) reply holds a token of sem
+	queued bool          // in serverConn.ready
+	st     *serverStream // the stream these replies belong to; nil for a unary call
 }
 
 func newServerConn(s *Server, id uint64, rwc io.ReadWriteCloser, codec Codec) *serverConn {
@@ -100,10 +115,12 @@ func newServerConn(s *Server, id uint64, rwc io.ReadWriteCloser, codec Codec) *s
 		rwc:        rwc,
 		codecKind:  codec,
 		codec:      newServerCodec(codec, rwc, s.maxMessageSize()),
-		sem:        make(chan struct{}, s.maxCalls()),
+		calls:      make(chan struct{}, s.maxCalls()),
+		express:    make(chan struct{}, s.maxCalls()),
+		streams:    make(chan struct{}, s.maxStreams()),
 		writerDone: make(chan struct{}),
 		wake:       make(chan struct{}, 1),
-		streams:    make(map[uint64]*serverStream),
+		active:     make(map[uint64]*serverStream),
 	}
 	if a, ok := rwc.(interface{ RemoteAddr() net.Addr }); ok && a.RemoteAddr() != nil {
 		c.remote = a.RemoteAddr().String()
@@ -136,15 +153,29 @@ func (c *serverConn) shutdown(reason error) {
 		c.dead = true
 		c.ready = nil
 		c.mu.Unlock()
-		switch {
-		case reason == nil, errors.Is(reason, io.EOF), errors.Is(reason, errServerClosed), errors.Is(reason, net.ErrClosed):
+		if isDisconnect(reason) {
 			c.log.Debug("rpc: connection ended", "reason", reason)
-		default:
+		} else {
 			c.log.Warn("rpc: closing connection", "reason", reason)
 		}
 		c.cancel(reason)
 		c.rwc.Close()
 	})
+}
+
+// isDisconnect reports whether reason is an ordinary end of a connection:
+// the peer closed or reset it, went away mid-message, or the server closed.
+// Those are logged at debug level; anything else is worth a warning.
+func isDisconnect(reason error) bool {
+	if reason == nil {
+		return true
+	}
+	for _, target := range []error{io.EOF, io.ErrUnexpectedEOF, net.ErrClosed, errServerClosed, syscall.ECONNRESET, syscall.EPIPE} {
+		if errors.Is(reason, target) {
+			return true
+		}
+	}
+	return false
 }
 
 func (c *serverConn) readLoop() error {
@@ -194,25 +225,25 @@ func (c *serverConn) readLoop() error {
 	}
 }
 
-// acquire takes a unary-reply token, blocking while MaxCallsPerConn replies
-// are pending. It returns false when the connection has ended.
-func (c *serverConn) acquire() bool {
+// acquire takes a slot of pool, blocking while the pool is full. It
+// returns false when the connection has ended.
+func (c *serverConn) acquire(pool chan struct{}) bool {
 	select {
-	case c.sem <- struct{}{}:
+	case pool <- struct{}{}:
 		return true
 	case <-c.ctx.Done():
 		return false
 	}
 }
 
-// replyError queues an error reply to req. It returns false when the
-// connection has ended.
+// replyError queues an error reply to req, which holds a unary slot until
+// it is written. It returns false when the connection has ended.
 func (c *serverConn) replyError(req request, text string) bool {
-	if !c.acquire() {
+	if !c.acquire(c.calls) {
 		return false
 	}
 	c.mu.Lock()
-	c.enqueueLocked(&outQueue{unary: true}, response{method: req.method, seq: req.seq, errText: text, final: true})
+	c.enqueueLocked(&outQueue{}, response{method: req.method, seq: req.seq, errText: text, final: true, slot: c.calls})
 	c.mu.Unlock()
 	return true
 }
@@ -221,7 +252,11 @@ func (c *serverConn) replyError(req request, text string) bool {
 // pointer to its decoded argument. It returns false when the connection has
 // ended.
 func (c *serverConn) startCall(req request, m *method, args any) bool {
-	if !c.acquire() {
+	slot := c.calls
+	if m.express {
+		slot = c.express
+	}
+	if !c.acquire(slot) {
 		return false
 	}
 	c.handlers.Add(1)
@@ -236,32 +271,40 @@ func (c *serverConn) startCall(req request, m *method, args any) bool {
 		}
 		reply := replyv.Interface()
 		err := c.callUnary(req.method, m, args, reply)
-		resp := response{method: req.method, seq: req.seq, final: true}
+		resp := response{method: req.method, seq: req.seq, final: true, slot: slot}
 		if err != nil {
 			resp.errText = errorText(err)
 		} else {
 			resp.body = reply
 		}
 		c.mu.Lock()
-		c.enqueueLocked(&outQueue{unary: true}, resp)
+		c.enqueueLocked(&outQueue{}, resp)
 		c.mu.Unlock()
 	}()
 	return true
 }
 
 // startStream runs a streaming method in a goroutine of its own; args is a
-// pointer to its decoded argument. It returns false when the connection has
-// ended.
+// pointer to its decoded argument. When the connection's stream slots are
+// all taken the stream is refused with an error reply instead. It returns
+// false when the connection has ended.
 func (c *serverConn) startStream(req request, m *method, args any) bool {
+	select {
+	case c.streams <- struct{}{}:
+	default:
+		return c.replyError(req, errorText(c.srv.tooManyStreams()))
+	}
 	st := &serverStream{c: c, seq: req.seq, method: req.method}
+	st.q.st = st
 	st.ctx, st.cancel = context.WithCancelCause(c.callCtx)
 	c.mu.Lock()
-	if c.streams[req.seq] != nil {
+	if c.active[req.seq] != nil {
 		c.mu.Unlock()
 		st.cancel(nil)
+		<-c.streams
 		return c.replyError(req, fmt.Sprintf("rpc: sequence number %d is in use by a stream", req.seq))
 	}
-	c.streams[req.seq] = st
+	c.active[req.seq] = st
 	c.mu.Unlock()
 	c.handlers.Add(1)
 	go c.runStream(st, m, args)
@@ -277,27 +320,19 @@ func (c *serverConn) runStream(st *serverStream, m *method, args any) {
 	c.endStream(st, c.callStream(st, m, args))
 }
 
-// endStream ends st after its method returned err.
+// endStream ends st after its method returned err: with EOS for nil, else
+// with err's text. A stream the client cancelled has already ended.
 func (c *serverConn) endStream(st *serverStream, err error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	switch {
-	case st.final:
-		// Already ended (CloseStream); the method's result is moot.
-	case st.ended:
-		// Cut as slow: the method may say why in its own words.
-		text := ErrSlowReader.Error()
-		if err != nil && !errors.Is(err, ErrSlowReader) && !errors.Is(err, context.Canceled) {
-			text = errorText(err)
-		}
-		st.endLocked(ErrSlowReader, text, false)
-	default:
-		text := eos
-		if err != nil {
-			text = errorText(err)
-		}
-		st.endLocked(ErrStreamClosed, text, false)
+	if st.final {
+		return // cancelled (CloseStream): the method's result is moot
 	}
+	text := eos
+	if err != nil {
+		text = errorText(err)
+	}
+	st.endLocked(text, false)
 }
 
 // callUnary and callStream call a method, turning a panic into an error
@@ -348,7 +383,9 @@ func (c *serverConn) enqueueLocked(q *outQueue, r response) {
 
 // writeLoop is the connection's only writer. It writes the ready replies
 // one from each call in turn, flushes when none is left, and ends the
-// connection on a write error.
+// connection on a write error. Taking a stream's reply makes room for one
+// more, which wakes a Send waiting for it; writing a call's final reply
+// gives its slot back.
 //
 // Before a flush it yields the processor once (runtime.Gosched) and looks
 // again. One event often wakes many handlers of a connection at once (a
@@ -396,11 +433,17 @@ func (c *serverConn) writeLoop() {
 		} else {
 			q.queued = false
 		}
+		if st := q.st; st != nil && st.waiters > 0 {
+			select {
+			case st.room <- struct{}{}:
+			default: // a wake-up is already pending
+			}
+		}
 		c.mu.Unlock()
 
 		err := c.codec.writeResponse(&msg)
-		if q.unary {
-			<-c.sem
+		if msg.slot != nil {
+			<-msg.slot
 		}
 		if err != nil {
 			c.shutdown(err)
@@ -415,8 +458,8 @@ func (c *serverConn) writeLoop() {
 func (c *serverConn) closeStream(seq uint64) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if st := c.streams[seq]; st != nil && !st.ended { // a stream cut as slow ends with its error
-		st.endLocked(ErrStreamClosed, eos, true)
+	if st := c.active[seq]; st != nil {
+		st.endLocked(eos, true)
 	}
 }
 
@@ -429,56 +472,63 @@ type serverStream struct {
 
 	// Guarded by c.mu.
 	q       outQueue
-	ended   bool // Send is refused with sendErr
-	final   bool // the final header is queued
-	sendErr error
+	final   bool          // the final header is queued; Send is refused
+	waiters int           // Sends waiting for room in q
+	room    chan struct{} // capacity 1, made by the first Send that waits; signalled when the writer takes a reply while waiters > 0
 }
 
 func (st *serverStream) Context() context.Context { return st.ctx }
 
 func (st *serverStream) Send(v any) error {
 	c := st.c
+	limit := c.srv.streamBuffer()
 	c.mu.Lock()
-	defer c.mu.Unlock()
-	switch {
-	case st.ended:
-		return st.sendErr
-	case c.dead:
-		return ErrStreamClosed
-	case len(st.q.msgs) >= c.srv.streamBuffer():
-		st.cutLocked()
-		return ErrSlowReader
+	for {
+		switch {
+		case st.final, c.dead:
+			c.mu.Unlock()
+			return ErrStreamClosed
+		case len(st.q.msgs) < limit:
+			c.enqueueLocked(&st.q, response{method: st.method, seq: st.seq, body: v})
+			c.mu.Unlock()
+			return nil
+		}
+		if st.room == nil {
+			st.room = make(chan struct{}, 1)
+		}
+		st.waiters++
+		c.mu.Unlock()
+		var done bool
+		select {
+		case <-st.room:
+		case <-st.ctx.Done():
+			done = true
+		}
+		c.mu.Lock()
+		st.waiters--
+		if done {
+			// The stream ended (final or dead is set before its context is
+			// cancelled); say so even if room appeared meanwhile.
+			c.mu.Unlock()
+			return ErrStreamClosed
+		}
 	}
-	c.enqueueLocked(&st.q, response{method: st.method, seq: st.seq, body: v})
-	return nil
 }
 
-// cutLocked ends a stream whose queue is full: later Sends return
-// ErrSlowReader and its context is cancelled. The replies already queued
-// are still written; the final header follows when the method returns, with
-// the method's error text or, if it returns nil, ErrSlowReader or its
-// context's error, ErrSlowReader's text. c.mu must be held.
-func (st *serverStream) cutLocked() {
-	st.ended, st.sendErr = true, ErrSlowReader
-	if st.c.streams[st.seq] == st {
-		delete(st.c.streams, st.seq)
-	}
-	st.cancel(ErrSlowReader)
-}
-
-// endLocked ends the stream: later Sends return sendErr, the final header
-// with text is queued (after the pending replies, or instead of them when
-// dropPending), and the stream's context is cancelled. c.mu must be held.
-func (st *serverStream) endLocked(sendErr error, text string, dropPending bool) {
+// endLocked ends the stream: later Sends return ErrStreamClosed, the final
+// header with text is queued (after the pending replies, or instead of
+// them when dropPending) holding the stream's slot until it is written,
+// and the stream's context is cancelled. c.mu must be held.
+func (st *serverStream) endLocked(text string, dropPending bool) {
 	c := st.c
-	st.ended, st.final, st.sendErr = true, true, sendErr
+	st.final = true
 	if dropPending {
 		clear(st.q.msgs)
 		st.q.msgs = st.q.msgs[:0]
 	}
-	c.enqueueLocked(&st.q, response{method: st.method, seq: st.seq, errText: text, final: true})
-	if c.streams[st.seq] == st {
-		delete(c.streams, st.seq)
+	c.enqueueLocked(&st.q, response{method: st.method, seq: st.seq, errText: text, final: true, slot: c.streams})
+	if c.active[st.seq] == st {
+		delete(c.active, st.seq)
 	}
-	st.cancel(sendErr)
+	st.cancel(ErrStreamClosed)
 }

@@ -37,12 +37,18 @@
 //
 // Each connection has one reader (the ServeConn goroutine), one writer
 // goroutine that serialises every reply, and one goroutine per executing
-// call. Many calls run at once and their replies interleave. Stream.Send
-// never blocks: replies queue per stream (Server.StreamBuffer), the writer
-// takes one reply from each call in turn, and a stream whose queue is full
-// is ended with ErrSlowReader, so a slow stream never holds back the other
-// calls on its connection. Unary calls are capped per connection
-// (Server.MaxCallsPerConn); streams are not (their owner caps them).
+// call. Many calls run at once and their replies interleave: the writer
+// takes one reply from each call in turn, so a stream with a backlog holds
+// back the other calls on its connection by at most one message. A stream
+// goes at its reader's pace: Stream.Send queues up to
+// Server.StreamBuffer replies and then blocks until the writer takes one
+// (a producer that must not wait keeps its own bounded backlog and cuts a
+// slow reader off itself). Everything the server holds for a peer is
+// bounded per connection, however little the peer reads: unary calls
+// (Server.MaxCallsPerConn; the reader stops reading while they are all
+// taken), calls of Express methods (as many again, so that short calls
+// such as heartbeats still start while the others are stuck), and streams
+// (Server.MaxStreamsPerConn; one more is refused with an error reply).
 //
 // Bad input harms only its own connection: an unknown method gets an error
 // reply and the connection goes on; a message over Server.MaxMessageSize is

@@ -3,7 +3,6 @@ package rpc_test
 import (
 	"context"
 	"errors"
-	"fmt"
 	"net"
 	"net/http"
 	"strings"
@@ -44,6 +43,7 @@ type Arith struct {
 	blocked   chan struct{} // Block signals here when it starts
 	streamEnd chan error    // streaming methods report how they ended
 	connIDs   chan uint64   // Forever reports its connection's ID
+	sending   chan int      // Flood announces each reply it is about to send
 }
 
 func newArith() *Arith {
@@ -52,6 +52,7 @@ func newArith() *Arith {
 		blocked:   make(chan struct{}, 16),
 		streamEnd: make(chan error, 16),
 		connIDs:   make(chan uint64, 16),
+		sending:   make(chan int, 64),
 	}
 }
 
@@ -128,23 +129,23 @@ func (t *Arith) Forever(ctx context.Context, args *Args, s rpc.Stream) error {
 	return nil
 }
 
-// Flood sends replies of len(S)*B bytes until Send fails, and reports the
-// error. With A == 1 it then returns an error of its own.
+// Flood sends A replies of len(S)*B bytes (replies without end when A is
+// 0), announcing each on sending just before its Send, and reports how it
+// ended on streamEnd: nil, or the error of the Send that failed.
 func (t *Arith) Flood(ctx context.Context, args *Args, s rpc.Stream) error {
 	payload := strings.Repeat(args.S, args.B)
-	for i := 0; ; i++ {
+	for i := 0; args.A == 0 || i < args.A; i++ {
+		select {
+		case t.sending <- i:
+		default: // nobody is counting this far
+		}
 		if err := s.Send(&Reply{C: i, S: payload}); err != nil {
-			if cause := context.Cause(s.Context()); cause != err {
-				t.streamEnd <- fmt.Errorf("Send: %w, but the context's cause is %v", err, cause)
-				return err
-			}
 			t.streamEnd <- err
-			if args.A == 1 {
-				return errors.New("resource_exhausted: you are too slow")
-			}
 			return err
 		}
 	}
+	t.streamEnd <- nil
+	return nil
 }
 
 func errString(err error) string {

@@ -14,8 +14,15 @@ const DefaultPath = "/_goRPC_"
 const DefaultMaxMessageSize = 1 << 20
 
 // DefaultStreamBuffer is the default number of replies queued per stream
-// before the stream is ended with ErrSlowReader (Server.StreamBuffer).
+// before Stream.Send waits for the connection's writer
+// (Server.StreamBuffer).
 const DefaultStreamBuffer = 256
+
+// DefaultMaxStreamsPerConn is the default cap on the streams of one
+// connection that are running or whose final reply is waiting to be
+// written (Server.MaxStreamsPerConn). A stream request beyond it is
+// refused with an error reply.
+const DefaultMaxStreamsPerConn = 256
 
 // DefaultMaxCallsPerConn is the default cap on the unary calls of one
 // connection that are executing or whose reply is waiting to be written
@@ -67,10 +74,9 @@ var (
 	// ErrStreamClosed is returned by Stream.Send after the stream has ended:
 	// the client cancelled it, the connection closed, or the method returned.
 	ErrStreamClosed = errors.New("rpc: stream closed")
-	// ErrSlowReader is returned by Stream.Send when the stream's queue is
-	// full. The stream is then cut, and the client receives this error's
-	// text (or the method's own error text) as the stream's final error.
-	ErrSlowReader = errors.New("rpc: stream reader too slow, replies dropped")
+	// ErrTooManyStreams is the default answer to a stream request beyond
+	// Server.MaxStreamsPerConn (see Server.TooManyStreams).
+	ErrTooManyStreams = errors.New("rpc: too many streams open on this connection")
 	// ErrMessageTooLarge is the reason a connection is closed when a peer
 	// sends a message larger than the configured cap.
 	ErrMessageTooLarge = errors.New("rpc: message too large")

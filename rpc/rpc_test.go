@@ -5,9 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/flynn/discoverd/rpc"
 )
@@ -343,43 +346,192 @@ func TestServerCloseShutsClientsDown(t *testing.T) {
 	})
 }
 
-// A stream whose reader does not keep up is ended with ErrSlowReader; its
-// handler is never blocked by Send, and the connection goes on.
-func TestSlowStreamIsCut(t *testing.T) {
+// A stream far longer than the stream buffer, sent in a tight loop,
+// reaches a reader that keeps up whole: Send waits for the connection's
+// writer instead of cutting the stream.
+func TestLongStreamToFastReader(t *testing.T) {
 	forCodecs(t, func(t *testing.T, codec rpc.Codec) {
-		for _, tc := range []struct {
-			name string
-			a    int
-			want string
-		}{
-			{"method returns ErrSlowReader", 0, rpc.ErrSlowReader.Error()},
-			{"method returns its own error", 1, "resource_exhausted: you are too slow"},
-		} {
-			t.Run(tc.name, func(t *testing.T) { testSlowStreamIsCut(t, codec, tc.a, tc.want) })
+		const n = 1000 // rpc.DefaultStreamBuffer is 256
+		ts := startServer(t, nil)
+		c := mustDial(t, ts.addr, codec)
+		ch := make(chan Reply)
+		sc, err := c.Stream(testCtx(t), "Arith.Count", &Args{A: n}, ch)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := drain(t, ch)
+		if err := sc.Err(); err != nil {
+			t.Fatalf("stream ended with %v after %d replies, want EOS after %d", err, len(got), n)
+		}
+		if len(got) != n {
+			t.Fatalf("%d replies, want %d", len(got), n)
+		}
+		for i, r := range got {
+			if r.C != i {
+				t.Fatalf("reply %d = %+v", i, r)
+			}
 		}
 	})
 }
 
-func testSlowStreamIsCut(t *testing.T, codec rpc.Codec, a int, want string) {
-	ts := startServer(t, func(s *rpc.Server) { s.StreamBuffer = 4 })
-	c := mustDial(t, ts.addr, codec)
-	ctx := testCtx(t)
-	ch := make(chan Reply) // not drained until the handler is cut
-	sc, err := c.Stream(ctx, "Arith.Flood", &Args{A: a, S: "0123456789abcdef", B: 4096}, ch)
+// A Send that waits for room returns ErrStreamClosed as soon as the stream
+// ends, here by the client's cancel while it reads nothing; the stream
+// ends with EOS and the connection goes on.
+func TestWaitingSendEndsWithStream(t *testing.T) {
+	forCodecs(t, func(t *testing.T, codec rpc.Codec) {
+		ts := startServer(t, func(s *rpc.Server) { s.StreamBuffer = 4 })
+		c := mustDial(t, ts.addr, codec)
+		ctx := testCtx(t)
+		ch := make(chan Reply) // not read until the stream is cancelled
+		sc, err := c.Stream(ctx, "Arith.Flood", &Args{S: "0123456789abcdef", B: 1024}, ch)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := -1; i < 5; i = recv(t, ts.arith.sending, "Flood to send") {
+		}
+		sc.Close()
+		if err := recv(t, ts.arith.streamEnd, "Flood to end"); !errors.Is(err, rpc.ErrStreamClosed) {
+			t.Errorf("Send returned %v, want ErrStreamClosed", err)
+		}
+		drain(t, ch)
+		if err := sc.Err(); err != nil {
+			t.Errorf("stream Err = %v, want nil (EOS)", err)
+		}
+		var r Reply
+		if err := c.Call(ctx, "Arith.Add", &Args{A: 1, B: 1}, &r); err != nil || r.C != 2 {
+			t.Errorf("Add after the stream: %+v, %v", r, err)
+		}
+	})
+}
+
+// Streams beyond MaxStreamsPerConn are refused with TooManyStreams's text
+// without their method being called; a stream's slot is free again once
+// its end is written.
+func TestStreamCapPerConnection(t *testing.T) {
+	forCodecs(t, func(t *testing.T, codec rpc.Codec) {
+		ts := startServer(t, func(s *rpc.Server) {
+			s.MaxStreamsPerConn = 2
+			s.TooManyStreams = func(limit int) error { return fmt.Errorf("resource_exhausted: %d streams", limit) }
+		})
+		c := mustDial(t, ts.addr, codec)
+		ctx := testCtx(t)
+		open := func() (*rpc.StreamCall, chan Reply) {
+			ch := make(chan Reply, 1)
+			sc, err := c.Stream(ctx, "Arith.Forever", &Args{}, ch)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return sc, ch
+		}
+		first, ch1 := open()
+		recv(t, ts.arith.connIDs, "first stream to start")
+		_, ch2 := open()
+		recv(t, ts.arith.connIDs, "second stream to start")
+		for range 3 {
+			sc, ch := open()
+			drain(t, ch)
+			if err := sc.Err(); err == nil || err.Error() != "resource_exhausted: 2 streams" {
+				t.Errorf("stream over the cap ended with %v", err)
+			}
+		}
+		select {
+		case <-ts.arith.connIDs:
+			t.Error("the method of a refused stream was called")
+		default:
+		}
+		first.Close()
+		drain(t, ch1)
+		recv(t, ts.arith.streamEnd, "first stream to end")
+		_, ch3 := open()
+		recv(t, ts.arith.connIDs, "a stream in the freed slot to start")
+		c.Close()
+		drain(t, ch2)
+		drain(t, ch3)
+		for range 2 {
+			recv(t, ts.arith.streamEnd, "streams to end")
+		}
+	})
+}
+
+// A peer that asks for streams without end and never reads makes the
+// server start no more than MaxStreamsPerConn methods; the others are
+// refused, and their refusals are written once the peer reads.
+func TestStreamFloodStartsNoMoreThanTheCap(t *testing.T) {
+	srv := rpc.NewServer()
+	srv.MaxStreamsPerConn = 2
+	srv.MaxCallsPerConn = 4
+	var started atomic.Int32
+	err := rpc.RegisterStream(srv, "Flood.Wait", func(ctx context.Context, args *Args, st rpc.Stream) error {
+		started.Add(1)
+		<-ctx.Done()
+		return nil
+	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := recv(t, ts.arith.streamEnd, "Flood to be cut"); !errors.Is(err, rpc.ErrSlowReader) {
-		t.Fatalf("Flood ended with %v, want ErrSlowReader", err)
+	defer srv.Close()
+	serverSide, clientSide := net.Pipe() // synchronous: the server reads only what we write
+	defer clientSide.Close()
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		srv.ServeConn(serverSide, rpc.Gob)
+	}()
+	clientSide.SetDeadline(time.Now().Add(waitTimeout))
+	p := newGobPeer(t, clientSide)
+	const n = 200
+	sent := make(chan struct{})
+	go func() {
+		defer close(sent)
+		for i := range n {
+			p.send("Flood.Wait", uint64(i+1), wireArgs{})
+		}
+	}()
+	refused := 0
+	for refused < n-2 {
+		h, _ := p.recv()
+		if h.Error == "" || h.Error == "EOS" {
+			t.Fatalf("unexpected reply %+v", h)
+		}
+		refused++
 	}
-	call := c.Go("Arith.Add", &Args{A: 1, B: 1}, &Reply{}, nil)
-	drain(t, ch)
-	if err := sc.Err(); err == nil || err.Error() != want {
-		t.Errorf("stream Err = %v, want %q", err, want)
+	recv(t, sent, "every request to be read")
+	if got := started.Load(); got != 2 {
+		t.Errorf("%d stream methods started, want 2 (the cap)", got)
 	}
-	if call := recv(t, call.Done, "Add"); call.Error != nil || call.Reply.(*Reply).C != 2 {
-		t.Errorf("Add after the cut: %+v, %v", call.Reply, call.Error)
-	}
+	clientSide.Close()
+	recv(t, served, "ServeConn to return")
+}
+
+// Express methods have call slots of their own: while the connection's
+// other calls hold every shared slot, an express call still runs.
+func TestExpressCallsBypassStuckCalls(t *testing.T) {
+	forCodecs(t, func(t *testing.T, codec rpc.Codec) {
+		ts := startServer(t, func(s *rpc.Server) { s.MaxCallsPerConn = 2 })
+		if err := rpc.RegisterUnary(ts.srv, "Fn.Add", ts.arith.Add, rpc.Express()); err != nil {
+			t.Fatal(err)
+		}
+		c := mustDial(t, ts.addr, codec)
+		ctx := testCtx(t)
+		b1 := c.Go("Arith.Block", &Args{}, &Reply{}, nil)
+		b2 := c.Go("Arith.Block", &Args{}, &Reply{}, nil)
+		recv(t, ts.arith.blocked, "first Block to start")
+		recv(t, ts.arith.blocked, "second Block to start")
+		var r Reply
+		if err := c.Call(ctx, "Fn.Add", &Args{A: 1, B: 2}, &r); err != nil || r.C != 3 {
+			t.Errorf("express Add while the shared slots are taken = %+v, %v", r, err)
+		}
+		select {
+		case <-b1.Done:
+			t.Error("Block returned before it was released")
+		case <-b2.Done:
+			t.Error("Block returned before it was released")
+		default:
+		}
+		close(ts.arith.release)
+		recv(t, b1.Done, "first Block")
+		recv(t, b2.Done, "second Block")
+	})
 }
 
 func TestCallContext(t *testing.T) {

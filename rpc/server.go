@@ -24,15 +24,26 @@ type Server struct {
 	// a JSON object). A connection that sends a larger one is closed before
 	// the message is read into memory. Default DefaultMaxMessageSize.
 	MaxMessageSize int
-	// StreamBuffer is how many replies may wait per stream to be written.
-	// A Send beyond it ends the stream with ErrSlowReader. Default
+	// StreamBuffer is how many replies may wait per stream to be written;
+	// Stream.Send blocks while that many wait. Default
 	// DefaultStreamBuffer.
 	StreamBuffer int
 	// MaxCallsPerConn caps the unary calls of one connection that are
-	// executing or whose reply waits to be written; the server stops
-	// reading that connection while the cap is reached. Streams are not
-	// counted (their owner caps them). Default DefaultMaxCallsPerConn.
+	// executing or whose reply waits to be written (error replies to bad
+	// requests count too); the server stops reading that connection while
+	// the cap is reached. Calls of Express methods have as many slots
+	// again, of their own. Default DefaultMaxCallsPerConn.
 	MaxCallsPerConn int
+	// MaxStreamsPerConn caps the streams of one connection that are
+	// running or whose final reply waits to be written. A stream request
+	// beyond it is not started: it gets TooManyStreams's text as its
+	// final reply, and the connection goes on. Default
+	// DefaultMaxStreamsPerConn.
+	MaxStreamsPerConn int
+	// TooManyStreams returns the error a stream refused by
+	// MaxStreamsPerConn ends with, given the cap; its text is sent as is.
+	// Default: ErrTooManyStreams with the cap.
+	TooManyStreams func(limit int) error
 	// Logger receives the reasons connections are closed and handler
 	// panics. Default slog.Default().
 	Logger *slog.Logger
@@ -68,7 +79,24 @@ type method struct {
 	// recovered by the caller.
 	call   func(ctx context.Context, args, reply any) error
 	stream func(ctx context.Context, args any, st Stream) error
+	// express: calls take slots from the connection's express pool (see
+	// Express).
+	express bool
 }
+
+// A UnaryOption changes how RegisterUnary serves a method.
+type UnaryOption func(*method)
+
+// Express makes the method's calls take their slots from a pool of their
+// own on each connection (MaxCallsPerConn slots, apart from those every
+// other unary call shares), so that a call is started as soon as the
+// reader reaches it even while the connection's other calls hold every
+// shared slot, for example while they wait for a store that does not
+// answer. It suits short calls that must get through when others are
+// stuck, such as heartbeats. Requests are still read in order: the reader
+// starts an express call only once it has started every request before
+// it, and it waits for a shared slot when the request before needs one.
+func Express() UnaryOption { return func(m *method) { m.express = true } }
 
 var (
 	ctxType    = reflect.TypeFor[context.Context]()
@@ -145,10 +173,10 @@ func (s *Server) RegisterName(name string, rcvr any) error {
 }
 
 // RegisterUnary publishes f as the unary method serviceMethod
-// ("Service.Method"). The server calls f directly, without reflection,
-// with a new *A decoded from the request and a new *R whose value is sent
-// as the reply when f returns nil (maps and slices in R start empty, not
-// nil, as with RegisterName). On the wire the method is indistinguishable
+// ("Service.Method"), served as opts say (see Express). The server calls
+// f directly, without reflection, with a new *A decoded from the request
+// and a new *R whose value is sent as the reply when f returns nil (maps
+// and slices in R start empty, not nil, as with RegisterName). On the wire the method is indistinguishable
 // from a receiver's method of the same shape, and it may share its service
 // name with a receiver and other functions.
 //
@@ -156,17 +184,21 @@ func (s *Server) RegisterName(name string, rcvr any) error {
 // is already published, if f is nil, or if A is an interface type or holds
 // a map that gob would size from the peer's count (see RegisterName). It
 // is safe for concurrent use, also with calls being served.
-func RegisterUnary[A, R any](s *Server, serviceMethod string, f func(ctx context.Context, args *A, reply *R) error) error {
+func RegisterUnary[A, R any](s *Server, serviceMethod string, f func(ctx context.Context, args *A, reply *R) error, opts ...UnaryOption) error {
 	if f == nil {
 		return fmt.Errorf("rpc: RegisterUnary %s: nil function", serviceMethod)
 	}
-	return s.registerFunc("RegisterUnary", serviceMethod, &method{
+	m := &method{
 		argType:   reflect.TypeFor[A](),
 		replyType: reflect.TypeFor[R](),
 		call: func(ctx context.Context, args, reply any) error {
 			return f(ctx, args.(*A), reply.(*R))
 		},
-	})
+	}
+	for _, o := range opts {
+		o(m)
+	}
+	return s.registerFunc("RegisterUnary", serviceMethod, m)
 }
 
 // RegisterStream publishes f as the streaming method serviceMethod
@@ -333,6 +365,22 @@ func (s *Server) maxCalls() int {
 		return s.MaxCallsPerConn
 	}
 	return DefaultMaxCallsPerConn
+}
+
+func (s *Server) maxStreams() int {
+	if s.MaxStreamsPerConn > 0 {
+		return s.MaxStreamsPerConn
+	}
+	return DefaultMaxStreamsPerConn
+}
+
+func (s *Server) tooManyStreams() error {
+	if s.TooManyStreams != nil {
+		if err := s.TooManyStreams(s.maxStreams()); err != nil {
+			return err
+		}
+	}
+	return fmt.Errorf("%w (the limit is %d)", ErrTooManyStreams, s.maxStreams())
 }
 
 func (s *Server) logger() *slog.Logger {

@@ -376,9 +376,64 @@ func TestGobMapCountDoesNotAllocate(t *testing.T) {
 	}
 }
 
-// A stream that fills its queue while the connection cannot be written
-// does not block its handler nor hold back replies to other calls: the
-// single writer takes one reply per call in turn.
+// servePipe serves one end of a synchronous in-memory connection (every
+// write blocks until the other end reads it) and returns a gob peer on the
+// other end. The returned func closes the peer's end and waits for
+// ServeConn to return.
+func servePipe(t *testing.T, srv *rpc.Server) (*gobPeer, func()) {
+	t.Helper()
+	serverSide, clientSide := net.Pipe()
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		srv.ServeConn(serverSide, rpc.Gob)
+	}()
+	clientSide.SetDeadline(time.Now().Add(waitTimeout))
+	return newGobPeer(t, clientSide), func() {
+		clientSide.Close()
+		recv(t, served, "ServeConn to return")
+	}
+}
+
+// A stream whose reader falls behind waits for it: once its queue is full
+// the method's Send blocks, and when the reader reads again every reply
+// arrives, in order, then EOS.
+func TestSlowReaderGetsEveryReply(t *testing.T) {
+	srv := rpc.NewServer()
+	srv.StreamBuffer = 4
+	arith := newArith()
+	if err := srv.Register(arith); err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	p, closePipe := servePipe(t, srv)
+	defer closePipe()
+
+	// Replies of 8 KiB overflow the writer's buffer, so the writer blocks
+	// on the first one until we read; then 4 wait in the queue, and the
+	// method announces the 6th only after the 5th Send returned.
+	const n = 100
+	p.send("Arith.Flood", 1, wireArgs{A: n, S: "x", B: 8 << 10})
+	for i := -1; i < srv.StreamBuffer+1; i = recv(t, arith.sending, "Flood to send") {
+	}
+	for i := range n {
+		h, r := p.recv()
+		if h.Seq != 1 || h.Error != "" || r.C != i {
+			t.Fatalf("reply %d: %+v %+v", i, h, r.C)
+		}
+	}
+	if h, _ := p.recv(); h.Seq != 1 || h.Error != "EOS" {
+		t.Fatalf("after %d replies: %+v, want EOS", n, h)
+	}
+	if err := recv(t, arith.streamEnd, "Flood to end"); err != nil {
+		t.Errorf("Flood's Send failed: %v", err)
+	}
+}
+
+// A stream whose reader is behind holds back replies to other calls on the
+// connection by at most its backlog, never by more: the single writer
+// takes one reply per call in turn. A CloseStream then ends the stream
+// (its backlog dropped) with EOS, and its waiting Send returns.
 func TestSlowStreamDoesNotStallOtherCalls(t *testing.T) {
 	srv := rpc.NewServer()
 	srv.StreamBuffer = 4
@@ -387,71 +442,47 @@ func TestSlowStreamDoesNotStallOtherCalls(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer srv.Close()
-	serverSide, clientSide := net.Pipe() // synchronous: writes block until read
-	defer clientSide.Close()
-	served := make(chan struct{})
-	go func() {
-		defer close(served)
-		srv.ServeConn(serverSide, rpc.Gob)
-	}()
-	clientSide.SetDeadline(time.Now().Add(waitTimeout))
-	p := newGobPeer(t, clientSide)
+	p, closePipe := servePipe(t, srv)
+	defer closePipe()
 
-	// Replies of 8 KiB overflow the writer's buffer, so the writer blocks
-	// on the first one until we read.
-	p.send("Arith.Flood", 1, wireArgs{S: "x", B: 8 << 10})
-	if err := recv(t, arith.streamEnd, "Flood to be cut"); !errors.Is(err, rpc.ErrSlowReader) {
-		t.Fatalf("Flood ended with %v", err)
+	p.send("Arith.Flood", 1, wireArgs{S: "x", B: 8 << 10}) // without end
+	for i := -1; i < srv.StreamBuffer+1; i = recv(t, arith.sending, "Flood to send") {
 	}
 	// The server still reads: an unknown method's error reply is queued by
 	// the reader before it reads the next request, so once the second
-	// write below returns, that reply is queued behind the stream's backlog.
+	// write below returns, that reply is queued behind the stream's
+	// backlog of at most 4 replies (plus 1 in the writer).
 	p.send("Arith.Nope", 2, wireArgs{})
 	p.send("CloseStream", 99, struct{}{})
-
-	var order []wireResponse
-	for len(order) == 0 || !(sawSeq(order, 2) && sawFinal(order, 1)) {
+	items := 0
+	for {
 		h, _ := p.recv()
-		order = append(order, h)
+		if h.Seq == 2 {
+			break
+		}
+		if h.Seq != 1 || h.Error != "" {
+			t.Fatalf("unexpected reply %+v", h)
+		}
+		items++
 	}
-	items, final, other := 0, -1, -1
-	for i, h := range order {
-		switch {
-		case h.Seq == 1 && h.Error == "":
-			items++
-		case h.Seq == 1:
-			final = i
-			if h.Error != rpc.ErrSlowReader.Error() {
-				t.Errorf("stream ended with %q", h.Error)
+	if items > srv.StreamBuffer+1 {
+		t.Errorf("%d stream replies came before the reply to another call, more than the backlog (%d)", items, srv.StreamBuffer+1)
+	}
+
+	p.send("CloseStream", 1, struct{}{})
+	for {
+		h, _ := p.recv()
+		if h.Seq != 1 {
+			t.Fatalf("unexpected reply %+v", h)
+		}
+		if h.Error != "" {
+			if h.Error != "EOS" {
+				t.Errorf("cancelled stream ended with %q, want EOS", h.Error)
 			}
-		case h.Seq == 2:
-			other = i
+			break
 		}
 	}
-	if items > 5 {
-		t.Errorf("%d stream replies written, more than the buffer (4) plus one in the writer", items)
+	if err := recv(t, arith.streamEnd, "Flood to end"); !errors.Is(err, rpc.ErrStreamClosed) {
+		t.Errorf("Flood's Send returned %v, want ErrStreamClosed", err)
 	}
-	if other > final {
-		t.Errorf("reply to another call came after the whole stream backlog: %+v", order)
-	}
-	clientSide.Close()
-	recv(t, served, "ServeConn to return")
-}
-
-func sawSeq(hs []wireResponse, seq uint64) bool {
-	for _, h := range hs {
-		if h.Seq == seq {
-			return true
-		}
-	}
-	return false
-}
-
-func sawFinal(hs []wireResponse, seq uint64) bool {
-	for _, h := range hs {
-		if h.Seq == seq && h.Error != "" {
-			return true
-		}
-	}
-	return false
 }

@@ -18,7 +18,6 @@ type metrics struct {
 	rpcCalls     *prometheus.CounterVec
 	rpcDuration  *prometheus.HistogramVec
 	rpcStreams   prometheus.Gauge
-	rpcCut       prometheus.Counter
 	httpRequests *prometheus.CounterVec
 	httpDuration *prometheus.HistogramVec
 	sseStreams   prometheus.Gauge
@@ -40,10 +39,6 @@ func newMetrics(a Agent) *metrics {
 			Name: "discoverd_rpc_streams",
 			Help: "Subscribe and Leader RPC streams open now.",
 		}),
-		rpcCut: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "discoverd_rpc_streams_cut_total",
-			Help: "RPC streams cut off because the client read its connection too slowly (the stream's reply queue filled).",
-		}),
 		httpRequests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "discoverd_http_requests_total",
 			Help: "HTTP requests handled, by route, method and status code; SSE streams are counted when they end.",
@@ -59,7 +54,7 @@ func newMetrics(a Agent) *metrics {
 		}),
 	}
 	m.reg.MustRegister(
-		m.rpcCalls, m.rpcDuration, m.rpcStreams, m.rpcCut,
+		m.rpcCalls, m.rpcDuration, m.rpcStreams,
 		m.httpRequests, m.httpDuration, m.sseStreams,
 		agentCollector{a},
 		collectors.NewGoCollector(),

@@ -11,12 +11,12 @@ import (
 )
 
 // connState is what the server keeps per RPC connection: the agent session
-// that owns the connection's registrations and the count of its open
-// streams. It lives from the connection's first call until the connection
-// ends; a watcher goroutine then closes the session.
+// that owns the connection's registrations. It lives from the connection's
+// first call until the connection ends; a watcher goroutine then closes
+// the session. (The connection's streams are capped by the rpc server:
+// rpc.Server.MaxStreamsPerConn.)
 type connState struct {
 	session *agent.Session
-	streams int // guarded by Server.mu
 }
 
 // conn returns the state of the connection the call in ctx arrived on,
@@ -52,33 +52,23 @@ func (s *Server) watchConn(c rpc.Conn, st *connState) {
 	st.session.Close()
 }
 
-// acquireStream reserves one of the connection's stream slots; release
-// returns it.
-func (s *Server) acquireStream(st *connState) (release func(), err error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if st.streams >= s.opts.MaxStreamsPerConn {
-		return nil, api.Errorf(api.CodeResourceExhausted, "connection already has %d streams open, the limit", st.streams)
-	}
-	st.streams++
-	return func() {
-		s.mu.Lock()
-		st.streams--
-		s.mu.Unlock()
-	}, nil
-}
-
 // registerRPC publishes the methods of the RPC service "Agent" (DESIGN §5)
 // on rs. They are registered as typed functions rather than as a
 // reflection-called receiver: a Subscribe or Leader stream is a goroutine
 // parked for the stream's life, and without reflect.Value.Call in its
 // stack that stack fits in the runtime's smallest size that holds it
 // (4 KiB instead of 8 KiB per subscriber).
+//
+// Heartbeat is an express method (rpc.Express): it never touches the store,
+// and it must get through while a connection's Register and Unregister
+// calls are stuck on a store that does not answer, or the connection's
+// registrations would expire. Those calls end within CallTimeout, which
+// frees their slots.
 func (s *Server) registerRPC(rs *rpc.Server) error {
 	r := &rpcAgent{s: s}
 	return errors.Join(
 		rpc.RegisterUnary(rs, api.MethodRegister, r.register),
-		rpc.RegisterUnary(rs, api.MethodHeartbeat, r.heartbeat),
+		rpc.RegisterUnary(rs, api.MethodHeartbeat, r.heartbeat, rpc.Express()),
 		rpc.RegisterUnary(rs, api.MethodUnregister, r.unregister),
 		rpc.RegisterStream(rs, api.MethodSubscribe, r.subscribe),
 		rpc.RegisterStream(rs, api.MethodLeader, r.leader),
@@ -86,7 +76,8 @@ func (s *Server) registerRPC(rs *rpc.Server) error {
 }
 
 // rpcAgent implements the methods of the RPC service "Agent". Every error
-// they return is an *api.Error, so its text starts with the code.
+// they return is an *api.Error, so its text starts with the code. Each
+// unary call runs under CallTimeout.
 type rpcAgent struct{ s *Server }
 
 // register registers args on the connection's session (or heartbeats and
@@ -94,6 +85,8 @@ type rpcAgent struct{ s *Server }
 // expanded address.
 func (r *rpcAgent) register(ctx context.Context, args *api.Args, reply *string) (err error) {
 	defer r.s.metrics.observeRPC(api.MethodRegister, time.Now(), &err)
+	ctx, cancel := context.WithTimeout(ctx, r.s.opts.CallTimeout)
+	defer cancel()
 	st, err := r.s.conn(ctx)
 	if err != nil {
 		return err
@@ -110,6 +103,8 @@ func (r *rpcAgent) register(ctx context.Context, args *api.Args, reply *string) 
 // when this connection does not hold it.
 func (r *rpcAgent) heartbeat(ctx context.Context, args *api.Args, _ *struct{}) (err error) {
 	defer r.s.metrics.observeRPC(api.MethodHeartbeat, time.Now(), &err)
+	ctx, cancel := context.WithTimeout(ctx, r.s.opts.CallTimeout)
+	defer cancel()
 	st, err := r.s.conn(ctx)
 	if err != nil {
 		return err
@@ -123,6 +118,8 @@ func (r *rpcAgent) heartbeat(ctx context.Context, args *api.Args, _ *struct{}) (
 // unregister removes the registration args.Name/args.Addr now.
 func (r *rpcAgent) unregister(ctx context.Context, args *api.Args, _ *struct{}) (err error) {
 	defer r.s.metrics.observeRPC(api.MethodUnregister, time.Now(), &err)
+	ctx, cancel := context.WithTimeout(ctx, r.s.opts.CallTimeout)
+	defer cancel()
 	st, err := r.s.conn(ctx)
 	if err != nil {
 		return err
@@ -166,34 +163,32 @@ func (s *Server) stream(ctx context.Context, op, name string,
 	return s.pump(ctx, op, name, sub, stream)
 }
 
-// openStream reserves one of the connection's stream slots and opens the
-// subscription. release gives the slot back; the caller closes sub. A nil
-// sub comes with the error the stream ends with (nil when the client went
-// away meanwhile).
+// openStream opens the subscription; the caller closes sub and calls
+// release. A nil sub comes with the error the stream ends with (nil when
+// the client went away meanwhile).
 func (s *Server) openStream(ctx context.Context, op, name string,
 	open func(context.Context, string) (*agent.Subscription, error)) (*agent.Subscription, func(), error) {
-	st, err := s.conn(ctx)
-	if err != nil {
-		return nil, nil, err
-	}
-	releaseSlot, err := s.acquireStream(st)
-	if err != nil {
+	if _, err := s.conn(ctx); err != nil {
 		return nil, nil, err
 	}
 	sub, err := open(ctx, name)
 	if err != nil {
-		releaseSlot()
 		if ctx.Err() != nil {
 			return nil, nil, nil // the client went away while it opened
 		}
 		return nil, nil, s.wireError(op, err)
 	}
 	s.metrics.rpcStreams.Inc()
-	return sub, func() { s.metrics.rpcStreams.Dec(); releaseSlot() }, nil
+	return sub, s.metrics.rpcStreams.Dec, nil
 }
 
 // pump sends the updates of sub on stream until an error; nil when the
-// client closed the stream or the connection.
+// client closed the stream or the connection. Send waits while the rpc
+// layer's queue for the stream is full, so the stream goes at its
+// reader's pace and the subscription's bounded queue absorbs the
+// difference: a reader that falls SubscriberBuffer updates behind is cut
+// off by the agent, and the stream ends with that error once the updates
+// queued before the cut are sent.
 func (s *Server) pump(ctx context.Context, op, name string, sub *agent.Subscription, stream rpc.Stream) error {
 	for {
 		u, err := sub.Next(ctx)
@@ -209,15 +204,13 @@ func (s *Server) pump(ctx context.Context, op, name string, sub *agent.Subscript
 // streamEnd returns what a stream ends with after err from its
 // subscription or its Send.
 func (s *Server) streamEnd(ctx context.Context, op, name string, err error) error {
-	switch {
-	case errors.Is(err, rpc.ErrSlowReader):
-		// The rpc server cut the stream; it ends with this text.
-		s.metrics.rpcCut.Inc()
-		s.log.Warn("rpc stream cut off: the client reads too slowly",
-			"op", op, "name", name, "remote", rpc.ConnFromContext(ctx).RemoteAddr())
-		return api.Errorf(api.CodeResourceExhausted, "%s stream of %q: the client reads too slowly", op, name)
-	case ctx.Err() != nil:
+	if ctx.Err() != nil {
 		return nil // the client closed the stream or the connection
 	}
-	return s.wireError(op, err)
+	e := s.wireError(op, err)
+	if e.Code == api.CodeResourceExhausted {
+		s.log.Warn("rpc stream cut off: the client reads too slowly",
+			"op", op, "name", name, "remote", rpc.ConnFromContext(ctx).RemoteAddr(), "err", e.Message)
+	}
+	return e
 }

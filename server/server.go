@@ -47,13 +47,27 @@ var _ Agent = (*agent.Agent)(nil)
 // default.
 type Options struct {
 	// MaxStreamsPerConn caps the concurrent Subscribe and Leader streams of
-	// one RPC connection; one more fails with CodeResourceExhausted.
-	// Default api.DefaultMaxStreamsPerConn.
+	// one RPC connection; one more fails with CodeResourceExhausted. New
+	// sets it, with that error, on the RPC server (rpc.Server's
+	// MaxStreamsPerConn and TooManyStreams), which refuses the stream
+	// before starting it. Default api.DefaultMaxStreamsPerConn.
 	MaxStreamsPerConn int
 	// MaxRegistrationsPerConn caps the registrations one RPC connection
-	// holds; 0 means the agent's default. HTTP registrations share one
-	// session without a cap.
+	// holds; 0 means the agent's default.
 	MaxRegistrationsPerConn int
+	// MaxHTTPRegistrations caps the registrations made over HTTP, which
+	// share one session; one more is answered 429 with
+	// CodeResourceExhausted. Default DefaultMaxHTTPRegistrations.
+	MaxHTTPRegistrations int
+	// MaxSSEStreams caps the concurrent SSE streams of the whole server;
+	// one more is answered 429 with CodeResourceExhausted. Default
+	// DefaultMaxSSEStreams.
+	MaxSSEStreams int
+	// CallTimeout bounds each unary RPC call (Register, Heartbeat,
+	// Unregister) on the server's side: a call still waiting for the
+	// store after it fails with CodeUnavailable, which frees its slot on
+	// the connection. Default DefaultCallTimeout.
+	CallTimeout time.Duration
 	// MaxBodySize caps the body of a PUT request, in bytes. Default
 	// DefaultMaxBodySize.
 	MaxBodySize int64
@@ -66,17 +80,32 @@ type Options struct {
 	WriteTimeout time.Duration
 	// HealthTimeout bounds the store ping of GET /health. Default 2 s.
 	HealthTimeout time.Duration
-	// RPC tunes the RPC server (message size, stream buffer); nil means
-	// rpc.NewServer() with its defaults. Its Logger defaults to Logger.
+	// RPC tunes the RPC server (message size, stream buffer, calls per
+	// connection); nil means rpc.NewServer() with its defaults, and its
+	// Logger then Logger. New sets its MaxStreamsPerConn and
+	// TooManyStreams (see MaxStreamsPerConn).
 	RPC *rpc.Server
 	// Logger receives the front ends' logs. Default slog.Default().
 	Logger *slog.Logger
 }
 
-// DefaultMaxBodySize is the default cap on a PUT body: room for the largest
-// valid set of attributes (api.MaxAttrs keys and values at their limits)
-// with JSON quoting.
-const DefaultMaxBodySize = 256 << 10
+// Defaults of Options.
+const (
+	// DefaultMaxBodySize is the default cap on a PUT body: room for the
+	// largest valid set of attributes (api.MaxAttrs keys and values at
+	// their limits) with JSON quoting.
+	DefaultMaxBodySize = 256 << 10
+	// DefaultMaxHTTPRegistrations is the default cap on the registrations
+	// made over HTTP.
+	DefaultMaxHTTPRegistrations = 10000
+	// DefaultMaxSSEStreams is the default cap on concurrent SSE streams.
+	DefaultMaxSSEStreams = 1024
+	// DefaultCallTimeout is the default bound on a unary RPC call. It is
+	// well below the default TTL (api.DefaultTTL), so that calls stuck on
+	// an unreachable store free their connection's slots long before its
+	// registrations would expire for want of heartbeats.
+	DefaultCallTimeout = 5 * time.Second
+)
 
 // Server serves the agent over RPC and HTTP. It is an http.Handler; mount
 // it at "/" of the agent's listener. Its methods are safe for concurrent
@@ -96,10 +125,11 @@ type Server struct {
 
 	httpSession *agent.Session // shared by every HTTP registration
 
-	mu     sync.Mutex
-	closed bool
-	conns  map[uint64]*connState // RPC connections that made a call
-	wg     sync.WaitGroup        // connection watchers and SSE handlers
+	mu         sync.Mutex
+	closed     bool
+	conns      map[uint64]*connState // RPC connections that made a call
+	sseStreams int                   // SSE streams open now
+	wg         sync.WaitGroup        // connection watchers and SSE handlers
 
 	closeOnce sync.Once
 	closeErr  error
@@ -118,6 +148,15 @@ func New(a Agent, opts Options) (*Server, error) {
 	if opts.MaxBodySize <= 0 {
 		opts.MaxBodySize = DefaultMaxBodySize
 	}
+	if opts.MaxHTTPRegistrations <= 0 {
+		opts.MaxHTTPRegistrations = DefaultMaxHTTPRegistrations
+	}
+	if opts.MaxSSEStreams <= 0 {
+		opts.MaxSSEStreams = DefaultMaxSSEStreams
+	}
+	if opts.CallTimeout <= 0 {
+		opts.CallTimeout = DefaultCallTimeout
+	}
 	if opts.SSEKeepAlive <= 0 {
 		opts.SSEKeepAlive = 25 * time.Second
 	}
@@ -135,6 +174,10 @@ func New(a Agent, opts Options) (*Server, error) {
 		rs = rpc.NewServer()
 		rs.Logger = opts.Logger
 	}
+	rs.MaxStreamsPerConn = opts.MaxStreamsPerConn
+	rs.TooManyStreams = func(limit int) error {
+		return api.Errorf(api.CodeResourceExhausted, "connection already has %d streams open, the limit", limit)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Server{
 		agent:   a,
@@ -151,7 +194,7 @@ func New(a Agent, opts Options) (*Server, error) {
 		cancel()
 		return nil, fmt.Errorf("server: register rpc receiver: %w", err)
 	}
-	s.httpSession = a.NewSession(-1)
+	s.httpSession = a.NewSession(opts.MaxHTTPRegistrations)
 	s.routes()
 	return s, nil
 }

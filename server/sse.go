@@ -37,11 +37,30 @@ func leaderEvent(u api.ServiceUpdate) (string, any) {
 	return "leader", instanceOf(u)
 }
 
+// acquireSSE reserves one of the server's MaxSSEStreams slots, reporting
+// false when they are all taken; releaseSSE gives it back.
+func (s *Server) acquireSSE() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.sseStreams >= s.opts.MaxSSEStreams {
+		return false
+	}
+	s.sseStreams++
+	return true
+}
+
+func (s *Server) releaseSSE() {
+	s.mu.Lock()
+	s.sseStreams--
+	s.mu.Unlock()
+}
+
 // serveSSE streams an agent subscription as Server-Sent Events. Each event
 // has an id, counting from 1 in each stream. Last-Event-ID is not honoured:
 // the agent keeps no history to resume from, so every (re)connection
 // starts over with the full snapshot, which is correct, just not minimal.
-// The stream ends when the client goes away, when the server closes, when
+// At most MaxSSEStreams run at once; one more is answered 429. The stream
+// ends when the client goes away, when the server closes, when
 // a write blocks longer than WriteTimeout, or when the agent ends the
 // subscription (a slow client is cut off by the agent's bounded queue);
 // in the last case an "error" event carries the reason.
@@ -52,6 +71,12 @@ func (s *Server) serveSSE(w http.ResponseWriter, r *http.Request, op, name strin
 		return
 	}
 	defer s.wg.Done()
+	if !s.acquireSSE() {
+		s.writeError(w, op, api.Errorf(api.CodeResourceExhausted,
+			"the agent already serves %d event streams, the limit", s.opts.MaxSSEStreams))
+		return
+	}
+	defer s.releaseSSE()
 	if sw, ok := w.(*statusWriter); ok {
 		sw.stream = true
 	}
