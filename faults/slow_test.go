@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/flynn/discoverd/agent"
 	"github.com/flynn/discoverd/api"
 	"github.com/flynn/discoverd/backend/etcd/etcdtest"
 	"github.com/flynn/discoverd/rpc"
@@ -17,8 +18,10 @@ import (
 // TestSlowSubscriber: a subscriber that stops reading its connection
 // delays no one: another subscriber of the same name receives every
 // update and registrations go on. The agent (a real discoverd process,
-// so that its heap is the agent's alone) keeps a bounded backlog for it,
-// then ends its stream with resource_exhausted.
+// so that its heap is the agent's alone) keeps a bounded backlog for it:
+// the rpc layer's stream queue, then the agent's subscription queue, which
+// cuts it off when full; once it reads again it gets the backlog, then the
+// end of its stream with resource_exhausted.
 func TestSlowSubscriber(t *testing.T) {
 	srv := etcdtest.NewServer(t)
 	addr := freeAddr(t)
@@ -55,16 +58,18 @@ func TestSlowSubscriber(t *testing.T) {
 	// A subscriber that keeps up, on its own connection.
 	w := newWatcher(t, addr, name)
 
-	// The load: attribute updates of 64 KiB each (64 attributes of 1000
-	// bytes), 4 writers in parallel, far more than the slow stream may
-	// queue (rpc.DefaultStreamBuffer) plus what the sockets hold.
+	// The load: attribute updates of 8 KiB each (8 attributes of 1000
+	// bytes), 4 writers in parallel, far more than the slow subscriber may
+	// have queued (agent.DefaultSubscriberBuffer in the agent, plus
+	// rpc.DefaultStreamBuffer in the rpc layer) plus what the sockets hold.
 	const (
 		writers    = 4
-		perWriter  = 200
+		perWriter  = 2000
 		updates    = writers * perWriter
-		attrs      = 64
+		attrs      = 8
 		valueBytes = 1000
 		updateSize = attrs * valueBytes
+		backlog    = agent.DefaultSubscriberBuffer + rpc.DefaultStreamBuffer + 1 // +1: in the writer
 	)
 	heapSeries := "go_memstats_heap_inuse_bytes"
 	baseHeap := metric(t, addr, heapSeries)
@@ -89,7 +94,7 @@ func TestSlowSubscriber(t *testing.T) {
 					errs <- fmt.Errorf("writer %d, update %d: %w", i, j, err)
 					return
 				}
-				if j%25 == 0 {
+				if j%100 == 0 {
 					h, err := metricValue(addr, heapSeries)
 					if err != nil {
 						errs <- err
@@ -121,8 +126,8 @@ func TestSlowSubscriber(t *testing.T) {
 		}
 	}
 
-	// The slow stream was ended, and counted.
-	cut := `discoverd_rpc_calls_total{code="resource_exhausted",method="Agent.Subscribe"}`
+	// The agent cut the slow subscriber off, and counted it.
+	cut := "discoverd_slow_subscribers_cut_total"
 	for metric(t, addr, cut) != 1 {
 		select {
 		case <-deadline.C:
@@ -130,20 +135,18 @@ func TestSlowSubscriber(t *testing.T) {
 		case <-time.After(50 * time.Millisecond): // polling /metrics
 		}
 	}
-	if n := metric(t, addr, "discoverd_rpc_streams"); n != 1 {
-		t.Errorf("discoverd_rpc_streams = %v after the cut, want 1 (the reading subscriber)", n)
-	}
 
-	// Bounded memory. The agent holds at most rpc.DefaultStreamBuffer
-	// replies for the stream that is not read; each refers to one update's
-	// attributes (about updateSize bytes, plus map and string headers:
-	// count 2×). Everything else the agent holds does not depend on the
+	// Bounded memory. The agent holds at most the backlog for the stream
+	// that is not read; each update in it refers to one update's
+	// attributes (updateSize bytes of values, plus map and string headers:
+	// count 1.25×). Everything else the agent holds does not depend on the
 	// number of updates. The Go heap in use may reach twice the live heap
 	// before a collection (GOGC=100), so the bound is
-	// 2 × (base + 256 × 2 × updateSize) + 16 MiB of slack (≈ 85 MiB). A
-	// backlog that grew with the updates would hold all 800 of them:
-	// 800 × 2 × 62 KiB ≈ 100 MiB live, up to twice that in use.
-	bound := 2*(baseHeap+float64(rpc.DefaultStreamBuffer*2*updateSize)) + 16<<20
+	// 2 × (base + backlog × 1.25 × updateSize) + 16 MiB of slack (≈ 40 MiB
+	// plus twice the base). A backlog that grew with the updates would
+	// hold all 8000 of them: 8000 × 8000 bytes ≈ 61 MiB live at the very
+	// least, up to twice that in use.
+	bound := 2*(baseHeap+float64(backlog*updateSize)*1.25) + 16<<20
 	t.Logf("agent heap in use: %.1f MiB before, at most %.1f MiB during the load; bound %.1f MiB",
 		baseHeap/(1<<20), maxHeap/(1<<20), bound/(1<<20))
 	if maxHeap > bound {
@@ -173,14 +176,25 @@ func TestSlowSubscriber(t *testing.T) {
 	if !strings.HasPrefix(end.Error, string(api.CodeResourceExhausted)+": ") {
 		t.Errorf("the slow stream ended with %q, want a %s error", end.Error, api.CodeResourceExhausted)
 	}
-	// What the operator sees: a log line and a counter for the cut.
-	if n := metric(t, addr, "discoverd_rpc_streams_cut_total"); n != 1 {
-		t.Errorf("discoverd_rpc_streams_cut_total = %v, want 1", n)
+
+	// What the operator sees: the cut counted on the stream's method, the
+	// stream gone, and log lines for the cut and for the stream's end,
+	// which names the client.
+	ended := `discoverd_rpc_calls_total{code="resource_exhausted",method="Agent.Subscribe"}`
+	for metric(t, addr, ended) != 1 || metric(t, addr, "discoverd_rpc_streams") != 1 {
+		select {
+		case <-deadline.C:
+			t.Fatalf("%s is %v, want 1; discoverd_rpc_streams is %v, want 1 (the reading subscriber)",
+				ended, metric(t, addr, ended), metric(t, addr, "discoverd_rpc_streams"))
+		case <-time.After(50 * time.Millisecond): // polling /metrics
+		}
 	}
-	if line := lastLine(lb.String(), "rpc stream cut off"); line == "" {
-		t.Errorf("no log line for the cut; log:\n%s", lb.String())
-	} else {
-		t.Logf("what the operator sees: log %q", line)
+	for _, msg := range []string{"subscriber cut off", "rpc stream cut off"} {
+		if line := lastLine(lb.String(), msg); line == "" {
+			t.Errorf("no log line %q; log:\n%s", msg, lb.String())
+		} else {
+			t.Logf("what the operator sees: log %q", line)
+		}
 	}
 	// The connection itself goes on.
 	if err := slow.send(api.MethodRegister, 2, api.Args{Name: "other", Addr: "10.0.1.1:80"}); err != nil {
