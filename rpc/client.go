@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"reflect"
+	"slices"
 	"sync"
 	"time"
 )
@@ -16,27 +17,44 @@ import (
 // Client is an rpcplus client over one connection. It is safe for
 // concurrent use; many calls and streams may be in flight at once.
 //
-// It owns one reader goroutine, started by NewClient or Dial and stopped by
-// Close or by the loss of the connection. The reader delivers stream
-// replies on the callers' channels and blocks while a channel is full, so
-// every stream's channel must be drained (or the stream closed) for the
-// other calls on the connection to progress.
+// It owns two goroutines, started by NewClient or Dial and stopped by
+// Close or by the loss of the connection: a writer, which writes the
+// requests in the order they were made, and a reader. The reader delivers
+// stream replies on the callers' channels and blocks while a channel is
+// full, so every stream's channel must be drained (or the stream closed)
+// for the other calls on the connection to progress.
 type Client struct {
 	codecKind Codec
 	codec     clientCodec
 	rwc       io.ReadWriteCloser
 
-	sendMu sync.Mutex // serialises writeRequest
-
 	mu       sync.Mutex
 	seq      uint64
 	pending  map[uint64]*Call
 	streams  map[uint64]*StreamCall
-	shutdown bool // no new calls: closing or connection lost
-	closing  bool // Close was called
+	outq     []*outRequest // requests waiting for the writer
+	shutdown bool          // no new calls: closing or connection lost
+	closing  bool          // Close was called
 
-	closingCh chan struct{} // closed by Close: the reader stops delivering
-	done      chan struct{} // closed when the reader has ended every call
+	wake       chan struct{} // capacity 1: the writer has work or must stop
+	closingCh  chan struct{} // closed by Close: the reader stops delivering
+	writerDone chan struct{} // closed when the writer has returned
+	done       chan struct{} // closed when the reader has ended every call
+}
+
+// outRequest is a request waiting for the client's writer.
+type outRequest struct {
+	method  string
+	seq     uint64
+	body    any
+	call    *Call         // the unary call it starts; nil for streams and CloseStream
+	encoded chan struct{} // closed once the writer is done with body
+	written chan error    // capacity 1: the result of writing it, or ErrShutdown
+}
+
+func newOutRequest(method string, seq uint64, body any, call *Call) *outRequest {
+	return &outRequest{method: method, seq: seq, body: body, call: call,
+		encoded: make(chan struct{}), written: make(chan error, 1)}
 }
 
 // Call is an asynchronous unary call started by Go.
@@ -109,16 +127,114 @@ func upgrade(conn net.Conn, codec Codec) (*bufio.Reader, error) {
 // upgraded (or be a raw rpcplus stream). The client owns conn and closes it.
 func NewClient(conn io.ReadWriteCloser, codec Codec) *Client {
 	c := &Client{
-		codecKind: codec,
-		codec:     newClientCodec(codec, conn),
-		rwc:       conn,
-		pending:   make(map[uint64]*Call),
-		streams:   make(map[uint64]*StreamCall),
-		closingCh: make(chan struct{}),
-		done:      make(chan struct{}),
+		codecKind:  codec,
+		codec:      newClientCodec(codec, conn),
+		rwc:        conn,
+		pending:    make(map[uint64]*Call),
+		streams:    make(map[uint64]*StreamCall),
+		wake:       make(chan struct{}, 1),
+		closingCh:  make(chan struct{}),
+		writerDone: make(chan struct{}),
+		done:       make(chan struct{}),
 	}
+	go c.writeLoop()
 	go c.readLoop()
 	return c
+}
+
+// enqueueLocked hands r to the writer. c.mu must be held.
+func (c *Client) enqueueLocked(r *outRequest) {
+	c.outq = append(c.outq, r)
+	c.signalWriter()
+}
+
+func (c *Client) signalWriter() {
+	select {
+	case c.wake <- struct{}{}:
+	default:
+	}
+}
+
+// unqueueLocked removes r from the writer's queue, reporting false when
+// the writer has already taken it. c.mu must be held.
+func (c *Client) unqueueLocked(r *outRequest) bool {
+	i := slices.Index(c.outq, r)
+	if i < 0 {
+		return false
+	}
+	c.outq = slices.Delete(c.outq, i, i+1)
+	return true
+}
+
+// writeLoop writes the queued requests in order until the client shuts
+// down. It takes every request queued, encodes them (after which it no
+// longer reads their bodies), then writes them at once. A failed encoding
+// or write closes the connection (the encoder's state is unknown after
+// it, as in net/rpc), which makes the reader end every call.
+func (c *Client) writeLoop() {
+	defer close(c.writerDone)
+	var batch []*outRequest
+	for {
+		c.mu.Lock()
+		for len(c.outq) == 0 && !c.shutdown {
+			c.mu.Unlock()
+			<-c.wake
+			c.mu.Lock()
+		}
+		if c.shutdown {
+			left := c.outq
+			c.outq = nil
+			c.mu.Unlock()
+			for _, r := range left {
+				close(r.encoded)
+				r.written <- ErrShutdown
+			}
+			return
+		}
+		batch, c.outq = c.outq, batch[:0]
+		c.mu.Unlock()
+
+		var err error
+		for _, r := range batch {
+			if err == nil {
+				if err = c.codec.encodeRequest(r.method, r.seq, r.body); err != nil {
+					err = fmt.Errorf("rpc: encoding %s: %w", r.method, err)
+				}
+			}
+			close(r.encoded)
+		}
+		if err == nil {
+			if err = c.codec.flush(); err != nil {
+				err = fmt.Errorf("rpc: sending: %w", err)
+			}
+		}
+		if err != nil {
+			c.rwc.Close()
+			c.failCalls(batch, err)
+		}
+		for i, r := range batch {
+			r.written <- err
+			batch[i] = nil
+		}
+	}
+}
+
+// failCalls ends with err the unary calls of batch that are still pending.
+func (c *Client) failCalls(batch []*outRequest, err error) {
+	for _, r := range batch {
+		call := r.call
+		if call == nil {
+			continue
+		}
+		c.mu.Lock()
+		mine := c.pending[call.seq] == call
+		delete(c.pending, call.seq)
+		c.mu.Unlock()
+		if mine {
+			call.Error = err
+			call.done()
+		}
+	}
 }
 
 // Done is closed when the connection is lost or the client is closed, after
@@ -126,8 +242,8 @@ func NewClient(conn io.ReadWriteCloser, codec Codec) *Client {
 func (c *Client) Done() <-chan struct{} { return c.done }
 
 // Close closes the connection, ends every pending call and stream with
-// ErrShutdown, and waits for the reader goroutine to exit. A second Close
-// returns ErrShutdown.
+// ErrShutdown, and waits for the client's goroutines to exit. A second
+// Close returns ErrShutdown.
 func (c *Client) Close() error {
 	c.mu.Lock()
 	if c.closing {
@@ -148,13 +264,16 @@ func (c *Client) Close() error {
 
 // Call calls method with args and waits for its reply, decoded into reply
 // (a pointer). It returns nil, a ServerError carrying the method's error
-// text, ErrShutdown, or ctx.Err() if ctx ends first (the reply, when it
-// comes, is then discarded; the server is not told).
+// text, ErrShutdown, or ctx.Err() if ctx ends first, even while the
+// request waits to be written (the server is then not told: a request not
+// yet taken by the client's writer is never sent, one taken is sent, and
+// a reply that comes later is discarded). It does not use args after it
+// returns.
 func (c *Client) Call(ctx context.Context, method string, args, reply any) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	call := c.Go(method, args, reply, make(chan *Call, 1))
+	call, r := c.start(method, args, reply, make(chan *Call, 1))
 	select {
 	case <-call.Done:
 		return call.Error
@@ -163,48 +282,50 @@ func (c *Client) Call(ctx context.Context, method string, args, reply any) error
 		if c.pending[call.seq] == call {
 			delete(c.pending, call.seq)
 		}
+		taken := r != nil && !c.unqueueLocked(r)
 		c.mu.Unlock()
+		if taken {
+			<-r.encoded // does no I/O: the writer reads args until then
+		}
 		return ctx.Err()
 	}
 }
 
-// Go starts a call and returns at once; the call is sent on done when it
-// completes. done must be buffered (Go panics otherwise); nil allocates a
-// channel. Go blocks only while the request is written.
+// Go starts a call and returns once its request is written (it blocks
+// while the connection cannot be written); the call is sent on done when
+// it completes. done must be buffered (Go panics otherwise); nil allocates
+// a channel.
 func (c *Client) Go(method string, args, reply any, done chan *Call) *Call {
 	if done == nil {
 		done = make(chan *Call, 1)
 	} else if cap(done) == 0 {
 		panic("rpc: Go: done channel is unbuffered")
 	}
+	call, r := c.start(method, args, reply, done)
+	if r != nil {
+		<-r.written
+	}
+	return call
+}
+
+// start registers a call and queues its request. The request is nil when
+// the client is shut down; the call has then completed with ErrShutdown.
+func (c *Client) start(method string, args, reply any, done chan *Call) (*Call, *outRequest) {
 	call := &Call{ServiceMethod: method, Args: args, Reply: reply, Done: done}
-	c.sendMu.Lock()
-	defer c.sendMu.Unlock()
 	c.mu.Lock()
 	if c.shutdown {
 		c.mu.Unlock()
 		call.Error = ErrShutdown
 		call.done()
-		return call
+		return call, nil
 	}
 	c.seq++
 	call.seq = c.seq
 	c.pending[call.seq] = call
+	r := newOutRequest(method, call.seq, args, call)
+	c.enqueueLocked(r)
 	c.mu.Unlock()
-	if err := c.codec.writeRequest(method, call.seq, args); err != nil {
-		c.mu.Lock()
-		mine := c.pending[call.seq] == call
-		delete(c.pending, call.seq)
-		c.mu.Unlock()
-		// The encoder's state is unknown after a failed write: end the
-		// connection, as net/rpc does.
-		c.rwc.Close()
-		if mine {
-			call.Error = fmt.Errorf("rpc: sending %s: %w", method, err)
-			call.done()
-		}
-	}
-	return call
+	return call, r
 }
 
 // StreamCall is a streaming call started by Client.Stream.
@@ -231,10 +352,11 @@ type StreamCall struct {
 // reader, so the caller must keep draining ch until it is closed (buffer
 // it, or add buffering on top).
 //
-// Cancelling ctx closes the stream as Close does. Stream returns an error
-// only when ch is not a suitable channel, ctx is already done or the client
-// is shut down; once a StreamCall is returned, every failure is reported by
-// Err after ch is closed.
+// Cancelling ctx closes the stream as Close does. Stream blocks while its
+// request is written. It returns an error only when ch is not a suitable
+// channel, ctx is already done or the client is shut down; once a
+// StreamCall is returned, every failure is reported by Err after ch is
+// closed.
 func (c *Client) Stream(ctx context.Context, method string, args any, ch any) (*StreamCall, error) {
 	chv := reflect.ValueOf(ch)
 	if chv.Kind() != reflect.Chan || chv.Type().ChanDir()&reflect.SendDir == 0 || chv.IsNil() {
@@ -254,8 +376,6 @@ func (c *Client) Stream(ctx context.Context, method string, args any, ch any) (*
 	if sc.elem.Kind() == reflect.Pointer {
 		sc.elem, sc.ptr = sc.elem.Elem(), true
 	}
-	c.sendMu.Lock()
-	defer c.sendMu.Unlock()
 	c.mu.Lock()
 	if c.shutdown {
 		c.mu.Unlock()
@@ -264,13 +384,14 @@ func (c *Client) Stream(ctx context.Context, method string, args any, ch any) (*
 	c.seq++
 	sc.seq = c.seq
 	c.streams[sc.seq] = sc
+	// A cancel queues its CloseStream under c.mu, so after the request.
 	sc.stopCtx = context.AfterFunc(ctx, func() { sc.Close() })
+	r := newOutRequest(method, sc.seq, args, nil)
+	c.enqueueLocked(r)
 	c.mu.Unlock()
-	if err := c.codec.writeRequest(method, sc.seq, args); err != nil {
-		// The encoder's state is unknown: end the connection. The reader
-		// then ends the stream with ErrShutdown (it alone may close ch).
-		c.rwc.Close()
-	}
+	// A failed write ends the connection; the reader then ends the stream
+	// with ErrShutdown (it alone may close ch).
+	<-r.written
 	return sc, nil
 }
 
@@ -283,17 +404,16 @@ func (sc *StreamCall) Close() error {
 	sc.closeOnce.Do(func() {
 		close(sc.closed)
 		c := sc.c
-		c.sendMu.Lock()
-		defer c.sendMu.Unlock()
 		c.mu.Lock()
-		active := !c.shutdown && c.streams[sc.seq] == sc
-		c.mu.Unlock()
-		if !active {
+		if c.shutdown || c.streams[sc.seq] != sc {
+			c.mu.Unlock()
 			return
 		}
-		if err := c.codec.writeRequest(closeStream, sc.seq, nil); err != nil {
-			c.rwc.Close()
-			sc.closeErr = fmt.Errorf("rpc: sending CloseStream: %w", err)
+		r := newOutRequest(closeStream, sc.seq, nil, nil)
+		c.enqueueLocked(r)
+		c.mu.Unlock()
+		if err := <-r.written; err != nil && !errors.Is(err, ErrShutdown) {
+			sc.closeErr = err
 		}
 	})
 	return sc.closeErr
@@ -424,6 +544,8 @@ func (c *Client) terminate() {
 	pending, streams := c.pending, c.streams
 	c.pending, c.streams = make(map[uint64]*Call), make(map[uint64]*StreamCall)
 	c.mu.Unlock()
+	c.signalWriter()
+	<-c.writerDone
 	for _, call := range pending {
 		call.Error = ErrShutdown
 		call.done()

@@ -243,11 +243,15 @@ func (c *jsonServerCodec) writeResponse(r *response) error {
 
 func (c *jsonServerCodec) flush() error { return c.w.Flush() }
 
-// clientCodec is the client's seam over one connection. writeRequest is
-// called with the client's send lock held; reads happen on the client's
-// reader goroutine.
+// clientCodec is the client's seam over one connection. encodeRequest and
+// flush are called by the client's writer goroutine only; reads happen on
+// its reader goroutine.
 type clientCodec interface {
-	writeRequest(method string, seq uint64, body any) error
+	// encodeRequest appends a request to the codec's buffer. It does no
+	// I/O, and it is done with body when it returns.
+	encodeRequest(method string, seq uint64, body any) error
+	// flush writes the buffered requests to the connection.
+	flush() error
 	readResponseHeader(*response) error
 	readResponseBody(v any) error // v nil discards
 }
@@ -259,32 +263,49 @@ func newClientCodec(c Codec, rw io.ReadWriter) clientCodec {
 	return newGobClientCodec(rw)
 }
 
+// requestBuffer holds encoded requests until they are written.
+type requestBuffer struct {
+	buf bytes.Buffer
+	w   io.Writer
+}
+
+// maxIdleRequestBuffer is the capacity a requestBuffer keeps after a
+// flush; a larger one (after a large request) is released.
+const maxIdleRequestBuffer = 64 << 10
+
+func (b *requestBuffer) flush() error {
+	_, err := b.w.Write(b.buf.Bytes())
+	if b.buf.Cap() > maxIdleRequestBuffer {
+		b.buf = bytes.Buffer{}
+	} else {
+		b.buf.Reset()
+	}
+	return err
+}
+
 type gobClientCodec struct {
+	requestBuffer
 	dec *gob.Decoder
 	enc *gob.Encoder
-	w   *bufio.Writer
 }
 
 func newGobClientCodec(rw io.ReadWriter) *gobClientCodec {
-	w := bufio.NewWriter(rw)
-	return &gobClientCodec{
-		dec: gob.NewDecoder(newGobFrameReader(rw, DefaultMaxMessageSize)),
-		enc: gob.NewEncoder(w),
-		w:   w,
+	c := &gobClientCodec{
+		requestBuffer: requestBuffer{w: rw},
+		dec:           gob.NewDecoder(newGobFrameReader(rw, DefaultMaxMessageSize)),
 	}
+	c.enc = gob.NewEncoder(&c.buf)
+	return c
 }
 
-func (c *gobClientCodec) writeRequest(method string, seq uint64, body any) error {
+func (c *gobClientCodec) encodeRequest(method string, seq uint64, body any) error {
 	if err := c.enc.Encode(gobRequest{ServiceMethod: method, Seq: seq}); err != nil {
 		return err
 	}
 	if body == nil {
 		body = emptyBody
 	}
-	if err := c.enc.Encode(body); err != nil {
-		return err
-	}
-	return c.w.Flush()
+	return c.enc.Encode(body)
 }
 
 func (c *gobClientCodec) readResponseHeader(r *response) error {
@@ -299,28 +320,26 @@ func (c *gobClientCodec) readResponseHeader(r *response) error {
 func (c *gobClientCodec) readResponseBody(v any) error { return c.dec.Decode(v) }
 
 type jsonClientCodec struct {
+	requestBuffer
 	lr     *jsonLimitReader
 	dec    *json.Decoder
-	w      *bufio.Writer
 	enc    *json.Encoder
 	result json.RawMessage // of the response just read; reader goroutine only
 }
 
 func newJSONClientCodec(rw io.ReadWriter) *jsonClientCodec {
 	lr := &jsonLimitReader{r: rw, max: DefaultMaxMessageSize}
-	w := bufio.NewWriter(rw)
-	return &jsonClientCodec{lr: lr, dec: json.NewDecoder(lr), w: w, enc: json.NewEncoder(w)}
+	c := &jsonClientCodec{requestBuffer: requestBuffer{w: rw}, lr: lr, dec: json.NewDecoder(lr)}
+	c.enc = json.NewEncoder(&c.buf)
+	return c
 }
 
-func (c *jsonClientCodec) writeRequest(method string, seq uint64, body any) error {
+func (c *jsonClientCodec) encodeRequest(method string, seq uint64, body any) error {
 	req := jsonClientRequest{Method: method, Params: []any{body}, ID: seq}
 	if method == closeStream {
 		req.Params = []any{}
 	}
-	if err := c.enc.Encode(req); err != nil {
-		return err
-	}
-	return c.w.Flush()
+	return c.enc.Encode(req)
 }
 
 func (c *jsonClientCodec) readResponseHeader(r *response) error {

@@ -620,3 +620,52 @@ type Unsafe struct{}
 type UnsafeArgs struct{ List []map[string]string }
 
 func (*Unsafe) M(args *UnsafeArgs, reply *Reply) error { return nil }
+
+// writeSignalConn reports on writing each time a Write starts.
+type writeSignalConn struct {
+	net.Conn
+	writing chan struct{}
+}
+
+func (c *writeSignalConn) Write(p []byte) (int, error) {
+	select {
+	case c.writing <- struct{}{}:
+	default:
+	}
+	return c.Conn.Write(p)
+}
+
+// Call returns when its ctx ends even while its request cannot be written
+// (here the peer never reads), and so does a call queued behind it; Close
+// then ends the client.
+func TestCallContextWhileWriting(t *testing.T) {
+	serverSide, clientSide := net.Pipe() // writes block until read; nothing reads
+	defer serverSide.Close()
+	conn := &writeSignalConn{Conn: clientSide, writing: make(chan struct{}, 1)}
+	c := rpc.NewClient(conn, rpc.Gob)
+	defer c.Close()
+
+	call := func(ctx context.Context) <-chan error {
+		done := make(chan error, 1)
+		go func() { done <- c.Call(ctx, "Arith.Add", &Args{A: 1, B: 2}, &Reply{}) }()
+		return done
+	}
+	ctx1, cancel1 := context.WithCancel(testCtx(t))
+	first := call(ctx1)
+	recv(t, conn.writing, "the first request to be written")
+	ctx2, cancel2 := context.WithCancel(testCtx(t))
+	second := call(ctx2)
+
+	cancel2()
+	if err := recv(t, second, "the queued Call to return"); !errors.Is(err, context.Canceled) {
+		t.Errorf("queued Call = %v, want Canceled", err)
+	}
+	cancel1()
+	if err := recv(t, first, "the Call being written to return"); !errors.Is(err, context.Canceled) {
+		t.Errorf("Call being written = %v, want Canceled", err)
+	}
+	if err := c.Close(); err != nil {
+		t.Errorf("Close: %v", err)
+	}
+	recv(t, c.Done(), "the client to be done")
+}
