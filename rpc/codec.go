@@ -139,7 +139,8 @@ func (c *gobServerCodec) writeResponse(r *response) error {
 func (c *gobServerCodec) flush() error { return c.w.Flush() }
 
 // jsonServerCodec gives each request an internal sequence number and keeps
-// the request's JSON id until its final reply is written. A JSON
+// the request's JSON id (compacted, at most MaxJSONIDLen bytes, one copy
+// shared by both maps) until its final reply is written. A JSON
 // CloseStream names the stream by that id.
 type jsonServerCodec struct {
 	lr  *jsonLimitReader
@@ -151,9 +152,14 @@ type jsonServerCodec struct {
 
 	mu   sync.Mutex
 	seq  uint64
-	ids  map[uint64]json.RawMessage // in-flight seq → id
-	byID map[string]uint64          // compact id → newest in-flight seq with it
+	ids  map[uint64]string // in-flight seq → compact id
+	byID map[string]uint64 // compact id → newest in-flight seq with it
 }
+
+// MaxJSONIDLen caps, in bytes, the id of a JSON request. A request with a
+// longer id closes the connection (the server keeps each id until the
+// call's final reply, and an id is all a reply can be matched by).
+const MaxJSONIDLen = 256
 
 func newJSONServerCodec(rw io.ReadWriter, maxMsg int) *jsonServerCodec {
 	lr := &jsonLimitReader{r: rw, max: maxMsg}
@@ -163,7 +169,7 @@ func newJSONServerCodec(rw io.ReadWriter, maxMsg int) *jsonServerCodec {
 		dec:  json.NewDecoder(lr),
 		w:    w,
 		enc:  json.NewEncoder(w),
-		ids:  make(map[uint64]json.RawMessage),
+		ids:  make(map[uint64]string),
 		byID: make(map[string]uint64),
 	}
 }
@@ -179,18 +185,21 @@ func (c *jsonServerCodec) readRequestHeader(r *request) error {
 	if len(req.ID) == 0 {
 		req.ID = jsonNull
 	}
-	key := compactID(req.ID)
+	id := compactID(req.ID)
+	if len(id) > MaxJSONIDLen {
+		return fmt.Errorf("rpc: JSON request id of %d bytes, over the limit of %d", len(id), MaxJSONIDLen)
+	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if req.Method == closeStream {
 		// The id names the stream to cancel; 0 (no such stream) is ignored.
-		r.method, r.seq = closeStream, c.byID[key]
+		r.method, r.seq = closeStream, c.byID[id]
 		c.params = nil
 		return nil
 	}
 	c.seq++
-	c.ids[c.seq] = req.ID
-	c.byID[key] = c.seq
+	c.ids[c.seq] = id
+	c.byID[id] = c.seq
 	r.method, r.seq = req.Method, c.seq
 	c.params = req.Params
 	return nil
@@ -221,15 +230,15 @@ func (c *jsonServerCodec) writeResponse(r *response) error {
 	id, ok := c.ids[r.seq]
 	if r.final {
 		delete(c.ids, r.seq)
-		if key := compactID(id); c.byID[key] == r.seq {
-			delete(c.byID, key)
+		if c.byID[id] == r.seq {
+			delete(c.byID, id)
 		}
 	}
 	c.mu.Unlock()
-	if !ok {
-		id = jsonNull
+	resp := jsonServerResponse{ID: jsonNull}
+	if ok {
+		resp.ID = json.RawMessage(id)
 	}
-	resp := jsonServerResponse{ID: id}
 	if r.errText != "" {
 		resp.Error = r.errText
 	} else {

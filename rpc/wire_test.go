@@ -227,6 +227,14 @@ func TestWireJSON(t *testing.T) {
 		t.Fatal("handler's ctx not cancelled")
 	}
 
+	// The longest id accepted (rpc.MaxJSONIDLen bytes, compacted) is
+	// echoed.
+	longID := `{"k":"` + strings.Repeat("x", rpc.MaxJSONIDLen-8) + `"}`
+	send(`{"method":"Arith.Add","params":[{"A":1}],"id": ` + strings.Replace(longID, ":", " : ", 1) + `}`)
+	if r, line := read(); string(r.ID) != longID || r.Error != nil {
+		t.Fatalf("Add with a %d-byte id: %s", len(longID), line)
+	}
+
 	send(`{"method":"Arith.Count","params":[{"A":1}],"id":7}`)
 	if r, line := read(); string(r.ID) != "7" || r.Error != nil || result(r).C != 0 {
 		t.Fatalf("Count reply: %s", line)
@@ -291,6 +299,9 @@ func TestBadFramesCloseConnection(t *testing.T) {
 		{"json garbage", "json", func(t *testing.T, conn net.Conn) {
 			io.WriteString(conn, "{{{{ not json\n")
 		}, "closing connection"},
+		{"json id too long", "json", func(t *testing.T, conn net.Conn) {
+			io.WriteString(conn, `{"method":"Arith.Add","params":[{}],"id":"`+strings.Repeat("x", rpc.MaxJSONIDLen-1)+`"}`+"\n")
+		}, "id of 257 bytes"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -311,6 +322,26 @@ func TestBadFramesCloseConnection(t *testing.T) {
 				t.Errorf("log does not say %q:\n%s", tc.reason, logs.String())
 			}
 		})
+	}
+}
+
+// A client that goes away, even by resetting its connection, is an
+// ordinary event: the server logs it at debug level, not as a warning.
+func TestDisconnectIsNotAWarning(t *testing.T) {
+	var logs syncBuffer
+	ts := startServer(t, func(s *rpc.Server) {
+		s.Logger = slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	})
+	conn := rawUpgrade(t, ts.addr, "application/vnd.flynn.rpc-hijack+gob")
+	newGobPeer(t, conn).send("Arith.Forever", 1, wireArgs{})
+	recv(t, ts.arith.connIDs, "the stream to start")
+	if err := conn.(*net.TCPConn).SetLinger(0); err != nil { // Close sends a reset
+		t.Fatal(err)
+	}
+	conn.Close()
+	recv(t, ts.arith.streamEnd, "the stream to end with its connection")
+	if got := logs.String(); strings.Contains(got, "level=WARN") || !strings.Contains(got, "connection ended") {
+		t.Errorf("log after a reset by the client:\n%s", got)
 	}
 }
 
