@@ -384,8 +384,8 @@ func TestStreamCapPerConnection(t *testing.T) {
 	other := mustStream(t, mustDial(t, e.addr), api.MethodSubscribe, "c")
 	other.next()
 
-	// A closed stream gives its slot back. The slot is released when the
-	// handler returns, which the client sees as the end of s1.
+	// A closed stream gives its slot back. The rpc layer releases it once
+	// the stream's end is written, before the client can see that end.
 	s1.call.Close()
 	if err := s1.end(); err != nil {
 		t.Fatalf("s1 ended with %v", err)
