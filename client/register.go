@@ -29,12 +29,6 @@ func (c *Client) setExpanded(r *registration, addr string) {
 	c.mu.Unlock()
 }
 
-func (c *Client) expandedAddr(r *registration) string {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return r.expanded
-}
-
 // Register announces the instance addr of service name, with no
 // attributes. See RegisterWithAttributes.
 func (c *Client) Register(name, addr string) error {
