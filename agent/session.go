@@ -91,7 +91,9 @@ func (s *Session) usableLocked() error {
 // attributes changed, and the registration moves to this session if
 // another one held it.
 //
-// It blocks until the store acknowledged the write or ctx is done. Errors:
+// It blocks until the store acknowledged the write and, when the agent
+// watches name, until its cache shows the write (at most a second), so that
+// a lookup on this agent that follows sees it; or until ctx is done. Errors:
 // *api.Error with CodeInvalidArgument (bad name, addr or attrs, or ":port"
 // without ExternalIP), CodeResourceExhausted (the session's cap is
 // reached), CodeUnavailable (store unreachable, session or agent closed);
@@ -193,6 +195,7 @@ func (s *Session) Register(ctx context.Context, args api.Args) (string, error) {
 	if closed {
 		return "", errSessionClosed
 	}
+	a.awaitLocal(ctx, k, attrs, true)
 	return k.addr, nil
 }
 
@@ -267,7 +270,8 @@ func notFound(k regKey) error {
 // bounds that wait. Once the registration is dropped from memory, the
 // store removal is no longer bound by ctx but by an internal timeout (a
 // few seconds), so that a caller giving up leaves nothing behind. It
-// returns nil once the store acknowledged the removal. Errors, and what
+// returns nil once the store acknowledged the removal and, as for Register,
+// this agent's cache shows it (at most a second more). Errors, and what
 // the agent holds after each:
 //   - CodeInvalidArgument (bad name or addr): nothing changed.
 //   - CodeNotFound: the agent did not hold it (nor a removal to retry).
@@ -303,7 +307,11 @@ func (s *Session) Unregister(ctx context.Context, args api.Args) error {
 		a.forgetLocked(k, r)
 	}
 	a.mu.Unlock()
-	return a.removeNow(ctx, k)
+	if err := a.removeNow(ctx, k); err != nil {
+		return err
+	}
+	a.awaitLocal(ctx, k, nil, false)
+	return nil
 }
 
 // forgetLocked drops the registration k from the agent and its owner.

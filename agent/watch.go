@@ -48,7 +48,10 @@ type watch struct {
 	cache   map[string]api.ServiceUpdate // addr → online instance
 	leader  api.ServiceUpdate            // oldest online instance (compareAge); zero if none
 	subs    map[*Subscription]struct{}   // Subscribe streams
-	leaders map[*Subscription]struct{}   // Leader streams
+	// changed, when not nil, is closed at the next change of the cache
+	// (then set to nil); awaitLocal waits on it.
+	changed chan struct{}
+	leaders map[*Subscription]struct{} // Leader streams
 
 	// Instances refused for breaking the api limits (foreign data):
 	// logged at most once per badLogEvery, with how many since. Owned by
@@ -349,6 +352,10 @@ func (w *watch) applyLocked(typ backend.EventType, u api.ServiceUpdate, leaders 
 		u.Online = false
 	default:
 		return
+	}
+	if w.changed != nil {
+		close(w.changed)
+		w.changed = nil
 	}
 	w.fanOutLocked(w.subs, u)
 	if leaders && w.moveLeaderLocked(u) {
@@ -652,4 +659,49 @@ func (s *Subscription) Close() {
 		w.a.stats.subscribers.Add(-1)
 		w.a.releaseWatch(w)
 	})
+}
+
+// maxLocalWait bounds how long a write waits for this agent's own watch
+// to show it (awaitLocal); the watch normally follows the store within a
+// millisecond, and longer only when the store's watch is broken.
+const maxLocalWait = time.Second
+
+// awaitLocal makes writes readable on this agent: after the store has
+// acknowledged a write of k, it waits until the watch of k.name, if the
+// agent runs one, shows it (present with attrs, or absent), so that a
+// lookup or a new subscription on this agent that follows the write sees
+// it. A name without a watch needs no wait: a new watch reads the store
+// afresh. The wait ends early when ctx ends or after maxLocalWait; the
+// write stands either way.
+func (a *Agent) awaitLocal(ctx context.Context, k regKey, attrs map[string]string, present bool) {
+	a.mu.Lock()
+	w := a.watches[k.name]
+	a.mu.Unlock()
+	if w == nil {
+		return
+	}
+	timer := time.NewTimer(maxLocalWait)
+	defer timer.Stop()
+	for {
+		w.mu.Lock()
+		u, ok := w.cache[k.addr]
+		if ok == present && (!ok || maps.Equal(u.Attrs, attrs)) || w.stopped {
+			w.mu.Unlock()
+			return
+		}
+		if w.changed == nil {
+			w.changed = make(chan struct{})
+		}
+		changed := w.changed
+		w.mu.Unlock()
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			return
+		case <-timer.C:
+			return
+		case <-w.done:
+			return
+		}
+	}
 }
