@@ -64,11 +64,7 @@ func mustRegister(t *testing.T, addr string) *rpc.Client {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
 	defer cancel()
-	c, err := rpc.Dial(ctx, addr, rpc.Gob)
-	if err != nil {
-		t.Fatalf("Dial: %v", err)
-	}
-	t.Cleanup(func() { c.Close() })
+	c := mustRPC(t, addr)
 	var got string
 	if err := c.Call(ctx, api.MethodRegister, &api.Args{Name: "web", Addr: "10.0.0.1:80"}, &got); err != nil {
 		t.Fatalf("Register: %v", err)

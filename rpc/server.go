@@ -346,32 +346,17 @@ func (s *Server) lookup(serviceMethod string) (*method, error) {
 	return m, nil
 }
 
-func (s *Server) maxMessageSize() int {
-	if s.MaxMessageSize > 0 {
-		return s.MaxMessageSize
-	}
-	return DefaultMaxMessageSize
-}
+func (s *Server) maxMessageSize() int { return positiveOr(s.MaxMessageSize, DefaultMaxMessageSize) }
+func (s *Server) streamBuffer() int   { return positiveOr(s.StreamBuffer, DefaultStreamBuffer) }
+func (s *Server) maxCalls() int       { return positiveOr(s.MaxCallsPerConn, DefaultMaxCallsPerConn) }
+func (s *Server) maxStreams() int     { return positiveOr(s.MaxStreamsPerConn, DefaultMaxStreamsPerConn) }
 
-func (s *Server) streamBuffer() int {
-	if s.StreamBuffer > 0 {
-		return s.StreamBuffer
+// positiveOr returns v, or def when v is not positive (a zero-value field).
+func positiveOr(v, def int) int {
+	if v > 0 {
+		return v
 	}
-	return DefaultStreamBuffer
-}
-
-func (s *Server) maxCalls() int {
-	if s.MaxCallsPerConn > 0 {
-		return s.MaxCallsPerConn
-	}
-	return DefaultMaxCallsPerConn
-}
-
-func (s *Server) maxStreams() int {
-	if s.MaxStreamsPerConn > 0 {
-		return s.MaxStreamsPerConn
-	}
-	return DefaultMaxStreamsPerConn
+	return def
 }
 
 func (s *Server) tooManyStreams() error {
