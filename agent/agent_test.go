@@ -51,7 +51,7 @@ func mustBackend(tb testing.TB, srv *etcd.Embedded, ttl time.Duration) *etcd.Bac
 }
 
 // mustAgent starts an agent on b; cfg.Backend is set by the helper.
-func mustAgent(tb testing.TB, b *etcd.Backend, cfg agent.Config) *agent.Agent {
+func mustAgent(tb testing.TB, b backend.Backend, cfg agent.Config) *agent.Agent {
 	tb.Helper()
 	cfg.Backend = b
 	if cfg.Logger == nil {

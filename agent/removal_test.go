@@ -189,7 +189,7 @@ func TestStoreDownRemovals(t *testing.T) {
 	logs := &logCounter{}
 	// The TTL leaves ample time to register n keys before any expires;
 	// the janitor sweeps every TTL/4.
-	a := mustAgentOn(t, faulty, agent.Config{TTL: 2 * time.Second, Logger: logs.logger()})
+	a := mustAgent(t, faulty, agent.Config{TTL: 2 * time.Second, Logger: logs.logger()})
 	sess := a.NewSession(0)
 	for i := range n {
 		mustRegister(t, sess, "web", fmt.Sprintf("10.0.0.%d:80", i+1), nil)
@@ -245,7 +245,7 @@ func TestSessionCloseParallel(t *testing.T) {
 	srv := etcdtest.NewServer(t)
 	real := mustBackend(t, srv, 10*time.Second)
 	b := &barrierBackend{Backend: real, want: agent.RemoveParallelism, full: make(chan struct{})}
-	a := mustAgentOn(t, b, agent.Config{})
+	a := mustAgent(t, b, agent.Config{})
 	sess := a.NewSession(0)
 	for i := range n {
 		mustRegister(t, sess, "web", fmt.Sprintf("10.0.0.%d:80", i+1), nil)
@@ -290,16 +290,3 @@ func (b *barrierBackend) Unregister(ctx context.Context, name, addr string) erro
 	return b.Backend.Unregister(ctx, name, addr)
 }
 
-func mustAgentOn(tb testing.TB, b backend.Backend, cfg agent.Config) *agent.Agent {
-	tb.Helper()
-	cfg.Backend = b
-	if cfg.Logger == nil {
-		cfg.Logger = quiet()
-	}
-	a, err := agent.New(cfg)
-	if err != nil {
-		tb.Fatalf("agent.New: %v", err)
-	}
-	tb.Cleanup(func() { a.Close() })
-	return a
-}

@@ -188,7 +188,7 @@ func TestForeignData(t *testing.T) {
 	a1 := mustAgent(t, mustBackend(t, srv, 10*time.Second), agent.Config{})
 	faulty := &faultyBackend{Backend: mustBackend(t, srv, 10*time.Second)}
 	logs := &logCounter{}
-	a2 := mustAgentOn(t, faulty, agent.Config{Logger: logs.logger()})
+	a2 := mustAgent(t, faulty, agent.Config{Logger: logs.logger()})
 	sess := a1.NewSession(0)
 	defer sess.Close()
 	mustRegister(t, sess, "web", "10.0.0.1:80", nil)
@@ -247,7 +247,7 @@ func TestLeaderTies(t *testing.T) {
 	srv := etcdtest.NewServer(t)
 	a1 := mustAgent(t, mustBackend(t, srv, 10*time.Second), agent.Config{})
 	faulty := &faultyBackend{Backend: mustBackend(t, srv, 10*time.Second)}
-	a2 := mustAgentOn(t, faulty, agent.Config{})
+	a2 := mustAgent(t, faulty, agent.Config{})
 	sess := a1.NewSession(0)
 	defer sess.Close()
 	mustRegister(t, sess, "db", "10.0.0.9:80", nil)
