@@ -289,4 +289,3 @@ func (b *barrierBackend) Unregister(ctx context.Context, name, addr string) erro
 	}
 	return b.Backend.Unregister(ctx, name, addr)
 }
-
