@@ -92,30 +92,11 @@ func clientKills(ctx context.Context, env *env, n int, cb *rpc.Client) (Dist, er
 	if err := sub.waitCurrent(ctx); err != nil {
 		return Dist{}, err
 	}
-	children := make([]*child, n)
-	addrs := make([]string, n)
-	defer func() {
-		for _, c := range children {
-			if c != nil {
-				c.stop(5 * time.Second)
-			}
-		}
-	}()
-	for i := range children {
-		addrs[i] = instanceAddr(i)
-		c, err := startChild([]string{childFlag + "client", "-agent", a.Addr(), "-name", name, "-addr", addrs[i]})
-		if err != nil {
-			return Dist{}, err
-		}
-		env.track(c)
-		children[i] = c
-	}
-	for _, c := range children {
-		if _, err := c.report(opTimeout); err != nil {
-			return Dist{}, err
-		}
-	}
-	if err := waitAll(ctx, sub, addrs, true, opTimeout); err != nil {
+	children, addrs, err := startHolders(ctx, env, sub, n, func(addr string) []string {
+		return []string{childFlag + "client", "-agent", a.Addr(), "-name", name, "-addr", addr}
+	})
+	defer stopAll(children)
+	if err != nil {
 		return Dist{}, err
 	}
 	var lat []time.Duration
@@ -145,31 +126,12 @@ func agentKills(ctx context.Context, env *env, spec killSpec, cb *rpc.Client) (D
 	if err := sub.waitCurrent(ctx); err != nil {
 		return Dist{}, err
 	}
-	children := make([]*child, spec.N)
-	addrs := make([]string, spec.N)
-	defer func() {
-		for _, c := range children {
-			if c != nil {
-				c.stop(5 * time.Second)
-			}
-		}
-	}()
 	eps := strings.Join(env.endpoints, ",")
-	for i := range children {
-		addrs[i] = instanceAddr(i)
-		c, err := startChild([]string{childFlag + "agent", "-etcd", eps, "-ttl", spec.TTL.String(), "-name", name, "-register", addrs[i]})
-		if err != nil {
-			return Dist{}, err
-		}
-		env.track(c)
-		children[i] = c
-	}
-	for _, c := range children {
-		if _, err := c.report(opTimeout); err != nil {
-			return Dist{}, err
-		}
-	}
-	if err := waitAll(ctx, sub, addrs, true, opTimeout); err != nil {
+	children, addrs, err := startHolders(ctx, env, sub, spec.N, func(addr string) []string {
+		return []string{childFlag + "agent", "-etcd", eps, "-ttl", spec.TTL.String(), "-name", name, "-register", addr}
+	})
+	defer stopAll(children)
+	if err != nil {
 		return Dist{}, err
 	}
 
@@ -243,4 +205,35 @@ func waitAll(ctx context.Context, sub *subscriber, addrs []string, online bool, 
 		}
 	}
 	return nil
+}
+
+// startHolders starts n child processes, child i holding the registration
+// instanceAddr(i) (args gives its command line), and waits until each has
+// reported and sub has seen every instance online. The children it started
+// are returned even on error, for the caller to stop.
+func startHolders(ctx context.Context, env *env, sub *subscriber, n int, args func(addr string) []string) ([]*child, []string, error) {
+	var children []*child
+	addrs := make([]string, n)
+	for i := range n {
+		addrs[i] = instanceAddr(i)
+		c, err := startChild(args(addrs[i]))
+		if err != nil {
+			return children, addrs, err
+		}
+		env.track(c)
+		children = append(children, c)
+	}
+	for _, c := range children {
+		if _, err := c.report(opTimeout); err != nil {
+			return children, addrs, err
+		}
+	}
+	return children, addrs, waitAll(ctx, sub, addrs, true, opTimeout)
+}
+
+// stopAll stops each child, waiting at most 5 s for each.
+func stopAll(children []*child) {
+	for _, c := range children {
+		c.stop(5 * time.Second)
+	}
 }
