@@ -426,19 +426,27 @@ func servePipe(t *testing.T, srv *rpc.Server) (*gobPeer, func()) {
 	}
 }
 
-// A stream whose reader falls behind waits for it: once its queue is full
-// the method's Send blocks, and when the reader reads again every reply
-// arrives, in order, then EOS.
-func TestSlowReaderGetsEveryReply(t *testing.T) {
+// serveSmallQueue serves an Arith with a 4-reply stream queue over a pipe
+// whose peer p the test drives by hand; everything stops at test end.
+func serveSmallQueue(t *testing.T) (*rpc.Server, *Arith, *gobPeer) {
+	t.Helper()
 	srv := rpc.NewServer()
 	srv.StreamBuffer = 4
 	arith := newArith()
 	if err := srv.Register(arith); err != nil {
 		t.Fatal(err)
 	}
-	defer srv.Close()
+	t.Cleanup(func() { srv.Close() })
 	p, closePipe := servePipe(t, srv)
-	defer closePipe()
+	t.Cleanup(closePipe)
+	return srv, arith, p
+}
+
+// A stream whose reader falls behind waits for it: once its queue is full
+// the method's Send blocks, and when the reader reads again every reply
+// arrives, in order, then EOS.
+func TestSlowReaderGetsEveryReply(t *testing.T) {
+	srv, arith, p := serveSmallQueue(t)
 
 	// Replies of 8 KiB overflow the writer's buffer, so the writer blocks
 	// on the first one until we read; then 4 wait in the queue, and the
@@ -466,15 +474,7 @@ func TestSlowReaderGetsEveryReply(t *testing.T) {
 // takes one reply per call in turn. A CloseStream then ends the stream
 // (its backlog dropped) with EOS, and its waiting Send returns.
 func TestSlowStreamDoesNotStallOtherCalls(t *testing.T) {
-	srv := rpc.NewServer()
-	srv.StreamBuffer = 4
-	arith := newArith()
-	if err := srv.Register(arith); err != nil {
-		t.Fatal(err)
-	}
-	defer srv.Close()
-	p, closePipe := servePipe(t, srv)
-	defer closePipe()
+	srv, arith, p := serveSmallQueue(t)
 
 	p.send("Arith.Flood", 1, wireArgs{S: "x", B: 8 << 10}) // without end
 	for i := -1; i < srv.StreamBuffer+1; i = recv(t, arith.sending, "Flood to send") {
