@@ -121,8 +121,6 @@ func (c *Client) registerCtx(ctx context.Context, conn *rpc.Client, name, addr s
 	var expanded string
 	err := c.callCtx(ctx, conn, "register "+name+" "+addr, api.MethodRegister, &api.Args{Name: name, Addr: addr, Attrs: attrs}, &expanded)
 	if err != nil {
-		// expanded is not read: after a timeout or Close, the rpc reader
-		// may still be decoding a late reply into it.
 		return "", err
 	}
 	if expanded == "" {

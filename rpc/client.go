@@ -69,6 +69,9 @@ type Call struct {
 	Done chan *Call
 
 	seq uint64
+	// Guarded by Client.mu: Call gave up on its ctx (the reader must not
+	// touch Reply), or the reader stored the reply into Reply.
+	abandoned, delivered bool
 }
 
 func (call *Call) done() {
@@ -267,8 +270,9 @@ func (c *Client) Close() error {
 // text, ErrShutdown, or ctx.Err() if ctx ends first, even while the
 // request waits to be written (the server is then not told: a request not
 // yet taken by the client's writer is never sent, one taken is sent, and
-// a reply that comes later is discarded). It does not use args after it
-// returns.
+// a reply that comes later is discarded). After it returns ctx.Err(),
+// nothing writes into reply: a late reply is decoded into a value of its
+// own and dropped. It does not use args after it returns.
 func (c *Client) Call(ctx context.Context, method string, args, reply any) error {
 	if err := ctx.Err(); err != nil {
 		return err
@@ -279,6 +283,14 @@ func (c *Client) Call(ctx context.Context, method string, args, reply any) error
 		return call.Error
 	case <-ctx.Done():
 		c.mu.Lock()
+		if call.delivered {
+			// The reply is in reply already: the call is complete but for
+			// its signal, which follows without I/O.
+			c.mu.Unlock()
+			<-call.Done
+			return call.Error
+		}
+		call.abandoned = true
 		if c.pending[call.seq] == call {
 			delete(c.pending, call.seq)
 		}
@@ -503,11 +515,23 @@ func (c *Client) handleReply(resp *response) error {
 			call.done()
 			return err
 		}
-		if err := decodeInto(c.codecKind, rv, c.codec.readResponseBody); err != nil {
+		// Decoded into a value of its own, and stored into Reply only if
+		// Call has not given up meanwhile: an abandoned call's reply is
+		// never written.
+		v := reflect.New(rv.Elem().Type())
+		if err := decodeInto(c.codecKind, v, c.codec.readResponseBody); err != nil {
 			// Like net/rpc: the call fails; the connection goes on (the
 			// message was consumed). A corrupt stream fails the next read.
 			call.Error = fmt.Errorf("rpc: decoding reply of %s: %w", call.ServiceMethod, err)
+			call.done()
+			return nil
 		}
+		c.mu.Lock()
+		if !call.abandoned {
+			rv.Elem().Set(v.Elem())
+			call.delivered = true
+		}
+		c.mu.Unlock()
 		call.done()
 		return nil
 	case sc != nil && resp.errText == "":

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"reflect"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -551,6 +552,44 @@ func TestCallContext(t *testing.T) {
 	if err := c.Call(testCtx(t), "Arith.Add", &Args{A: 2, B: 2}, &r); err != nil || r.C != 4 {
 		t.Errorf("Add = %+v, %v", r, err)
 	}
+}
+
+// A call abandoned by its ctx never has its reply written, even when the
+// reply arrives as the ctx ends: the deadlines below straddle the round
+// trip, and a later call proves that every earlier reply has been read.
+func TestCallAbandonedReplyUntouched(t *testing.T) {
+	forCodecs(t, func(t *testing.T, codec rpc.Codec) {
+		ts := startServer(t, nil)
+		c := mustDial(t, ts.addr, codec)
+		type attempt struct {
+			r   *Reply
+			err error
+		}
+		var attempts []attempt
+		for i := range 400 {
+			ctx, cancel := context.WithTimeout(testCtx(t), time.Duration(i%40)*5*time.Microsecond)
+			r := new(Reply)
+			err := c.Call(ctx, "Arith.Add", &Args{A: 2, B: 2}, r)
+			cancel()
+			attempts = append(attempts, attempt{r, err})
+		}
+		var last Reply
+		if err := c.Call(testCtx(t), "Arith.Add", &Args{A: 1, B: 1}, &last); err != nil || last.C != 2 {
+			t.Fatalf("Add after the abandoned calls = %+v, %v", last, err)
+		}
+		abandoned := 0
+		for i, a := range attempts {
+			switch {
+			case a.err == nil && a.r.C != 4:
+				t.Errorf("call %d succeeded with reply %+v", i, *a.r)
+			case a.err != nil && !reflect.DeepEqual(*a.r, Reply{}):
+				t.Errorf("call %d returned %v, yet its reply was written later: %+v", i, a.err, *a.r)
+			case a.err != nil:
+				abandoned++
+			}
+		}
+		t.Logf("%d of %d calls abandoned", abandoned, len(attempts))
+	})
 }
 
 func TestHTTPUpgrade(t *testing.T) {
