@@ -1,7 +1,6 @@
 package agent
 
 import (
-	"cmp"
 	"context"
 	"errors"
 	"maps"
@@ -304,11 +303,8 @@ func sortOldestFirst(us []api.ServiceUpdate) []api.ServiceUpdate {
 	return us
 }
 
-// compareAge orders instances oldest first: by Created, then by Addr
-// (registrations written in one store transaction share their Created).
-func compareAge(a, b api.ServiceUpdate) int {
-	return cmp.Or(cmp.Compare(a.Created, b.Created), cmp.Compare(a.Addr, b.Addr))
-}
+// compareAge orders instances oldest first (api.Age).
+func compareAge(a, b api.ServiceUpdate) int { return a.Age().Compare(b.Age()) }
 
 func older(a, b api.ServiceUpdate) bool { return compareAge(a, b) < 0 }
 

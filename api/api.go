@@ -11,7 +11,11 @@
 // with go-discoverd clients: fields may be added, never renamed.
 package api
 
-import "time"
+import (
+	"cmp"
+	"strings"
+	"time"
+)
 
 // Args is the argument of every Agent RPC method. Subscribe and Leader use
 // only Name; Heartbeat and Unregister use Name and Addr.
@@ -31,14 +35,34 @@ type ServiceUpdate struct {
 	Addr   string
 	Online bool
 	Attrs  map[string]string
-	// Created is the store's creation index of the registration: stable across
-	// heartbeats and attribute updates, strictly larger for a registration
-	// made after this one was acknowledged. Registrations written at the
-	// same moment may share it (one store transaction). The leader is the
-	// online instance with the smallest (Created, Addr), so a leader may use
-	// Created as a fencing token.
+	// Created is the registration's fencing token: unique among the
+	// registrations of Name, stable across heartbeats, attribute updates,
+	// takeovers and the agent's restores after a lost store session, and
+	// strictly larger for a registration acknowledged after this one was.
+	// The leader is the online instance with the smallest Created (see
+	// Older), so successive leaders carry strictly increasing tokens. Its
+	// encoding is the backend's (docs/API.md, "Fencing tokens").
 	Created uint
 }
+
+// Age places an instance in its service's age order: by Created, then by
+// Addr. The oldest online instance leads. Created is unique per name; the
+// address only keeps the order total for stores that cannot guarantee
+// that. It is the one definition of instance age used by the agent, the
+// client and every backend.
+type Age struct {
+	Created uint64
+	Addr    string
+}
+
+// Compare returns a negative number when a is older than b, positive when
+// younger, 0 when equal.
+func (a Age) Compare(b Age) int {
+	return cmp.Or(cmp.Compare(a.Created, b.Created), strings.Compare(a.Addr, b.Addr))
+}
+
+// Age returns u's place in the age order.
+func (u *ServiceUpdate) Age() Age { return Age{uint64(u.Created), u.Addr} }
 
 // IsSentinel reports whether u is the empty marker update.
 func (u *ServiceUpdate) IsSentinel() bool { return u.Name == "" && u.Addr == "" }

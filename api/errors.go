@@ -17,9 +17,15 @@ const (
 	CodeResourceExhausted Code = "resource_exhausted" // a per-connection cap or a buffer was exceeded
 	CodeUnavailable       Code = "unavailable"        // the store cannot be reached, or the agent is shutting down
 	CodeInternal          Code = "internal"           // anything else; details are in the agent's log
+	// CodePermissionDenied: the registration belongs to another session
+	// (Heartbeat, Unregister). HTTP 403.
+	CodePermissionDenied Code = "permission_denied"
+	// CodeConflict: an HTTP PUT or DELETE of a registration owned by an RPC
+	// connection (the HTTP class never takes one over). HTTP 409.
+	CodeConflict Code = "conflict"
 )
 
-var codes = []Code{CodeInvalidArgument, CodeNotFound, CodeResourceExhausted, CodeUnavailable, CodeInternal}
+var codes = []Code{CodeInvalidArgument, CodeNotFound, CodeResourceExhausted, CodeUnavailable, CodeInternal, CodePermissionDenied, CodeConflict}
 
 // Error is an error with a code and a message that is safe to show a caller.
 // Its text is "code: message".

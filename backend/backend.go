@@ -24,6 +24,8 @@ package backend
 import (
 	"context"
 	"errors"
+
+	"github.com/flynn/discoverd/api"
 )
 
 // Backend is a consistent store of service registrations. All methods are
@@ -93,12 +95,17 @@ type Instance struct {
 	Name  string
 	Addr  string
 	Attrs map[string]string
-	// Created is the store's creation index: stable across attribute updates,
-	// strictly larger for a registration created after this one was
-	// acknowledged (etcd CreateRevision, ZooKeeper czxid). Registrations
-	// written in one store transaction may share it; order ties by Addr.
+	// Created is the registration's fencing token: unique among the
+	// registrations of Name, strictly larger for a registration whose
+	// Register was acknowledged after this one's, and stable across
+	// attribute updates, takeovers (a Register of a name/addr that another
+	// session holds) and the backend's restores after a lost session. How
+	// it is derived from the store is the backend's business (docs/API.md).
 	Created uint64
 }
+
+// Age returns in's place in the age order (api.Age).
+func (in Instance) Age() api.Age { return api.Age{Created: in.Created, Addr: in.Addr} }
 
 // Event is one item of a Stream.
 type Event struct {
@@ -142,4 +149,11 @@ type SessionState struct {
 	// 1 at start, one more each time a lost session was replaced (and the
 	// backend's registrations written again).
 	Established uint64
+	// Repairs counts the drift the backend's anti-entropy found and fixed
+	// since Open: keys on its session that it no longer held (deleted) and
+	// held registrations missing from the store (written again).
+	Repairs uint64
+	// Lost counts the registrations the backend stopped holding because
+	// another session took them over in the store.
+	Lost uint64
 }

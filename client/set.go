@@ -1,7 +1,6 @@
 package discoverd
 
 import (
-	"cmp"
 	"context"
 	"errors"
 	"maps"
@@ -428,17 +427,10 @@ func (s *serviceSet) leaderLocked() *Service {
 	return toService(oldest)
 }
 
-func older(a, b *ServiceUpdate) bool {
-	return a.Created < b.Created || (a.Created == b.Created && a.Addr < b.Addr)
-}
+func older(a, b *ServiceUpdate) bool { return a.Age().Compare(b.Age()) < 0 }
 
 func sortByAge(us []*ServiceUpdate) {
-	slices.SortFunc(us, func(a, b *ServiceUpdate) int {
-		if c := cmp.Compare(a.Created, b.Created); c != 0 {
-			return c
-		}
-		return cmp.Compare(a.Addr, b.Addr)
-	})
+	slices.SortFunc(us, func(a, b *ServiceUpdate) int { return a.Age().Compare(b.Age()) })
 }
 
 func byAge(m map[string]*ServiceUpdate) []*ServiceUpdate {

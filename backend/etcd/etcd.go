@@ -27,7 +27,6 @@
 package etcd
 
 import (
-	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -536,9 +535,7 @@ func decode(prefix, name string, kv *mvccpb.KeyValue) (backend.Instance, error) 
 	return in, nil
 }
 
-func byCreated(a, b backend.Instance) int {
-	return cmp.Or(cmp.Compare(a.Created, b.Created), strings.Compare(a.Addr, b.Addr))
-}
+func byCreated(a, b backend.Instance) int { return a.Age().Compare(b.Age()) }
 
 // backoff is an exponential delay from 50 ms up to a maximum.
 type backoff struct{ d, max time.Duration }
