@@ -2,9 +2,9 @@ package etcd
 
 import (
 	"context"
-	"errors"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
@@ -28,18 +28,36 @@ import (
 // write that breaks a rule waits, in its writer, for a later transaction.
 // Writes of one key are serialised by the callers (Backend's key locks),
 // so transactions are never racing each other on a key.
+//
+// Each write is a conditional operation of its own (a nested transaction
+// with its own compare), so one write's failed condition fails only that
+// write, and each write learns its place in the transaction (the seq of
+// a fencing token) and the revision the transaction committed at.
+//
+// A write that was sent is never abandoned because its caller gave up:
+// etcd may apply a request whose client stopped waiting, so a caller that
+// went on (and, say, deleted the key) could see the write land after it.
+// The caller waits for the transaction's outcome instead, which is
+// bounded by the batcher's own timeout.
 
 // Batching limits.
 const (
-	batchWriters = 4       // transactions in flight at once
-	batchOps     = 128     // writes per transaction: etcd's default --max-txn-ops
-	batchBytes   = 1 << 19 // bytes of keys and values per transaction (etcd's limit is 1.5 MiB); a larger write goes alone
-	batchQueue   = 1024    // writes queued for the writers; callers block while it is full
+	batchWriters = 4             // transactions in flight at once
+	batchOps     = maxTxnOps / 2 // writes per transaction: each is a nested transaction, whose operations etcd counts against the --max-txn-ops budget (128) left by the outer one
+	batchBytes   = 1 << 19       // bytes of keys and values per transaction (etcd's limit is 1.5 MiB); a larger write goes alone
+	batchQueue   = 1024          // writes queued for the writers; callers block while it is full
 )
 
 // commitFunc sends ops as one transaction. ctx ends when the batcher
-// closes or every caller of the transaction has given up.
-type commitFunc func(ctx context.Context, ops []clientv3.Op) error
+// closes or the batcher's timeout passes.
+type commitFunc func(ctx context.Context, ops []clientv3.Op) (*clientv3.TxnResponse, error)
+
+// outcome is what a sent write learns from its transaction.
+type outcome struct {
+	rev int64 // the revision the transaction committed at
+	seq int   // the write's place in the transaction
+	ok  bool  // the write's condition held (it was applied)
+}
 
 // batcher gathers concurrent writes into transactions. Its goroutines run
 // from newBatcher until its context is done; wait waits for them. Its
@@ -47,6 +65,7 @@ type commitFunc func(ctx context.Context, ops []clientv3.Op) error
 type batcher struct {
 	ctx      context.Context // the owner's: ends the writers
 	commit   commitFunc
+	timeout  time.Duration // bound on one transaction
 	maxOps   int
 	maxBytes int
 	queue    chan *write
@@ -55,13 +74,19 @@ type batcher struct {
 
 // write is one caller's operation, from its call to its result.
 type write struct {
-	ctx   context.Context // the caller's
-	op    clientv3.Op
+	ctx   context.Context           // the caller's
+	op    func(seq int) clientv3.Op // builds the operation, given its place in the transaction
 	key   string
 	lease clientv3.LeaseID // 0 for a delete; puts share a transaction only with puts on the same lease
 	size  int
 	state atomic.Int32 // writeQueued, then writeSent by a writer or writeAbandoned by the caller
-	done  chan error   // capacity 1; receives the transaction's result once sent
+	seq   int          // set by the writer that sends it
+	done  chan result  // capacity 1; receives the transaction's result once sent
+}
+
+type result struct {
+	out outcome
+	err error
 }
 
 const (
@@ -73,11 +98,13 @@ const (
 // newBatcher starts writers goroutines that send the queued writes with
 // commit until ctx is done. A transaction holds at most maxOps writes and
 // maxBytes of keys and values (a single larger write goes alone); at most
-// queued writes wait for a writer.
-func newBatcher(ctx context.Context, commit commitFunc, writers, maxOps, maxBytes, queued int) *batcher {
+// queued writes wait for a writer; a transaction is abandoned after
+// timeout.
+func newBatcher(ctx context.Context, commit commitFunc, timeout time.Duration, writers, maxOps, maxBytes, queued int) *batcher {
 	q := &batcher{
 		ctx:      ctx,
 		commit:   commit,
+		timeout:  timeout,
 		maxOps:   maxOps,
 		maxBytes: maxBytes,
 		queue:    make(chan *write, queued),
@@ -93,66 +120,46 @@ func newBatcher(ctx context.Context, commit commitFunc, writers, maxOps, maxByte
 // context is done).
 func (q *batcher) wait() { q.wg.Wait() }
 
-// put writes key=val on lease as part of a transaction. See do.
-func (q *batcher) put(ctx context.Context, key, val string, lease clientv3.LeaseID) error {
-	return q.do(ctx, &write{
-		op:    clientv3.OpPut(key, val, clientv3.WithLease(lease)),
-		key:   key,
-		lease: lease,
-		size:  len(key) + len(val),
-	})
-}
-
-// delete deletes key as part of a transaction. See do.
-func (q *batcher) delete(ctx context.Context, key string) error {
-	return q.do(ctx, &write{op: clientv3.OpDelete(key), key: key, size: len(key)})
-}
-
-// do queues w and blocks until its transaction's result. The caller must
-// not have another write of the same key queued or in flight. If ctx
-// ends, or the batcher closes, before a writer sends w, w is never sent
-// and do returns ctx.Err() (backend.ErrClosed when the batcher closed).
-// Once sent, do returns the transaction's result, which is the same for
-// every write in it. A transaction is abandoned when the batcher closes
-// (its callers then get backend.ErrClosed) or the ctx of every write in
-// it has ended (ctx.Err()), so a caller whose ctx ends after its write
-// was sent waits at most for the callers sharing its transaction.
-func (q *batcher) do(ctx context.Context, w *write) error {
-	w.ctx, w.done = ctx, make(chan error, 1)
+// do queues a write of key, built by op, and blocks until its
+// transaction's outcome. lease is the lease of a put (0 for a delete):
+// puts share a transaction only with puts on the same lease. The caller
+// must not have another write of the same key queued or in flight. If
+// ctx ends, or the batcher closes, before a writer sends the write, it is
+// never sent and do returns ctx.Err() (backend.ErrClosed when the batcher
+// closed). Once sent, do waits for the transaction's outcome whatever
+// happens to ctx: the transaction ends with its result, or is abandoned
+// when the batcher closes (backend.ErrClosed) or its timeout passes (the
+// commit's error); the write may then have been applied or not.
+func (q *batcher) do(ctx context.Context, key string, lease clientv3.LeaseID, size int, op func(seq int) clientv3.Op) (outcome, error) {
+	w := &write{ctx: ctx, op: op, key: key, lease: lease, size: size, done: make(chan result, 1)}
 	select {
 	case q.queue <- w:
 	case <-ctx.Done():
-		return ctx.Err()
+		return outcome{}, ctx.Err()
 	case <-q.ctx.Done():
-		return backend.ErrClosed
+		return outcome{}, backend.ErrClosed
 	}
 	var gaveUp error
 	select {
-	case err := <-w.done:
-		return q.result(ctx, err)
+	case r := <-w.done:
+		return r.out, q.result(r.err)
 	case <-ctx.Done():
 		gaveUp = ctx.Err()
 	case <-q.ctx.Done():
 		gaveUp = backend.ErrClosed
 	}
 	if w.state.CompareAndSwap(writeQueued, writeAbandoned) {
-		return gaveUp
+		return outcome{}, gaveUp
 	}
-	return q.result(ctx, <-w.done) // sent: its transaction ends soon after every caller of it gave up
+	r := <-w.done // sent: wait for its outcome
+	return r.out, q.result(r.err)
 }
 
-// result is what the caller of a sent write with ctx gets for its
-// transaction's err: an abandoned transaction's context error becomes why
-// it was abandoned.
-func (q *batcher) result(ctx context.Context, err error) error {
-	if err == nil || !errors.Is(err, context.Canceled) {
-		return err
-	}
-	if q.ctx.Err() != nil {
+// result is what the caller of a sent write gets for its transaction's
+// err: a transaction cut by the batcher's close is backend.ErrClosed.
+func (q *batcher) result(err error) error {
+	if err != nil && q.ctx.Err() != nil {
 		return backend.ErrClosed
-	}
-	if ctx.Err() != nil {
-		return ctx.Err()
 	}
 	return err
 }
@@ -182,12 +189,17 @@ func (q *batcher) run() {
 			continue // all abandoned
 		}
 		ops = ops[:0]
-		for _, w := range batch {
-			ops = append(ops, w.op)
-		}
-		err := q.send(batch, ops)
 		for i, w := range batch {
-			w.done <- err
+			w.seq = i
+			ops = append(ops, w.op(i))
+		}
+		resp, err := q.send(ops)
+		for i, w := range batch {
+			r := result{err: err}
+			if err == nil {
+				r.out = outcome{rev: resp.Header.Revision, seq: i, ok: succeeded(resp, i)}
+			}
+			w.done <- r
 			batch[i] = nil
 		}
 		clear(ops)
@@ -241,24 +253,22 @@ func (q *batcher) fill(batch, held []*write, keys map[string]struct{}) ([]*write
 	return batch, later
 }
 
-// send commits ops, the writes of batch, with a context that ends when
-// the batcher closes or every caller in batch has given up.
-func (q *batcher) send(batch []*write, ops []clientv3.Op) error {
-	ctx, cancel := context.WithCancel(q.ctx)
+// send commits ops, bounded by the batcher's timeout and its close.
+func (q *batcher) send(ops []clientv3.Op) (*clientv3.TxnResponse, error) {
+	ctx, cancel := context.WithTimeout(q.ctx, q.timeout)
 	defer cancel()
-	var waiting atomic.Int64
-	waiting.Store(int64(len(batch)))
-	stops := make([]func() bool, len(batch))
-	for i, w := range batch {
-		stops[i] = context.AfterFunc(w.ctx, func() {
-			if waiting.Add(-1) == 0 {
-				cancel()
-			}
-		})
+	return q.commit(ctx, ops)
+}
+
+// succeeded reports whether the i-th operation of a transaction applied:
+// its nested transaction's condition held (an unconditional operation
+// always applies).
+func succeeded(resp *clientv3.TxnResponse, i int) bool {
+	if i >= len(resp.Responses) {
+		return false
 	}
-	err := q.commit(ctx, ops)
-	for _, stop := range stops {
-		stop()
+	if t := resp.Responses[i].GetResponseTxn(); t != nil {
+		return t.Succeeded
 	}
-	return err
+	return true
 }

@@ -28,7 +28,6 @@ package etcd
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -39,7 +38,6 @@ import (
 	"sync"
 	"time"
 
-	"go.etcd.io/etcd/api/v3/mvccpb"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap/zapcore"
@@ -48,6 +46,7 @@ import (
 
 	"github.com/flynn/discoverd/api"
 	"github.com/flynn/discoverd/backend"
+	"github.com/flynn/discoverd/internal/keylock"
 )
 
 // DefaultPrefix is the key prefix under which registrations are stored.
@@ -92,13 +91,20 @@ type Backend struct {
 
 	mu       sync.Mutex
 	closed   bool
-	lease    clientv3.LeaseID // 0 while a lost lease is being replaced
-	ready    chan struct{}    // closed when lease != 0
-	pending  clientv3.LeaseID // granted by the keeper, not yet published as lease
-	regs     map[string]*reg  // remembered registrations, by key
-	keyLocks map[string]*keyLock
+	lease    clientv3.LeaseID              // 0 while a lost lease is being replaced
+	ready    chan struct{}                 // closed when lease != 0
+	pending  clientv3.LeaseID              // granted by the keeper, not yet published as lease
+	regs     map[string]*reg               // remembered registrations, by key
+	own      map[clientv3.LeaseID]struct{} // every lease granted to b: keys on them are b's
 	streams  map[*stream]struct{}
 	leases   uint64 // leases granted since Open (Open's, then each renewal)
+	repairs  uint64 // anti-entropy fixes
+	lostRegs uint64 // registrations dropped because another session took them over
+
+	// locks serialises the writers (Register, Unregister, the restore and
+	// the anti-entropy) of one key, so that each starts from the outcome
+	// of the one before and a retried write never overtakes a later call.
+	locks keylock.Set[string]
 }
 
 var (
@@ -106,11 +112,13 @@ var (
 	_ backend.SessionReporter = (*Backend)(nil)
 )
 
-// reg is a remembered registration. It is replaced, never mutated, except
-// for stored (guarded by Backend.mu).
+// reg is a remembered registration. A change of attributes replaces it;
+// its other fields are updated in place, under Backend.mu.
 type reg struct {
-	val    string // attrs as JSON
+	val    string // attrs as JSON (encodeAttrs)
 	stored bool   // the store holds val for this key on the current lease
+	token  uint64 // its fencing token (Created); 0 until the first write tells it
+	modRev int64  // the key's ModRevision after b's last write of it; 0 if unknown
 }
 
 // Timeouts of internal operations.
@@ -122,6 +130,7 @@ const (
 	maxReconnectDelay  = time.Second            // cap of gRPC's reconnect backoff (also ≤ TTL/4)
 	minAttempt         = 500 * time.Millisecond // floor of the keeper's per-call bound (else TTL/2, ≤ DialTimeout)
 	restoreBatch       = 64                     // puts per transaction when restoring registrations (etcd allows 128)
+	writeTimeout       = 5 * time.Second        // floor of the bound on one batched transaction (else DialTimeout)
 	streamBuffer       = 16                     // events queued per stream
 )
 
@@ -177,17 +186,17 @@ func Open(ctx context.Context, cfg Config) (*Backend, error) {
 		return nil, fmt.Errorf("etcd: connecting to %v: %w", cfg.Endpoints, err)
 	}
 	b := &Backend{
-		client:   client,
-		prefix:   cfg.Prefix,
-		ttl:      ttl,
-		dial:     cfg.DialTimeout,
-		attempt:  min(cfg.DialTimeout, max(minAttempt, time.Duration(ttl)*time.Second/2)),
-		log:      log,
-		lost:     make(chan struct{}, 1),
-		ready:    make(chan struct{}),
-		regs:     make(map[string]*reg),
-		keyLocks: make(map[string]*keyLock),
-		streams:  make(map[*stream]struct{}),
+		client:  client,
+		prefix:  cfg.Prefix,
+		ttl:     ttl,
+		dial:    cfg.DialTimeout,
+		attempt: min(cfg.DialTimeout, max(minAttempt, time.Duration(ttl)*time.Second/2)),
+		log:     log,
+		lost:    make(chan struct{}, 1),
+		ready:   make(chan struct{}),
+		regs:    make(map[string]*reg),
+		own:     make(map[clientv3.LeaseID]struct{}),
+		streams: make(map[*stream]struct{}),
 	}
 	gctx, cancel := context.WithTimeout(ctx, cfg.DialTimeout)
 	lease, err := client.Grant(gctx, b.ttl)
@@ -197,30 +206,37 @@ func Open(ctx context.Context, cfg Config) (*Backend, error) {
 		return nil, fmt.Errorf("etcd: granting a lease on %v: %w", cfg.Endpoints, err)
 	}
 	b.lease = lease.ID
+	b.own[lease.ID] = struct{}{}
 	b.leases = 1
 	close(b.ready)
 	b.ctx, b.cancel = context.WithCancel(context.Background())
 	b.wg.Add(1)
 	go b.keep(lease.ID)
-	b.writes = newBatcher(b.ctx, b.commit, batchWriters, batchOps, batchBytes, batchQueue)
+	b.writes = newBatcher(b.ctx, b.commit, max(b.dial, writeTimeout), batchWriters, batchOps, batchBytes, batchQueue)
+	b.wg.Add(1)
+	go b.antiEntropy()
 	return b, nil
 }
 
 // Register stores name/addr with attrs on the backend's lease, and
 // remembers it so that it is stored again if the lease is lost and
 // renewed. When the backend already stored the same attributes for
-// name/addr, it writes nothing (a heartbeat). It blocks until etcd
-// acknowledges the write on the backend's current lease, or ctx is done:
-// while a lost lease is being replaced it waits for the new one, and if
-// the lease is replaced while its write is in flight it writes again on
-// the new lease (the first write may have landed on the old one). Calls
-// for the same name/addr are serialised; concurrent calls for different
-// ones share transactions. If ctx ends before its write is sent, nothing
-// is written; once sent, Register waits for the transaction, which is
-// abandoned when the ctx of every write in it has ended. On error the
-// backend keeps what it held before (a new registration is forgotten, but
-// the write may have reached the store: it then lives until the lease
-// ends). It returns backend.ErrClosed after Close.
+// name/addr, it writes nothing (a heartbeat). A key that another session
+// holds (another agent's lease, or an old lease of this backend) is taken
+// over: moved onto this backend's lease, keeping its fencing token.
+//
+// It blocks until etcd acknowledges the write on the backend's current
+// lease, or ctx is done: while a lost lease is being replaced it waits for
+// the new one, and if the lease is replaced while its write is in flight
+// it writes again on the new lease (the first write may have landed on the
+// old one). Calls for the same name/addr are serialised; concurrent calls
+// for different ones share transactions. If ctx ends before its write is
+// sent, nothing is written; once sent, Register waits for the write's
+// outcome (bounded by an internal timeout), whatever ctx does, and returns
+// it: nil means stored, even if ctx has ended. On error the backend keeps
+// what it held before (a new registration is forgotten; if the write's
+// outcome is unknown, the anti-entropy deletes the key within a TTL). It
+// returns backend.ErrClosed after Close.
 func (b *Backend) Register(ctx context.Context, name, addr string, attrs map[string]string) error {
 	key, err := b.key(name, addr)
 	if err != nil {
@@ -232,7 +248,7 @@ func (b *Backend) Register(ctx context.Context, name, addr string, attrs map[str
 	}
 	ctx, cancel := b.opContext(ctx)
 	defer cancel()
-	unlock, err := b.lockKey(ctx, key)
+	unlock, err := b.locks.Lock(ctx, key)
 	if err != nil {
 		return b.opError("register", name, addr, err)
 	}
@@ -251,17 +267,26 @@ func (b *Backend) Register(ctx context.Context, name, addr string, attrs map[str
 	// restores this value, and a renewal in progress sees the change
 	// before it publishes its lease.
 	next := &reg{val: val}
+	if prev != nil {
+		next.token, next.modRev = prev.token, prev.modRev
+	}
 	b.regs[key] = next
+	owned := prev != nil && prev.stored
 	for {
+		tok := next.token
 		b.mu.Unlock()
-		err = b.writes.put(ctx, key, val, lease)
+		var w written
+		w, err = b.put(ctx, key, val, tok, lease, owned, true)
 		b.mu.Lock()
 		if err == nil && b.lease == lease {
 			// The lease was current from before the write to after it: a
 			// renewal, if one follows, restores next after this write.
-			next.stored = true
+			next.stored, next.token, next.modRev = true, w.token, w.modRev
 			b.mu.Unlock()
 			return nil
+		}
+		if err == nil && next.token == 0 {
+			next.token = w.token
 		}
 		replaced := b.lease != lease
 		next.stored = false
@@ -280,25 +305,30 @@ func (b *Backend) Register(ctx context.Context, name, addr string, attrs map[str
 		if lease, err = b.lockLease(ctx); err != nil {
 			break
 		}
+		owned = false
 	}
 	b.mu.Lock()
 	if b.regs[key] == next { // always, under the key lock; for clarity
 		if prev == nil {
 			delete(b.regs, key)
 		} else {
-			b.regs[key] = &reg{val: prev.val} // not known to be stored any more
+			b.regs[key] = &reg{val: prev.val, token: next.token} // not known to be stored any more
 		}
 	}
 	b.mu.Unlock()
 	return b.opError("register", name, addr, err)
 }
 
-// Unregister forgets name/addr and deletes it from the store. Removing a
-// registration that does not exist is not an error. It blocks until etcd
-// acknowledges the delete or ctx is done; it does not wait for a lost
-// lease to be replaced (the renewal does not restore what was forgotten).
-// On error the key may remain in the store until the lease it is on ends.
-// Calls for the same name/addr are serialised; concurrent calls share
+// Unregister forgets name/addr and deletes it from the store if it is
+// still this backend's: written by it last (its ModRevision is that of
+// b's last write), or on one of b's leases. A registration that another
+// session took over is left in place. Removing a registration that does
+// not exist is not an error. It blocks until etcd acknowledges the delete
+// (bounded by an internal timeout once sent, as Register) or ctx is done
+// before it is sent; it does not wait for a lost lease to be replaced
+// (the renewal does not restore what was forgotten). On error the key may
+// remain in the store; the anti-entropy deletes it within a TTL. Calls
+// for the same name/addr are serialised; concurrent calls share
 // transactions, as Register's do. It returns backend.ErrClosed after
 // Close.
 func (b *Backend) Unregister(ctx context.Context, name, addr string) error {
@@ -308,7 +338,7 @@ func (b *Backend) Unregister(ctx context.Context, name, addr string) error {
 	}
 	ctx, cancel := b.opContext(ctx)
 	defer cancel()
-	unlock, err := b.lockKey(ctx, key)
+	unlock, err := b.locks.Lock(ctx, key)
 	if err != nil {
 		return b.opError("unregister", name, addr, err)
 	}
@@ -318,9 +348,10 @@ func (b *Backend) Unregister(ctx context.Context, name, addr string) error {
 		b.mu.Unlock()
 		return backend.ErrClosed
 	}
+	prev := b.regs[key]
 	delete(b.regs, key)
 	b.mu.Unlock()
-	if err := b.writes.delete(ctx, key); err != nil {
+	if err := b.remove(ctx, key, prev); err != nil {
 		return b.opError("unregister", name, addr, err)
 	}
 	return nil
@@ -396,9 +427,8 @@ func (b *Backend) shutdown(revoke bool) error {
 }
 
 // commit sends ops as one transaction: the batcher's commitFunc.
-func (b *Backend) commit(ctx context.Context, ops []clientv3.Op) error {
-	_, err := b.client.Txn(ctx).Then(ops...).Commit()
-	return err
+func (b *Backend) commit(ctx context.Context, ops []clientv3.Op) (*clientv3.TxnResponse, error) {
+	return b.client.Txn(ctx).Then(ops...).Commit()
 }
 
 // SessionState reports whether the backend holds a lease now and how many
@@ -406,7 +436,7 @@ func (b *Backend) commit(ctx context.Context, ops []clientv3.Op) error {
 func (b *Backend) SessionState() backend.SessionState {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	return backend.SessionState{Live: b.lease != 0 && !b.closed, Established: b.leases}
+	return backend.SessionState{Live: b.lease != 0 && !b.closed, Established: b.leases, Repairs: b.repairs, Lost: b.lostRegs}
 }
 
 func (b *Backend) isClosed() bool {
@@ -464,75 +494,6 @@ func (b *Backend) lockLease(ctx context.Context) (clientv3.LeaseID, error) {
 			return 0, fmt.Errorf("waiting for a new lease: %w", ctx.Err())
 		}
 	}
-}
-
-// keyLock serialises the writers (Register, Unregister) of one key, so
-// that each starts from the outcome of the one before and a retried write
-// never overtakes a later call. It is a channel so that waiting for it
-// honours a context.
-type keyLock struct {
-	ch   chan struct{} // capacity 1: full while held
-	refs int           // holder and waiters; guarded by Backend.mu
-}
-
-// lockKey acquires key's lock, waiting at most until ctx is done.
-func (b *Backend) lockKey(ctx context.Context, key string) (unlock func(), err error) {
-	b.mu.Lock()
-	l := b.keyLocks[key]
-	if l == nil {
-		l = &keyLock{ch: make(chan struct{}, 1)}
-		b.keyLocks[key] = l
-	}
-	l.refs++
-	b.mu.Unlock()
-	release := func() {
-		b.mu.Lock()
-		if l.refs--; l.refs == 0 {
-			delete(b.keyLocks, key)
-		}
-		b.mu.Unlock()
-	}
-	select {
-	case l.ch <- struct{}{}:
-		return func() { <-l.ch; release() }, nil
-	case <-ctx.Done():
-		release()
-		return nil, ctx.Err()
-	}
-}
-
-// encodeAttrs returns attrs as a JSON object (keys sorted, so equal attrs
-// encode equal); no attributes encode as {}.
-func encodeAttrs(attrs map[string]string) (string, error) {
-	if len(attrs) == 0 {
-		return "{}", nil
-	}
-	buf, err := json.Marshal(attrs)
-	if err != nil {
-		return "", fmt.Errorf("encoding attributes: %w", err)
-	}
-	return string(buf), nil
-}
-
-// decode turns a key-value under prefix (a service's prefix) into an
-// Instance. It fails on keys and values that discoverd did not write.
-func decode(prefix, name string, kv *mvccpb.KeyValue) (backend.Instance, error) {
-	addr, ok := strings.CutPrefix(string(kv.Key), prefix)
-	if !ok || api.ValidateAddr(addr) != nil {
-		return backend.Instance{}, fmt.Errorf("key %q is not a registration", kv.Key)
-	}
-	in := backend.Instance{Name: name, Addr: addr, Created: uint64(kv.CreateRevision)}
-	if kv.Value == nil {
-		return in, nil
-	}
-	var attrs map[string]string
-	if err := json.Unmarshal(kv.Value, &attrs); err != nil {
-		return backend.Instance{}, fmt.Errorf("key %q: value is not a JSON object of strings: %w", kv.Key, err)
-	}
-	if len(attrs) > 0 {
-		in.Attrs = attrs
-	}
-	return in, nil
 }
 
 func byCreated(a, b backend.Instance) int { return a.Age().Compare(b.Age()) }

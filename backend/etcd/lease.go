@@ -212,6 +212,7 @@ func (b *Backend) renewOnce(lease *clientv3.LeaseID, written *map[string]*reg, r
 		*lease, *written = grant.ID, make(map[string]*reg)
 		b.mu.Lock()
 		b.pending = grant.ID // for Close to revoke
+		b.own[grant.ID] = struct{}{}
 		b.mu.Unlock()
 	}
 	err := b.restore(*lease, *written)
@@ -223,32 +224,37 @@ func (b *Backend) renewOnce(lease *clientv3.LeaseID, written *map[string]*reg, r
 
 // restore makes the store hold every remembered registration on lease,
 // then publishes lease as the backend's. written is what the store holds
-// on lease already, by key; restore updates it. It writes in rounds: each
+// on lease already, by key (done); restore updates it. It writes in rounds: each
 // round puts what regs holds and written does not, and deletes what it
 // put earlier that regs no longer holds (a registration forgotten
 // meanwhile), until a check under b.mu finds nothing to do; the lease is
 // published in that critical section.
-func (b *Backend) restore(lease clientv3.LeaseID, written map[string]*reg) error {
+//
+// A registration is written again with its fencing token, and only where
+// its key no longer exists or is on one of b's own leases: a key that
+// another session took over meanwhile is left to it, and the backend
+// stops holding it (counted in SessionState.Lost).
+func (b *Backend) restore(lease clientv3.LeaseID, done map[string]*reg) error {
+	type item struct {
+		key string
+		r   *reg // nil: a delete
+		val string
+		tok uint64
+	}
 	for {
-		var (
-			ops  []clientv3.Op
-			keys []string
-			regs []*reg // nil: a delete
-		)
+		var items []item
 		b.mu.Lock()
 		for _, k := range slices.Sorted(maps.Keys(b.regs)) {
-			if r := b.regs[k]; written[k] != r {
-				ops = append(ops, clientv3.OpPut(k, r.val, clientv3.WithLease(lease)))
-				keys, regs = append(keys, k), append(regs, r)
+			if r := b.regs[k]; done[k] != r {
+				items = append(items, item{k, r, r.val, r.token})
 			}
 		}
-		for _, k := range slices.Sorted(maps.Keys(written)) {
+		for _, k := range slices.Sorted(maps.Keys(done)) {
 			if b.regs[k] == nil {
-				ops = append(ops, clientv3.OpDelete(k))
-				keys, regs = append(keys, k), append(regs, nil)
+				items = append(items, item{key: k})
 			}
 		}
-		if len(ops) == 0 {
+		if len(items) == 0 {
 			for _, r := range b.regs {
 				r.stored = true
 			}
@@ -259,23 +265,60 @@ func (b *Backend) restore(lease clientv3.LeaseID, written map[string]*reg) error
 			return nil
 		}
 		b.mu.Unlock()
-		for start := 0; start < len(ops); start += restoreBatch {
-			end := min(start+restoreBatch, len(ops))
+		for chunk := range slices.Chunk(items, restoreBatch) {
+			ops := make([]clientv3.Op, len(chunk))
+			for i, it := range chunk {
+				if it.r == nil {
+					ops[i] = clientv3.OpTxn([]clientv3.Cmp{clientv3.Compare(clientv3.LeaseValue(it.key), "=", int64(lease))}, []clientv3.Op{clientv3.OpDelete(it.key)}, nil)
+				} else {
+					ops[i] = clientv3.OpTxn([]clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(it.key), "=", 0)}, []clientv3.Op{clientv3.OpPut(it.key, encodeValue(it.val, it.tok, i), clientv3.WithLease(lease))}, nil)
+				}
+			}
 			ctx, cancel := context.WithTimeout(b.ctx, b.attempt)
-			_, err := b.client.Txn(ctx).Then(ops[start:end]...).Commit()
+			resp, err := b.client.Txn(ctx).Then(ops...).Commit()
 			cancel()
 			if err != nil {
 				return fmt.Errorf("restoring registrations: %w", err)
 			}
-			for i := start; i < end; i++ {
-				if regs[i] == nil {
-					delete(written, keys[i])
-				} else {
-					written[keys[i]] = regs[i]
+			for i, it := range chunk {
+				if it.r == nil {
+					delete(done, it.key) // deleted, or not on lease
+					continue
 				}
+				w := written{it.tok, resp.Header.Revision}
+				if w.token == 0 {
+					w.token = token(resp.Header.Revision, i)
+				}
+				if !succeeded(resp, i) {
+					// The key exists: on an old lease of b's (still alive),
+					// or another session's.
+					w, err = b.putSlow(it.key, it.val, it.tok, lease, false)
+					if errors.Is(err, errTakenOver) {
+						b.dropLost(it.key, it.r)
+						continue
+					}
+					if err != nil {
+						return fmt.Errorf("restoring registrations: %w", err)
+					}
+				}
+				done[it.key] = it.r
+				b.mu.Lock()
+				it.r.token, it.r.modRev = w.token, w.modRev
+				b.mu.Unlock()
 			}
 		}
 	}
+}
+
+// dropLost stops holding r at key, which another session took over.
+func (b *Backend) dropLost(key string, r *reg) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.regs[key] == r {
+		delete(b.regs, key)
+		b.lostRegs++
+	}
+	b.log.Info("etcd: registration taken over by another session; no longer held here", "key", key)
 }
 
 func leaseHex(lease clientv3.LeaseID) string { return fmt.Sprintf("%x", int64(lease)) }
