@@ -69,3 +69,20 @@ require (
 	sigs.k8s.io/json v0.0.0-20211020170558-c049b76a60c6 // indirect
 	sigs.k8s.io/yaml v1.4.0 // indirect
 )
+
+// The client and the packages it shares with the server (api, rpc) are
+// modules of their own, so that an application importing the client gets
+// none of the server's requirements. In this repository they are used from
+// their directories: go.work for development, these replaces for builds
+// with GOWORK=off and for go mod tidy.
+require (
+	github.com/flynn/discoverd/api v0.0.0-00010101000000-000000000000
+	github.com/flynn/discoverd/client v0.0.0-00010101000000-000000000000
+	github.com/flynn/discoverd/rpc v0.0.0-00010101000000-000000000000
+)
+
+replace (
+	github.com/flynn/discoverd/api => ./api
+	github.com/flynn/discoverd/client => ./client
+	github.com/flynn/discoverd/rpc => ./rpc
+)

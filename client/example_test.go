@@ -3,34 +3,12 @@ package discoverd_test
 import (
 	"fmt"
 	"log"
-	"os"
 
 	discoverd "github.com/flynn/discoverd/client"
 )
 
-// exampleAgent starts a real agent for an example, points DISCOVERD at
-// it, and returns the function that stops it.
-func exampleAgent() func() {
-	ta, err := newAgent()
-	if err != nil {
-		log.Fatal(err)
-	}
-	old, had := os.LookupEnv("DISCOVERD")
-	os.Setenv("DISCOVERD", ta.Addr)
-	return func() {
-		if had {
-			os.Setenv("DISCOVERD", old)
-		} else {
-			os.Unsetenv("DISCOVERD")
-		}
-		ta.close()
-	}
-}
-
 // An application registers itself, finds a peer and follows the leader.
 func Example() {
-	defer exampleAgent()()
-
 	client, err := discoverd.NewClient() // $DISCOVERD, else 127.0.0.1:1111
 	if err != nil {
 		log.Fatal(err)
@@ -67,8 +45,6 @@ func Example() {
 // Standby instances wait for their turn to lead; the leader's Created is a
 // fencing token that grows with each new leader.
 func ExampleClient_RegisterAndStandby() {
-	defer exampleAgent()()
-
 	first, err := discoverd.NewClient()
 	if err != nil {
 		log.Fatal(err)
@@ -101,8 +77,6 @@ func ExampleClient_RegisterAndStandby() {
 
 // Services waits for at least one instance and returns them, oldest first.
 func ExampleClient_Services() {
-	defer exampleAgent()()
-
 	client, err := discoverd.NewClient()
 	if err != nil {
 		log.Fatal(err)

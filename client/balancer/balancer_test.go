@@ -5,13 +5,9 @@ import (
 	"math/rand"
 	"testing"
 
-	"go.uber.org/goleak"
-
 	discoverd "github.com/flynn/discoverd/client"
 	"github.com/flynn/discoverd/client/balancer"
 )
-
-func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
 // staticSet is a ServiceSet with fixed contents: the balancers read only
 // Services, so this seam needs no agent.

@@ -1,4 +1,4 @@
-package discoverd_test
+package dialer_test
 
 import (
 	"context"
@@ -8,16 +8,45 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"strconv"
+	"strings"
 	"testing"
+	"time"
 
+	"github.com/flynn/discoverd/api"
+	discoverd "github.com/flynn/discoverd/client"
 	"github.com/flynn/discoverd/client/dialer"
-	"github.com/flynn/discoverd/server"
+	"github.com/flynn/discoverd/client/internal/agenttest"
 )
 
+// The tests and the example run against one real agent (see agenttest),
+// each test with service names of its own.
+func TestMain(m *testing.M) { os.Exit(agenttest.Main(m)) }
+
+// newClient connects a client to the agent (DISCOVERD); t.Cleanup closes it.
+func newClient(t testing.TB) *discoverd.Client {
+	t.Helper()
+	c, err := discoverd.NewClientWithConfig(discoverd.Config{
+		Addr:       os.Getenv("DISCOVERD"),
+		MinBackoff: 10 * time.Millisecond,
+		MaxBackoff: 100 * time.Millisecond,
+	})
+	if err != nil {
+		t.Fatalf("client: %v", err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// serviceName returns a service name unique to the test.
+func serviceName(t testing.TB, suffix string) string {
+	n := strings.NewReplacer("/", "-", "_", "-").Replace(t.Name())
+	return strings.ToLower(n) + "-" + suffix
+}
+
 func TestDialer(t *testing.T) {
-	ta := startAgent(t)
-	c := newClient(t, ta)
+	c := newClient(t)
 	name := serviceName(t, "api")
 
 	// Two real HTTP instances of the service, each answering its name.
@@ -105,11 +134,10 @@ func TestDialer(t *testing.T) {
 // application can still open ServiceSets of its own however many names it
 // dials.
 func TestDialerBoundsItsStreams(t *testing.T) {
-	// The agent's cap of streams per connection leaves room for sets that
-	// the dialer evicted and whose streams are still being closed.
-	const streams = dialer.MaxCachedNames + 32
-	ta := startAgent(t, server.Options{MaxStreamsPerConn: streams})
-	c := newClient(t, ta)
+	// More names than the agent's cap of streams per connection (its
+	// default: the agent runs with default options).
+	const streams = api.DefaultMaxStreamsPerConn
+	c := newClient(t)
 	d := dialer.New(c, func(network, addr string) (net.Conn, error) {
 		conn, peer := net.Pipe()
 		peer.Close()

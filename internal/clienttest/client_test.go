@@ -193,6 +193,7 @@ func TestNewClientAddress(t *testing.T) {
 		t.Fatalf("NewClientWithAddr: %v", err)
 	}
 	c.Close()
+	//lint:ignore SA1019 the deprecated name is kept for go-discoverd programs; this tests it
 	c, err = discoverd.NewClientUsingAddress(ta.Addr) // go-discoverd's older name
 	if err != nil {
 		t.Fatalf("NewClientUsingAddress: %v", err)

@@ -1,0 +1,3 @@
+module github.com/flynn/discoverd/api
+
+go 1.24.0

@@ -1,0 +1,5 @@
+module github.com/flynn/discoverd/rpc
+
+go 1.24.0
+
+require go.uber.org/goleak v1.3.0
