@@ -21,15 +21,22 @@ type registration struct {
 
 // Session groups the registrations of one client connection. A
 // registration (name, addr) belongs to the session that last registered
-// it: a Register of the same name/addr from another session takes it over,
-// and only the owner's Close unregisters it. Heartbeat and Unregister may
-// come from any session of the agent.
+// it: a Register of the same name/addr from another session takes it over
+// (a new process on the same address). Only the owner heartbeats,
+// unregisters or, by closing, ends it: Heartbeat and Unregister from
+// another session fail with CodePermissionDenied, and a session that lost
+// a registration to a takeover leaves it alone when it closes.
+//
+// A shared session (NewSharedSession) is the owner class of clients
+// without a connection, such as HTTP: it never takes over a registration
+// of another session, and is refused (CodeConflict) where it would.
 //
 // Its methods are safe for concurrent use. A Session is cheap; it holds no
 // goroutine.
 type Session struct {
-	a   *Agent
-	max int // <0: unlimited
+	a      *Agent
+	max    int  // <0: unlimited
+	shared bool // an owner class without a connection (HTTP): never takes over
 
 	// guarded by a.mu
 	regs    map[regKey]struct{}
@@ -42,10 +49,22 @@ type Session struct {
 // negative number means unlimited (for transports without connections,
 // such as HTTP). The caller must call Close when the client goes away.
 func (a *Agent) NewSession(maxRegistrations int) *Session {
+	return a.newSession(maxRegistrations, false)
+}
+
+// NewSharedSession starts the session of an owner class whose clients have
+// no connection (HTTP): its registrations live by their heartbeats only
+// (the TTL), and it never takes over a registration that a connection's
+// session holds (CodeConflict). maxRegistrations is as for NewSession.
+func (a *Agent) NewSharedSession(maxRegistrations int) *Session {
+	return a.newSession(maxRegistrations, true)
+}
+
+func (a *Agent) newSession(maxRegistrations int, shared bool) *Session {
 	if maxRegistrations == 0 {
 		maxRegistrations = a.cfg.MaxRegistrationsPerSession
 	}
-	s := &Session{a: a, max: maxRegistrations, regs: make(map[regKey]struct{})}
+	s := &Session{a: a, max: maxRegistrations, shared: shared, regs: make(map[regKey]struct{})}
 	a.mu.Lock()
 	if a.closed {
 		s.closed = true
@@ -95,8 +114,10 @@ func (s *Session) usableLocked() error {
 // watches name, until its cache shows the write (at most a second), so that
 // a lookup on this agent that follows sees it; or until ctx is done. Errors:
 // *api.Error with CodeInvalidArgument (bad name, addr or attrs, or ":port"
-// without ExternalIP), CodeResourceExhausted (the session's cap is
-// reached), CodeUnavailable (store unreachable, session or agent closed);
+// without ExternalIP), CodeConflict (a shared session cannot take the
+// registration over from a connection's session), CodeResourceExhausted
+// (the session's cap is reached), CodeUnavailable (store unreachable,
+// session or agent closed);
 // or ctx.Err(). After a failed store write of a new registration, it may
 // or may not have been stored: the agent removes it from the store in the
 // background (at once when ctx ended, after the next janitor sweep when
@@ -208,6 +229,11 @@ func (s *Session) refreshLocked(k regKey, attrs map[string]string) (done bool, e
 		return true, err
 	}
 	r := s.a.regs[k]
+	if r != nil {
+		if err := s.ownerErrLocked(k, r, true); err != nil {
+			return true, err
+		}
+	}
 	if r == nil || r.dirty || !maps.Equal(r.attrs, attrs) {
 		return false, nil
 	}
@@ -224,6 +250,20 @@ func (s *Session) refreshLocked(k regKey, attrs map[string]string) (done bool, e
 	return true, nil
 }
 
+// ownerErrLocked returns why s may not act on r, which another session
+// owns (nil when s owns it, or may take it over by registering).
+func (s *Session) ownerErrLocked(k regKey, r *registration, takeover bool) error {
+	switch {
+	case r.owner == s:
+		return nil
+	case s.shared && !r.owner.shared:
+		return api.Errorf(api.CodeConflict, "%s/%s is registered by a connection (RPC); an HTTP request cannot take it over or remove it", k.name, k.addr)
+	case takeover:
+		return nil
+	}
+	return api.Errorf(api.CodePermissionDenied, "%s/%s belongs to another session (the one that registered it last)", k.name, k.addr)
+}
+
 // reserveLocked counts one more registration against the session's cap.
 func (s *Session) reserveLocked() error {
 	if s.max >= 0 && len(s.regs)+s.pending >= s.max {
@@ -237,8 +277,9 @@ func (s *Session) reserveLocked() error {
 // address is expanded as in Register). It never writes to the store and
 // does not block. Errors: *api.Error with CodeNotFound when the agent does
 // not hold the registration (it expired or was never made: register it
-// again), CodeInvalidArgument for a bad name or addr, CodeUnavailable when
-// the session or agent is closed.
+// again), CodePermissionDenied when another session owns it
+// (CodeConflict for a shared session), CodeInvalidArgument for a bad
+// name or addr, CodeUnavailable when the session or agent is closed.
 func (s *Session) Heartbeat(ctx context.Context, args api.Args) error {
 	k, err := s.key(args)
 	if err != nil {
@@ -254,6 +295,9 @@ func (s *Session) Heartbeat(ctx context.Context, args api.Args) error {
 	if r == nil {
 		return notFound(k)
 	}
+	if err := s.ownerErrLocked(k, r, false); err != nil {
+		return err
+	}
 	r.beat = time.Now()
 	return nil
 }
@@ -263,8 +307,11 @@ func notFound(k regKey) error {
 }
 
 // Unregister removes the registration args.Name/args.Addr (a ":port"
-// address is expanded as in Register) from the store at once. Any session
-// of the agent may remove it.
+// address is expanded as in Register) from the store at once. Only its
+// owner may: another session gets CodePermissionDenied (a shared session
+// CodeConflict), and nothing changes. A key the agent no longer holds but
+// still has to remove from the store (an orphan) may be removed by any
+// session.
 //
 // It may wait for another store operation on the same registration; ctx
 // bounds that wait. Once the registration is dropped from memory, the
@@ -304,6 +351,10 @@ func (s *Session) Unregister(ctx context.Context, args api.Args) error {
 		return notFound(k)
 	}
 	if r != nil {
+		if err := s.ownerErrLocked(k, r, false); err != nil {
+			a.mu.Unlock()
+			return err
+		}
 		a.forgetLocked(k, r)
 	}
 	a.mu.Unlock()

@@ -214,6 +214,10 @@ func statusOf(c api.Code) int {
 		return http.StatusTooManyRequests
 	case api.CodeUnavailable:
 		return http.StatusServiceUnavailable
+	case api.CodePermissionDenied:
+		return http.StatusForbidden
+	case api.CodeConflict:
+		return http.StatusConflict
 	default:
 		return http.StatusInternalServerError
 	}

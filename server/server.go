@@ -33,6 +33,7 @@ import (
 // it.
 type Agent interface {
 	NewSession(maxRegistrations int) *agent.Session
+	NewSharedSession(maxRegistrations int) *agent.Session
 	Subscribe(ctx context.Context, name string) (*agent.Subscription, error)
 	Leader(ctx context.Context, name string) (*agent.Subscription, error)
 	Instances(ctx context.Context, name string) ([]api.ServiceUpdate, error)
@@ -194,7 +195,7 @@ func New(a Agent, opts Options) (*Server, error) {
 		cancel()
 		return nil, fmt.Errorf("server: register rpc receiver: %w", err)
 	}
-	s.httpSession = a.NewSession(opts.MaxHTTPRegistrations)
+	s.httpSession = a.NewSharedSession(opts.MaxHTTPRegistrations)
 	s.routes()
 	return s, nil
 }

@@ -1,0 +1,85 @@
+package agent_test
+
+import (
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/flynn/discoverd/agent"
+	"github.com/flynn/discoverd/api"
+	"github.com/flynn/discoverd/backend/etcd/etcdtest"
+)
+
+// TestOwnership: a registration belongs to the session that registered it
+// last. Another session's Heartbeat and Unregister are refused
+// (permission_denied) and change nothing; a takeover moves it; the former
+// owner's Close leaves it. The shared (HTTP) class never takes one over
+// from a connection (conflict), while a connection takes over from it.
+func TestOwnership(t *testing.T) {
+	srv := etcdtest.NewServer(t)
+	a := mustAgent(t, mustBackend(t, srv, 10*time.Second), agent.Config{})
+	first, second := a.NewSession(0), a.NewSession(0)
+	defer second.Close()
+	shared := a.NewSharedSession(-1)
+	defer shared.Close()
+	web := agent.Args{Name: "web", Addr: "10.0.0.1:80"}
+
+	wantCode := func(err error, code api.Code, what string) {
+		t.Helper()
+		if !errors.Is(err, &api.Error{Code: code}) {
+			t.Fatalf("%s: %v, want %s", what, err, code)
+		}
+	}
+	present := func(what string) api.ServiceUpdate {
+		t.Helper()
+		list, err := a.Instances(ctxT(t), "web")
+		if err != nil {
+			t.Fatalf("Instances: %v", err)
+		}
+		for _, u := range list {
+			if u.Addr == web.Addr {
+				return u
+			}
+		}
+		t.Fatalf("%s: %s not listed (%v)", what, web.Addr, list)
+		return api.ServiceUpdate{}
+	}
+
+	mustRegister(t, first, web.Name, web.Addr, map[string]string{"by": "first"})
+	created := present("after Register").Created
+	wantCode(second.Heartbeat(ctxT(t), web), api.CodePermissionDenied, "Heartbeat from another session")
+	wantCode(second.Unregister(ctxT(t), web), api.CodePermissionDenied, "Unregister from another session")
+	wantCode(shared.Unregister(ctxT(t), web), api.CodeConflict, "Unregister from the shared session")
+	if _, err := shared.Register(ctxT(t), agent.Args{Name: web.Name, Addr: web.Addr, Attrs: map[string]string{"by": "http"}}); err == nil {
+		t.Fatal("the shared session took over a connection's registration")
+	} else {
+		wantCode(err, api.CodeConflict, "Register from the shared session")
+	}
+	if u := present("after the refused calls"); u.Attrs["by"] != "first" {
+		t.Fatalf("attrs %v after refused calls, want the owner's", u.Attrs)
+	}
+
+	// A takeover keeps the fencing token; the former owner is refused and
+	// its Close leaves the registration to the new owner.
+	mustRegister(t, second, web.Name, web.Addr, map[string]string{"by": "second"})
+	if u := present("after the takeover"); u.Created != created || u.Attrs["by"] != "second" {
+		t.Fatalf("after the takeover: %+v, want Created %d and the new owner's attrs", u, created)
+	}
+	wantCode(first.Heartbeat(ctxT(t), web), api.CodePermissionDenied, "Heartbeat from the former owner")
+	wantCode(first.Unregister(ctxT(t), web), api.CodePermissionDenied, "Unregister from the former owner")
+	first.Close()
+	present("after the former owner's Close")
+	if err := second.Heartbeat(ctxT(t), web); err != nil {
+		t.Fatalf("the owner's Heartbeat: %v", err)
+	}
+
+	// The shared class holds its own registrations, and a connection may
+	// take one over.
+	mustRegister(t, shared, "web", "10.0.0.2:80", nil)
+	wantCode(second.Unregister(ctxT(t), agent.Args{Name: "web", Addr: "10.0.0.2:80"}), api.CodePermissionDenied, "a connection's Unregister of an HTTP registration")
+	mustRegister(t, second, "web", "10.0.0.2:80", nil)
+	wantCode(shared.Heartbeat(ctxT(t), agent.Args{Name: "web", Addr: "10.0.0.2:80"}), api.CodeConflict, "the shared session's Heartbeat after a connection took it over")
+	if err := second.Unregister(ctxT(t), web); err != nil {
+		t.Fatalf("the owner's Unregister: %v", err)
+	}
+}
