@@ -14,6 +14,6 @@ func (b *Backend) SessionID() int64 { return b.conn.SessionID() }
 
 // The znode data codec, for the fuzz target.
 var (
-	EncodeAttrs = encodeAttrs
-	DecodeAttrs = decodeAttrs
+	EncodeData = encodeData
+	DecodeData = decodeData
 )
