@@ -19,7 +19,7 @@
 // Created, the fencing token. A registration's Created is the czxid of the
 // znode first created for it, and it is kept when that znode is replaced
 // by another for the same registration (a takeover, a restore after a
-// lost session): the new znode carries it in its data. The data
+// lost session, a repair): the new znode carries it in its data. The data
 // is one of
 //
 //	{"k":"v",...}                        the attributes; Created = the znode's czxid
@@ -39,8 +39,8 @@
 // of this backend's session, conditional on the version it read; a former
 // owner's Unregister or Close leaves the new owner's znode alone. A
 // backend never takes a registration back by itself: one whose znode
-// another session holds when it comes to write it again (a restore) is
-// dropped and counted in SessionState.Lost.
+// another session holds when it comes to write it again (a restore, a
+// repair) is dropped and counted in SessionState.Lost.
 //
 // Liveness. A Backend holds exactly one ZooKeeper session, with session
 // timeout = Config.TTL (the server clamps it to its own min and max session
@@ -55,6 +55,14 @@
 // registration again, with its Created (subscribers see a Delete and a Put
 // of the same Created). A stream keeps its last view while the connection
 // is down and emits the difference once it is back.
+//
+// Anti-entropy. Every TTL/2 the backend compares the znodes of its session
+// with the registrations it holds, in each service it has written under:
+// it deletes a znode of its session that it does not hold (a write whose
+// answer was lost), writes again a held registration whose znode is
+// missing (with its Created), and drops one that another session holds
+// now. Each fix is counted in SessionState.Repairs. A pass reads the
+// children of each such service and the stat of each child.
 package zookeeper
 
 import (
@@ -131,6 +139,10 @@ type Backend struct {
 	closed  bool
 	regs    map[string]registration         // by znode path; the registrations this backend holds
 	streams map[string]map[*stream]struct{} // by service znode
+	// dirs are the service znodes this backend has written under, which
+	// anti-entropy visits, with the number of passes in a row that found
+	// nothing of the backend's there (it forgets a dir after a few).
+	dirs map[string]int
 
 	// Watches set in the client library, by znode path. The library keeps
 	// one channel per watch request until the watch fires, so setting a
@@ -152,8 +164,12 @@ type Backend struct {
 	restored atomic.Int64
 	sessions atomic.Uint64
 
-	// lost is SessionState's counter.
-	lost atomic.Uint64
+	// ttl is the session timeout asked for; anti-entropy runs every
+	// ttl/2.
+	ttl time.Duration
+	// repairs and lost are SessionState's counters.
+	repairs atomic.Uint64
+	lost    atomic.Uint64
 }
 
 var (
@@ -198,6 +214,8 @@ func Open(ctx context.Context, cfg Config) (*Backend, error) {
 		life:    life,
 		endLife: endLife,
 		regs:    make(map[string]registration),
+		dirs:    make(map[string]int),
+		ttl:     cfg.TTL,
 		streams: make(map[string]map[*stream]struct{}),
 		armed:   make(map[string]bool),
 		arming:  make(map[string]int),
@@ -323,26 +341,35 @@ func (b *Backend) forStreams(f func(*stream)) {
 // sessionLoop is the backend's one goroutine. When the client gets a new
 // session (the old one expired), it creates the remembered registrations
 // again, retrying with backoff until that succeeds or the session changes
-// again, and then records the session as restored. It returns when Close
-// is called.
+// again, and then records the session as restored. On a restored session
+// it runs an anti-entropy pass every TTL/2 (repair.go). It returns when
+// Close is called.
 func (b *Backend) sessionLoop() {
 	defer b.wg.Done()
 	var retry <-chan time.Time
 	backoff := newBackoff()
 	var seen int64 // the last new session logged, to log each one once
+	tick := time.NewTicker(max(b.ttl/2, 10*time.Millisecond))
+	defer tick.Stop()
 	for {
+		repair := false
 		select {
 		case <-b.life.Done():
 			return
 		case <-b.kick:
 		case <-retry:
 			retry = nil
+		case <-tick.C:
+			repair = true
 		}
 		if b.conn.State() != zk.StateHasSession {
 			continue
 		}
 		id, old := b.conn.SessionID(), b.restored.Load()
 		if id == old {
+			if repair {
+				b.antiEntropy(id)
+			}
 			continue
 		}
 		if id != seen {
@@ -442,6 +469,10 @@ func (b *Backend) Register(ctx context.Context, name, addr string, attrs map[str
 		if known && bytes.Equal(old.enc, enc) {
 			return nil // a heartbeat: nothing to write
 		}
+		// Before and after the write, so that anti-entropy keeps
+		// visiting the service while a write there may leave something.
+		b.noteDir(path.Dir(p))
+		defer b.noteDir(path.Dir(p))
 		tok, err := b.put(p, attrs, old.token, known, true)
 		if err != nil {
 			return err
@@ -692,9 +723,10 @@ func (b *Backend) deleteOwn(p string) (bool, error) {
 //
 // Established is 1 for the session Open established plus one for each
 // later session on which the registrations were restored; a session that
-// expired before its restore succeeded is not counted. Lost counts the
-// registrations dropped because another session held their znode when the
-// backend came to write them again (a restore).
+// expired before its restore succeeded is not counted. Repairs counts the
+// fixes of anti-entropy (repair.go); Lost counts the registrations dropped
+// because another session held their znode when the backend came to write
+// them again (a restore, a repair).
 func (b *Backend) SessionState() backend.SessionState {
 	b.mu.Lock()
 	closed := b.closed
@@ -703,6 +735,7 @@ func (b *Backend) SessionState() backend.SessionState {
 	return backend.SessionState{
 		Live:        live,
 		Established: b.sessions.Load(),
+		Repairs:     b.repairs.Load(),
 		Lost:        b.lost.Load(),
 	}
 }

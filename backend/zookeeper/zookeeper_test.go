@@ -131,9 +131,22 @@ func TestConformance(t *testing.T) {
 			b.(*zookeeper.Backend).Abandon()
 		},
 		ExpireSession: func(tb testing.TB, b backend.Backend) { expireSession(tb, s, b.(*zookeeper.Backend)) },
-		StopStore:     s.Stop,
-		StartStore:    s.Start,
-		TTL:           2 * time.Second,
+		Plant: func(tb testing.TB, b backend.Backend, name, addr string) {
+			tb.Helper()
+			if err := b.(*zookeeper.Backend).Plant(name, addr); err != nil {
+				tb.Fatal(err)
+			}
+		},
+		Erase: func(tb testing.TB, name, addr string) {
+			tb.Helper()
+			p := testPrefix + "/" + name + "/" + addr
+			if err := rawConn(tb).Delete(p, -1); err != nil {
+				tb.Fatalf("Delete %s: %v", p, err)
+			}
+		},
+		StopStore:  s.Stop,
+		StartStore: s.Start,
+		TTL:        2 * time.Second,
 	})
 }
 
