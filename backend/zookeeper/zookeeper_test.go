@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"os"
 	"strings"
 	"sync/atomic"
@@ -666,5 +667,112 @@ func TestOpenErrors(t *testing.T) {
 	if b, err := zookeeper.Open(short, zookeeper.Config{Servers: []string{"127.0.0.1:1"}}); err == nil {
 		b.Close()
 		t.Error("Open with no server = nil error")
+	}
+}
+
+// TestRestoreDoesNotSteal: a registration that another backend took over
+// while this backend's session was gone is not taken back by the restore:
+// it is dropped and counted lost, and the new owner's znode stays.
+func TestRestoreDoesNotSteal(t *testing.T) {
+	b, other := open(t, time.Second), open(t, 30*time.Second)
+	raw := rawConn(t)
+	name := uniqueName(t)
+	p := testPrefix + "/" + name + "/10.0.0.1:80"
+	if err := b.Register(ctxT(t), name, "10.0.0.1:80", map[string]string{"by": "b"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Register(ctxT(t), name, "10.0.0.2:80", nil); err != nil {
+		t.Fatal(err)
+	}
+	heal := b.Partition()
+	defer heal()
+	waitExists(t, raw, p, false) // b's session expired
+	if err := other.Register(ctxT(t), name, "10.0.0.1:80", map[string]string{"by": "other"}); err != nil {
+		t.Fatal(err)
+	}
+	heal()
+	st := waitSessionState(t, b, "live on a new session", func(st backend.SessionState) bool { return st.Live && st.Established == 2 })
+	if st.Lost != 1 {
+		t.Errorf("SessionState after the restore = %+v, want 1 lost", st)
+	}
+	data, stat, err := raw.Get(p)
+	if err != nil || stat.EphemeralOwner != other.SessionID() {
+		t.Fatalf("%s: owner %#x (err %v), want the new owner %#x", p, stat.EphemeralOwner, err, other.SessionID())
+	}
+	if attrs, _, _ := zookeeper.DecodeData(data); attrs["by"] != "other" {
+		t.Errorf("%s holds %q, want the new owner's attrs", p, data)
+	}
+	// The other registration was restored, on b's new session.
+	if _, stat, err := raw.Get(testPrefix + "/" + name + "/10.0.0.2:80"); err != nil || stat.EphemeralOwner != b.SessionID() {
+		t.Errorf("10.0.0.2:80: owner %#x (err %v), want %#x", stat.EphemeralOwner, err, b.SessionID())
+	}
+	// b forgot the lost one: its Unregister leaves it, and so does its
+	// anti-entropy.
+	if err := b.Unregister(ctxT(t), name, "10.0.0.1:80"); err != nil {
+		t.Fatal(err)
+	}
+	if ok, _, err := raw.Exists(p); err != nil || !ok {
+		t.Errorf("after the former owner's Unregister: exists=%v err=%v, want kept", ok, err)
+	}
+}
+
+// TestAntiEntropyDropsTakenOver: a backend whose registration another
+// backend took over learns it from its anti-entropy pass (within about a
+// TTL): it stops holding it (counted lost) and never takes it back.
+func TestAntiEntropyDropsTakenOver(t *testing.T) {
+	const ttl = time.Second
+	a, b := open(t, ttl), open(t, ttl)
+	raw := rawConn(t)
+	name := uniqueName(t)
+	p := testPrefix + "/" + name + "/10.0.0.1:80"
+	if err := a.Register(ctxT(t), name, "10.0.0.1:80", nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Register(ctxT(t), name, "10.0.0.1:80", map[string]string{"by": "b"}); err != nil {
+		t.Fatal(err)
+	}
+	st := waitSessionState(t, a, "1 lost", func(st backend.SessionState) bool { return st.Lost >= 1 })
+	if st.Lost != 1 || st.Repairs != 0 {
+		t.Errorf("SessionState = %+v, want 1 lost, no repairs", st)
+	}
+	// Erased behind everyone's back, it is written again by its owner
+	// only: the former owner does not hold it any more.
+	if err := raw.Delete(p, -1); err != nil {
+		t.Fatal(err)
+	}
+	waitExists(t, raw, p, true)
+	if _, stat, err := raw.Get(p); err != nil || stat.EphemeralOwner != b.SessionID() {
+		t.Errorf("%s rewritten with owner %#x (err %v), want %#x", p, stat.EphemeralOwner, err, b.SessionID())
+	}
+	if st := a.SessionState(); st.Repairs != 0 {
+		t.Errorf("former owner's SessionState = %+v, want no repairs", st)
+	}
+}
+
+// TestDecodeData: both forms of a znode's data decode; the wrapped one
+// carries Created.
+func TestDecodeData(t *testing.T) {
+	for _, tc := range []struct {
+		data    string
+		attrs   map[string]string
+		created uint64
+		bad     bool
+	}{
+		{data: ``},
+		{data: `{}`},
+		{data: `{"k":"v"}`, attrs: map[string]string{"k": "v"}},
+		{data: `{"attrs":"x","created":"7"}`, attrs: map[string]string{"attrs": "x", "created": "7"}},
+		{data: `{"attrs":{"k":"v"},"created":42}`, attrs: map[string]string{"k": "v"}, created: 42},
+		{data: `{"attrs":{}}`},
+		{data: ` { "attrs" : { "k" : "v" } , "created" : 9 } `, attrs: map[string]string{"k": "v"}, created: 9},
+		{data: `{"attrs":{"k":1}}`, bad: true},
+		{data: `{"attrs":{},"created":-1}`, bad: true},
+		{data: `{"k":1}`, bad: true},
+		{data: `[]`, bad: true},
+	} {
+		attrs, created, err := zookeeper.DecodeData([]byte(tc.data))
+		if (err != nil) != tc.bad || !maps.Equal(attrs, tc.attrs) || created != tc.created {
+			t.Errorf("DecodeData(%q) = %v, %d, %v; want %v, %d, error %v", tc.data, attrs, created, err, tc.attrs, tc.created, tc.bad)
+		}
 	}
 }
