@@ -28,6 +28,13 @@ import (
 // time, and is counted in SessionState.Repairs. A pass costs one
 // getChildren per service and one exists per znode there; it writes only
 // to fix drift.
+//
+// Limit: a missing znode does not say why it went. If another session
+// took a registration over and then deleted it (Unregister) before this
+// backend's next pass saw the takeover, the pass takes it for a znode
+// deleted behind its back and writes it again, on this session, with its
+// Created. A data watch on each held znode would see the takeover as it
+// happens and shrink that window to a round trip.
 
 // repairWorkers bounds the znodes checked at once by one pass (the
 // requests are pipelined on the backend's one connection).
