@@ -28,8 +28,11 @@ const streamBuffer = 64
 // Live changes come from re-reading after every watch fire and diffing
 // against the stream's last view, so nothing is lost and each instance's
 // changes arrive in order; changes that happen between two reads collapse
-// into their net effect (a znode deleted and created again shows as a
-// Delete then a Put with the new Created). While the connection to
+// into their net effect: a znode deleted and created again for a new
+// registration shows as a Delete then a Put with the new Created; one
+// re-created for the same registration (a takeover, a restore: same
+// Created) shows as a Put if its attributes changed, else as nothing.
+// While the connection to
 // ZooKeeper is down the stream keeps its last view and emits nothing; once
 // the client reconnects it emits the difference.
 //
@@ -108,8 +111,9 @@ type stream struct {
 
 // entry is one instance as the stream last saw it.
 type entry struct {
-	created, modified int64 // czxid, mzxid
-	attrs             map[string]string
+	created  uint64 // the registration's Created (kept across re-creations of its znode)
+	modified int64  // mzxid: a re-created znode has a new one
+	attrs    map[string]string
 }
 
 // Events implements backend.Stream.
@@ -330,11 +334,14 @@ func (s *stream) readMarked(d dirty) (map[string]entry, error) {
 		if err != nil {
 			return nil, err
 		}
-		attrs, err := decodeAttrs(data)
+		attrs, created, err := decodeData(data)
 		if err != nil {
 			b.log.Warn("zookeeper: instance with unreadable attributes", "znode", p, "err", err)
 		}
-		next[c] = entry{created: stat.Czxid, modified: stat.Mzxid, attrs: attrs}
+		if created == 0 {
+			created = uint64(stat.Czxid)
+		}
+		next[c] = entry{created: created, modified: stat.Mzxid, attrs: attrs}
 	}
 	return next, nil
 }
@@ -342,7 +349,7 @@ func (s *stream) readMarked(d dirty) (map[string]entry, error) {
 // emitSnapshot sends one Put per instance, oldest first, then Current. It
 // returns false when the stream was cancelled.
 func (s *stream) emitSnapshot(view map[string]entry) bool {
-	for _, c := range sortedBy(view, func(e entry) int64 { return e.created }) {
+	for _, c := range sortedBy(view, func(e entry) uint64 { return e.created }) {
 		if !s.send(backend.Put, c, view[c]) {
 			return false
 		}
@@ -354,7 +361,7 @@ func (s *stream) emitSnapshot(view map[string]entry) bool {
 // deletions first, then creations and updates in the order ZooKeeper made
 // them. It returns false when the stream was cancelled.
 func (s *stream) emitDiff(next map[string]entry) bool {
-	for _, c := range sortedBy(s.view, func(e entry) int64 { return e.created }) {
+	for _, c := range sortedBy(s.view, func(e entry) uint64 { return e.created }) {
 		n, ok := next[c]
 		if !ok || n.created != s.view[c].created {
 			if !s.send(backend.Delete, c, entry{}) {
@@ -379,7 +386,7 @@ func (s *stream) send(typ backend.EventType, addr string, e entry) bool {
 	ev := backend.Event{Type: typ, Instance: backend.Instance{Name: s.name, Addr: addr}}
 	if typ == backend.Put {
 		ev.Instance.Attrs = e.attrs
-		ev.Instance.Created = uint64(e.created)
+		ev.Instance.Created = e.created
 	}
 	return s.sendEvent(ev)
 }
@@ -394,7 +401,7 @@ func (s *stream) sendEvent(ev backend.Event) bool {
 }
 
 // sortedBy returns the keys of m ordered by key(m[k]), then by k.
-func sortedBy(m map[string]entry, key func(entry) int64) []string {
+func sortedBy[K cmp.Ordered](m map[string]entry, key func(entry) K) []string {
 	keys := slices.Collect(maps.Keys(m))
 	slices.SortFunc(keys, func(a, b string) int {
 		return cmp.Or(cmp.Compare(key(m[a]), key(m[b])), cmp.Compare(a, b))

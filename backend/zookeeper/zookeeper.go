@@ -11,13 +11,36 @@
 //	defer b.Close()
 //	err = b.Register(ctx, "web", "10.0.0.7:80", map[string]string{"v": "1"})
 //
-// Layout. Each registration is an ephemeral znode
-// <Prefix>/<name>/<addr> whose data is the attributes as a JSON object.
+// Layout. Each registration is an ephemeral znode <Prefix>/<name>/<addr>.
 // <Prefix> and its ancestors are persistent znodes; <Prefix>/<name> is a
 // container znode (ZooKeeper deletes it once it has been empty for a
-// while). All are created on demand. Created is the znode's
-// czxid: an attribute update (a setData) keeps it, a later creation has a
-// larger one.
+// while). All are created on demand.
+//
+// Created, the fencing token. A registration's Created is the czxid of the
+// znode first created for it, and it is kept when that znode is replaced
+// by another for the same registration (a takeover, a restore after a
+// lost session, a repair): the new znode carries it in its data. The data
+// is one of
+//
+//	{"k":"v",...}                        the attributes; Created = the znode's czxid
+//	{"attrs":{"k":"v",...},"created":N}  the attributes; Created = N
+//
+// (every value of the first form is a string, so the two cannot be
+// confused; the first is how earlier versions wrote every registration).
+// Since czxids are unique and grow with ZooKeeper's commit order, Created
+// is unique among the registrations of a name and strictly larger for a
+// registration acknowledged after another; an attribute update (a setData)
+// keeps it.
+//
+// Ownership. A registration belongs to the session whose ephemeral znode
+// holds it. Register takes over a znode of another session (a new process
+// on the address, registered through another agent) atomically, keeping
+// its Created. Unregister deletes the znode only while it is an ephemeral
+// of this backend's session, conditional on the version it read; a former
+// owner's Unregister or Close leaves the new owner's znode alone. A
+// backend never takes a registration back by itself: one whose znode
+// another session holds when it comes to write it again (a restore, a
+// repair) is dropped and counted in SessionState.Lost.
 //
 // Liveness. A Backend holds exactly one ZooKeeper session, with session
 // timeout = Config.TTL (the server clamps it to its own min and max session
@@ -29,18 +52,26 @@
 // Recovery. The backend remembers every registration it holds. When the
 // session expires while the agent is alive (a long partition), the client
 // library opens a new session and the backend creates every remembered
-// registration again, under new czxids (subscribers see a Delete and a Put).
-// A stream keeps its last view while the connection is down and emits the
-// difference once it is back.
+// registration again, with its Created (subscribers see a Delete and a Put
+// of the same Created). A stream keeps its last view while the connection
+// is down and emits the difference once it is back.
+//
+// Anti-entropy. Every TTL/2 the backend compares the znodes of its session
+// with the registrations it holds, in each service it has written under:
+// it deletes a znode of its session that it does not hold (a write whose
+// answer was lost), writes again a held registration whose znode is
+// missing (with its Created), and drops one that another session holds
+// now. Each fix is counted in SessionState.Repairs. A pass reads the
+// children of each such service and the stat of each child.
 package zookeeper
 
 import (
 	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"path"
 	"strings"
@@ -108,6 +139,10 @@ type Backend struct {
 	closed  bool
 	regs    map[string]registration         // by znode path; the registrations this backend holds
 	streams map[string]map[*stream]struct{} // by service znode
+	// dirs are the service znodes this backend has written under, which
+	// anti-entropy visits, with the number of passes in a row that found
+	// nothing of the backend's there (it forgets a dir after a few).
+	dirs map[string]int
 
 	// Watches set in the client library, by znode path. The library keeps
 	// one channel per watch request until the watch fires, so setting a
@@ -128,6 +163,13 @@ type Backend struct {
 	// one sessionLoop restored. sessions counts those sessions.
 	restored atomic.Int64
 	sessions atomic.Uint64
+
+	// ttl is the session timeout asked for; anti-entropy runs every
+	// ttl/2.
+	ttl time.Duration
+	// repairs and lost are SessionState's counters.
+	repairs atomic.Uint64
+	lost    atomic.Uint64
 }
 
 var (
@@ -136,9 +178,11 @@ var (
 )
 
 // registration is what the backend remembers of one of its registrations:
-// enough to create it again under a new session.
+// enough to create it again, with its Created, under a new session.
 type registration struct {
-	data []byte // canonical attrs JSON
+	attrs map[string]string
+	enc   []byte // canonical attrs JSON (encodeAttrs), to tell a heartbeat from an update
+	token uint64 // its Created
 }
 
 // Open connects to ZooKeeper, establishes a session and starts the
@@ -170,6 +214,8 @@ func Open(ctx context.Context, cfg Config) (*Backend, error) {
 		life:    life,
 		endLife: endLife,
 		regs:    make(map[string]registration),
+		dirs:    make(map[string]int),
+		ttl:     cfg.TTL,
 		streams: make(map[string]map[*stream]struct{}),
 		armed:   make(map[string]bool),
 		arming:  make(map[string]int),
@@ -292,29 +338,38 @@ func (b *Backend) forStreams(f func(*stream)) {
 	}
 }
 
-// sessionLoop is the backend's one goroutine: when the client gets a new
+// sessionLoop is the backend's one goroutine. When the client gets a new
 // session (the old one expired), it creates the remembered registrations
 // again, retrying with backoff until that succeeds or the session changes
-// again, and then records the session as restored. It returns when Close
-// is called.
+// again, and then records the session as restored. On a restored session
+// it runs an anti-entropy pass every TTL/2 (repair.go). It returns when
+// Close is called.
 func (b *Backend) sessionLoop() {
 	defer b.wg.Done()
 	var retry <-chan time.Time
 	backoff := newBackoff()
 	var seen int64 // the last new session logged, to log each one once
+	tick := time.NewTicker(max(b.ttl/2, 10*time.Millisecond))
+	defer tick.Stop()
 	for {
+		repair := false
 		select {
 		case <-b.life.Done():
 			return
 		case <-b.kick:
 		case <-retry:
 			retry = nil
+		case <-tick.C:
+			repair = true
 		}
 		if b.conn.State() != zk.StateHasSession {
 			continue
 		}
 		id, old := b.conn.SessionID(), b.restored.Load()
 		if id == old {
+			if repair {
+				b.antiEntropy(id)
+			}
 			continue
 		}
 		if id != seen {
@@ -334,7 +389,10 @@ func (b *Backend) sessionLoop() {
 	}
 }
 
-// restore writes every remembered registration again.
+// restore writes every remembered registration again, with its Created.
+// A registration whose znode another session holds now (another agent
+// took it over while this backend's session was gone) is not stolen back:
+// the backend drops it and counts it lost.
 func (b *Backend) restore() error {
 	b.mu.Lock()
 	paths := make([]string, 0, len(b.regs))
@@ -352,8 +410,13 @@ func (b *Backend) restore() error {
 		reg, ok := b.regs[p]
 		b.mu.Unlock()
 		if ok {
-			err = b.put(p, reg.data, false)
-			n++
+			_, err = b.put(p, reg.attrs, reg.token, false, false)
+			if errors.Is(err, errOwned) {
+				b.drop(p, "restore")
+				err = nil
+			} else {
+				n++
+			}
 		}
 		unlock()
 		if err != nil {
@@ -364,12 +427,26 @@ func (b *Backend) restore() error {
 	return nil
 }
 
+// drop forgets the registration p, which another session holds now, and
+// counts it lost. The caller holds p's key lock.
+func (b *Backend) drop(p, during string) {
+	b.mu.Lock()
+	_, held := b.regs[p]
+	delete(b.regs, p)
+	b.mu.Unlock()
+	if held {
+		b.lost.Add(1)
+		b.log.Warn("zookeeper: registration taken over by another session; no longer held", "znode", p, "during", during)
+	}
+}
+
 // Register stores name/addr with attrs as an ephemeral znode of the
 // backend's session, creating the parents as needed. Registering again
 // with equal attributes writes nothing; with other attributes it updates
-// the znode's data in place (Created stays). A znode left at the same path
-// by another session (a previous incarnation of this agent, or another
-// agent) is replaced by this backend's, under a new Created.
+// the znode's data in place (Created stays). A znode at the same path that
+// another session holds (a process on that address registered through
+// another agent, or this agent before a restart) is taken over: replaced
+// atomically by one of this backend's session that keeps its Created.
 //
 // It blocks until ZooKeeper answers or ctx ends. When ctx ends first the
 // write may still take effect; the backend then remembers it, so
@@ -380,22 +457,28 @@ func (b *Backend) Register(ctx context.Context, name, addr string, attrs map[str
 	if err != nil {
 		return err
 	}
-	data, err := encodeAttrs(attrs)
+	enc, err := encodeAttrs(attrs)
 	if err != nil {
 		return fmt.Errorf("zookeeper: register %s/%s: %w", name, addr, err)
 	}
+	attrs = maps.Clone(attrs)
 	err = b.withKey(ctx, p, func() error {
 		b.mu.Lock()
 		old, known := b.regs[p]
 		b.mu.Unlock()
-		if known && bytes.Equal(old.data, data) {
+		if known && bytes.Equal(old.enc, enc) {
 			return nil // a heartbeat: nothing to write
 		}
-		if err := b.put(p, data, known); err != nil {
+		// Before and after the write, so that anti-entropy keeps
+		// visiting the service while a write there may leave something.
+		b.noteDir(path.Dir(p))
+		defer b.noteDir(path.Dir(p))
+		tok, err := b.put(p, attrs, old.token, known, true)
+		if err != nil {
 			return err
 		}
 		b.mu.Lock()
-		b.regs[p] = registration{data: data}
+		b.regs[p] = registration{attrs: attrs, enc: enc, token: tok}
 		b.mu.Unlock()
 		return nil
 	})
@@ -405,71 +488,128 @@ func (b *Backend) Register(ctx context.Context, name, addr string, attrs map[str
 	return nil
 }
 
-// put makes the znode p an ephemeral node of this session holding data.
-// known says whether the backend believes it already holds p (then an
-// update is tried first). It must be called with p's key lock held.
-func (b *Backend) put(p string, data []byte, known bool) error {
-	update := known
+// errOwned is put's answer when the znode belongs to another session and
+// it was asked not to take it over.
+var errOwned = errors.New("znode held by another session")
+
+// put makes the znode p an ephemeral node of this session holding attrs,
+// and returns its Created. The Created of a znode that exists is kept
+// (whoever holds it); tok is the one to give a znode created anew (0: a
+// fresh registration, whose Created is its czxid). known says whether the
+// backend believes it already holds p (then the znode is read first). A
+// znode of another session is replaced when takeover is set, else put
+// returns errOwned. It must be called with p's key lock held.
+func (b *Backend) put(p string, attrs map[string]string, tok uint64, known, takeover bool) (uint64, error) {
+	read := known
 	for range maxWriteAttempts {
-		if !update {
-			_, err := b.conn.Create(p, data, zk.FlagEphemeral, zk.WorldACL(zk.PermAll))
+		if !read {
+			created, err := b.create(p, attrs, tok)
 			switch {
 			case err == nil:
-				return nil
+				return created, nil
 			case errors.Is(err, zk.ErrNoNode):
 				if err := b.ensureServiceDir(path.Dir(p)); err != nil {
-					return err
+					return 0, err
 				}
 				continue
 			case errors.Is(err, zk.ErrNodeExists):
-				update = true
+				read = true
 				continue
 			default:
-				return err
+				return 0, err
 			}
 		}
 		cur, stat, err := b.conn.Get(p)
 		switch {
 		case errors.Is(err, zk.ErrNoNode):
-			update = false
+			read = false
 			continue
 		case err != nil:
-			return err
+			return 0, err
 		}
+		kept := token(cur, stat.Czxid)
 		if stat.EphemeralOwner != b.conn.SessionID() {
-			// Someone else's znode at our path: replace it atomically, so
-			// that a concurrent change makes the swap fail rather than
+			if !takeover {
+				return 0, errOwned
+			}
+			// Replace it atomically, keeping its Created, so that a
+			// concurrent change makes the swap fail rather than
 			// overwrite it.
-			_, err := b.conn.Multi(
+			data, err := encodeData(attrs, kept)
+			if err != nil {
+				return 0, err
+			}
+			_, err = b.conn.Multi(
 				&zk.DeleteRequest{Path: p, Version: stat.Version},
 				&zk.CreateRequest{Path: p, Data: data, Acl: zk.WorldACL(zk.PermAll), Flags: zk.FlagEphemeral},
 			)
 			switch {
 			case err == nil:
-				return nil
+				return kept, nil
 			case errors.Is(err, zk.ErrNoNode), errors.Is(err, zk.ErrBadVersion), errors.Is(err, zk.ErrNodeExists):
 				continue
 			default:
-				return err
+				return 0, err
 			}
 		}
+		data, err := encodeData(attrs, ownToken(kept, stat.Czxid))
+		if err != nil {
+			return 0, err
+		}
 		if bytes.Equal(cur, data) {
-			return nil
+			return kept, nil
 		}
 		_, err = b.conn.Set(p, data, stat.Version)
 		switch {
 		case err == nil:
-			return nil
+			return kept, nil
 		case errors.Is(err, zk.ErrNoNode):
-			update = false
+			read = false
 			continue
 		case errors.Is(err, zk.ErrBadVersion):
 			continue
 		default:
-			return err
+			return 0, err
 		}
 	}
-	return fmt.Errorf("%s: gave up after %d conflicting writes", p, maxWriteAttempts)
+	return 0, fmt.Errorf("%s: gave up after %d conflicting writes", p, maxWriteAttempts)
+}
+
+// ownToken is the created field to write into a znode whose czxid is
+// czxid for a registration whose Created is tok: none when they agree.
+func ownToken(tok uint64, czxid int64) uint64 {
+	if tok == uint64(czxid) {
+		return 0
+	}
+	return tok
+}
+
+// create creates p as an ephemeral znode of this session holding attrs
+// and returns its Created: tok, written into its data, or for a fresh
+// registration (tok 0) the znode's czxid. Create does not return the
+// czxid, so a fresh znode is created together with a no-op setData in
+// one transaction, whose answer carries the znode's stat.
+func (b *Backend) create(p string, attrs map[string]string, tok uint64) (uint64, error) {
+	data, err := encodeData(attrs, tok)
+	if err != nil {
+		return 0, err
+	}
+	acl := zk.WorldACL(zk.PermAll)
+	if tok != 0 {
+		_, err := b.conn.Create(p, data, zk.FlagEphemeral, acl)
+		return tok, err
+	}
+	res, err := b.conn.Multi(
+		&zk.CreateRequest{Path: p, Data: data, Acl: acl, Flags: zk.FlagEphemeral},
+		&zk.SetDataRequest{Path: p, Data: data, Version: 0},
+	)
+	if err != nil {
+		return 0, err
+	}
+	if len(res) != 2 || res[1].Stat == nil || res[1].Stat.Czxid <= 0 {
+		return 0, fmt.Errorf("create %s: no stat in the answer", p)
+	}
+	return uint64(res[1].Stat.Czxid), nil
 }
 
 // ensureServiceDir creates the znode of a service as a container node, which
@@ -514,11 +654,20 @@ func (b *Backend) ensurePath(p string) error {
 	return fmt.Errorf("create %s: %w", p, err)
 }
 
-// Unregister deletes the znode of name/addr and forgets the registration.
-// A registration that does not exist is not an error. It blocks until
-// ZooKeeper answers or ctx ends; when ctx ends first, the delete may still
-// take effect. Errors: backend.ErrClosed, ctx's error, or the ZooKeeper
-// error wrapped with the operation.
+// Unregister forgets the registration name/addr and deletes its znode if
+// that is still an ephemeral node of this backend's session: a znode that
+// another session took over is left alone. Deleting a registration that
+// does not exist is not an error. It blocks until ZooKeeper answers or ctx
+// ends; when ctx ends first, the delete may still take effect. Errors:
+// backend.ErrClosed, ctx's error, or the ZooKeeper error wrapped with the
+// operation.
+//
+// The delete is conditional on the version read with the owner, so a
+// takeover between the two makes it fail and it is re-checked. ZooKeeper
+// cannot compare the owner itself in the delete; the one interleaving that
+// version does not catch (our znode replaced, in that round trip, by one
+// of another session with the same version) removes the other session's
+// znode, which that backend's anti-entropy writes again within its TTL.
 func (b *Backend) Unregister(ctx context.Context, name, addr string) error {
 	p, err := b.nodePath(name, addr)
 	if err != nil {
@@ -528,16 +677,39 @@ func (b *Backend) Unregister(ctx context.Context, name, addr string) error {
 		b.mu.Lock()
 		delete(b.regs, p)
 		b.mu.Unlock()
-		err := b.conn.Delete(p, -1)
-		if err != nil && !errors.Is(err, zk.ErrNoNode) {
-			return err
-		}
-		return nil
+		_, err := b.deleteOwn(p)
+		return err
 	})
 	if err != nil {
 		return fmt.Errorf("zookeeper: unregister %s/%s: %w", name, addr, err)
 	}
 	return nil
+}
+
+// deleteOwn deletes p if it is an ephemeral node of this session, and
+// says whether it did. It must be called with p's key lock held.
+func (b *Backend) deleteOwn(p string) (bool, error) {
+	for range maxWriteAttempts {
+		ok, stat, err := b.conn.Exists(p)
+		switch {
+		case err != nil:
+			return false, err
+		case !ok || stat.EphemeralOwner != b.conn.SessionID():
+			return false, nil
+		}
+		err = b.conn.Delete(p, stat.Version)
+		switch {
+		case err == nil:
+			return true, nil
+		case errors.Is(err, zk.ErrNoNode):
+			return false, nil
+		case errors.Is(err, zk.ErrBadVersion):
+			continue
+		default:
+			return false, err
+		}
+	}
+	return false, fmt.Errorf("%s: gave up after %d conflicting writes", p, maxWriteAttempts)
 }
 
 // SessionState reports the backend's session. It does not block.
@@ -551,13 +723,21 @@ func (b *Backend) Unregister(ctx context.Context, name, addr string) error {
 //
 // Established is 1 for the session Open established plus one for each
 // later session on which the registrations were restored; a session that
-// expired before its restore succeeded is not counted.
+// expired before its restore succeeded is not counted. Repairs counts the
+// fixes of anti-entropy (repair.go); Lost counts the registrations dropped
+// because another session held their znode when the backend came to write
+// them again (a restore, a repair).
 func (b *Backend) SessionState() backend.SessionState {
 	b.mu.Lock()
 	closed := b.closed
 	b.mu.Unlock()
 	live := !closed && b.conn.State() == zk.StateHasSession && b.conn.SessionID() == b.restored.Load()
-	return backend.SessionState{Live: live, Established: b.sessions.Load()}
+	return backend.SessionState{
+		Live:        live,
+		Established: b.sessions.Load(),
+		Repairs:     b.repairs.Load(),
+		Lost:        b.lost.Load(),
+	}
 }
 
 // Ping reports whether the backend has a live session with a reachable
@@ -719,30 +899,6 @@ func checkSegment(what, s string) error {
 		return api.Errorf(api.CodeInvalidArgument, "%s %q cannot be a ZooKeeper node name", what, s)
 	}
 	return nil
-}
-
-// encodeAttrs returns the canonical JSON of attrs: keys sorted, and no
-// attributes (nil or empty) as "{}", so equal attributes have equal bytes.
-func encodeAttrs(attrs map[string]string) ([]byte, error) {
-	if len(attrs) == 0 {
-		return []byte("{}"), nil
-	}
-	return json.Marshal(attrs)
-}
-
-// decodeAttrs parses a znode's data. No attributes decode as nil.
-func decodeAttrs(data []byte) (map[string]string, error) {
-	if len(data) == 0 {
-		return nil, nil
-	}
-	var attrs map[string]string
-	if err := json.Unmarshal(data, &attrs); err != nil {
-		return nil, err
-	}
-	if len(attrs) == 0 {
-		return nil, nil
-	}
-	return attrs, nil
 }
 
 // errClosing is returned by key-lock waits cut short by Close.

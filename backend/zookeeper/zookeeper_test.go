@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"os"
 	"strings"
 	"sync/atomic"
@@ -131,9 +132,22 @@ func TestConformance(t *testing.T) {
 			b.(*zookeeper.Backend).Abandon()
 		},
 		ExpireSession: func(tb testing.TB, b backend.Backend) { expireSession(tb, s, b.(*zookeeper.Backend)) },
-		StopStore:     s.Stop,
-		StartStore:    s.Start,
-		TTL:           2 * time.Second,
+		Plant: func(tb testing.TB, b backend.Backend, name, addr string) {
+			tb.Helper()
+			if err := b.(*zookeeper.Backend).Plant(name, addr); err != nil {
+				tb.Fatal(err)
+			}
+		},
+		Erase: func(tb testing.TB, name, addr string) {
+			tb.Helper()
+			p := testPrefix + "/" + name + "/" + addr
+			if err := rawConn(tb).Delete(p, -1); err != nil {
+				tb.Fatalf("Delete %s: %v", p, err)
+			}
+		},
+		StopStore:  s.Stop,
+		StartStore: s.Start,
+		TTL:        2 * time.Second,
 	})
 }
 
@@ -316,8 +330,8 @@ func TestResubscribeSeesChanges(t *testing.T) {
 
 // TestSessionExpiryRecreatesRegistrations partitions a backend from
 // ZooKeeper for longer than its session timeout: its znodes go, and when it
-// reconnects (under a new session) it creates them again, with new
-// Created values, and its own stream follows.
+// reconnects (under a new session) it creates them again, new znodes that
+// keep the registrations' Created, and its own stream follows.
 func TestSessionExpiryRecreatesRegistrations(t *testing.T) {
 	const ttl = time.Second
 	b := open(t, ttl)
@@ -355,8 +369,8 @@ func TestSessionExpiryRecreatesRegistrations(t *testing.T) {
 		if ev.Type != backend.Put || created[addr] == 0 {
 			t.Fatalf("after healing: got %v %s, want a Put of a registration", ev.Type, addr)
 		}
-		if ev.Instance.Created <= created[addr] {
-			t.Errorf("%s re-created with Created %d, not larger than %d", addr, ev.Instance.Created, created[addr])
+		if ev.Instance.Created != created[addr] {
+			t.Errorf("%s re-created with Created %d, want %d (kept)", addr, ev.Instance.Created, created[addr])
 		}
 		if ev.Instance.Attrs["a"] != addr {
 			t.Errorf("%s re-created with attrs %v", addr, ev.Instance.Attrs)
@@ -370,16 +384,26 @@ func TestSessionExpiryRecreatesRegistrations(t *testing.T) {
 	if st := waitSessionState(t, b, "live", func(st backend.SessionState) bool { return st.Live }); st.Established != 2 {
 		t.Errorf("SessionState after expiry = %+v, want live, 2 established", st)
 	}
-	// The partitioned backend's own stream converges to the same view:
-	// both instances present with their new Created.
-	view := map[string]uint64{}
-	for _, addr := range []string{"10.0.0.1:80", "10.0.0.2:80"} {
-		view[addr] = created[addr]
+	// The znodes are new ones, of the new session.
+	raw := rawConn(t)
+	for addr := range created {
+		_, stat, err := raw.Get(testPrefix + "/" + name + "/" + addr)
+		if err != nil || stat.EphemeralOwner != b.SessionID() || uint64(stat.Czxid) == created[addr] {
+			t.Errorf("%s after the restore: owner %#x czxid %d (err %v), want owner %#x and a new czxid", addr, stat.EphemeralOwner, stat.Czxid, err, b.SessionID())
+		}
 	}
+	// The partitioned backend's own stream converges to the same view
+	// (it may or may not have seen the znodes go while it was cut off),
+	// and Unregister still works on the re-created registration.
+	if err := b.Unregister(ctxT(t), name, "10.0.0.1:80"); err != nil {
+		t.Fatal(err)
+	}
+	expectEvent(t, st, backend.Delete, "10.0.0.1:80")
+	view := map[string]uint64{"10.0.0.1:80": created["10.0.0.1:80"], "10.0.0.2:80": created["10.0.0.2:80"]}
 	deadline := time.Now().Add(20 * time.Second)
-	for view["10.0.0.1:80"] == created["10.0.0.1:80"] || view["10.0.0.2:80"] == created["10.0.0.2:80"] {
+	for len(view) != 1 || view["10.0.0.2:80"] != created["10.0.0.2:80"] {
 		if time.Now().After(deadline) {
-			t.Fatalf("own stream view %v, want new Created values", view)
+			t.Fatalf("own stream view %v, want only 10.0.0.2:80 with Created %d", view, created["10.0.0.2:80"])
 		}
 		ev := nextEvent(t, own)
 		switch ev.Type {
@@ -389,11 +413,6 @@ func TestSessionExpiryRecreatesRegistrations(t *testing.T) {
 			delete(view, ev.Instance.Addr)
 		}
 	}
-	// Unregister still works on the re-created registration.
-	if err := b.Unregister(ctxT(t), name, "10.0.0.1:80"); err != nil {
-		t.Fatal(err)
-	}
-	expectEvent(t, st, backend.Delete, "10.0.0.1:80")
 }
 
 // TestSessionNotLiveUntilRestored: on a new session (the old one expired)
@@ -584,27 +603,48 @@ func TestUnreadableAttrs(t *testing.T) {
 
 // TestRegisterReplacesForeignZnode: a znode left at the path by another
 // session (say, this agent before a restart) is replaced by the backend's
-// own, so it lives and dies with this backend's session.
+// own, so it lives and dies with this backend's session; the registration
+// keeps its Created (the new znode carries it in its data), and with equal
+// attributes subscribers see nothing of the swap.
 func TestRegisterReplacesForeignZnode(t *testing.T) {
 	other, b := open(t, 30*time.Second), open(t, 5*time.Second)
 	raw := rawConn(t)
 	name := uniqueName(t)
+	p := testPrefix + "/" + name + "/10.0.0.1:80"
 	st := subscribe(t, b, name)
-	if err := other.Register(ctxT(t), name, "10.0.0.1:80", nil); err != nil {
+	if err := other.Register(ctxT(t), name, "10.0.0.1:80", map[string]string{"v": "1"}); err != nil {
 		t.Fatal(err)
 	}
 	first := expectEvent(t, st, backend.Put, "10.0.0.1:80")
-	if err := b.Register(ctxT(t), name, "10.0.0.1:80", nil); err != nil {
+	_, stat0, err := raw.Get(p)
+	if err != nil || uint64(stat0.Czxid) != first.Instance.Created {
+		t.Fatalf("fresh registration: czxid %d (err %v), Created %d; want equal", stat0.Czxid, err, first.Instance.Created)
+	}
+	if err := b.Register(ctxT(t), name, "10.0.0.1:80", map[string]string{"v": "1"}); err != nil {
 		t.Fatal(err)
 	}
-	expectEvent(t, st, backend.Delete, "10.0.0.1:80")
-	again := expectEvent(t, st, backend.Put, "10.0.0.1:80")
-	if again.Instance.Created <= first.Instance.Created {
-		t.Errorf("Created %d, want > %d", again.Instance.Created, first.Instance.Created)
-	}
-	_, stat, err := raw.Get(testPrefix + "/" + name + "/10.0.0.1:80")
+	data, stat, err := raw.Get(p)
 	if err != nil || stat.EphemeralOwner != b.SessionID() {
-		t.Errorf("owner %#x (err %v), want %#x", stat.EphemeralOwner, err, b.SessionID())
+		t.Fatalf("owner %#x (err %v), want %#x", stat.EphemeralOwner, err, b.SessionID())
+	}
+	attrs, created, err := zookeeper.DecodeData(data)
+	if err != nil || created != first.Instance.Created || attrs["v"] != "1" || stat.Czxid == stat0.Czxid {
+		t.Errorf("taken-over znode: data %q (%v), czxid %d; want the attrs, created %d, a new czxid", data, err, stat.Czxid, first.Instance.Created)
+	}
+	// An update of the taken-over registration keeps its Created too.
+	if err := b.Register(ctxT(t), name, "10.0.0.1:80", map[string]string{"v": "2"}); err != nil {
+		t.Fatal(err)
+	}
+	ev := expectEvent(t, st, backend.Put, "10.0.0.1:80")
+	if ev.Instance.Created != first.Instance.Created || ev.Instance.Attrs["v"] != "2" {
+		t.Errorf("update after the takeover: %+v, want v=2 and Created %d", ev.Instance, first.Instance.Created)
+	}
+	// The former owner can no longer remove it.
+	if err := other.Unregister(ctxT(t), name, "10.0.0.1:80"); err != nil {
+		t.Fatal(err)
+	}
+	if ok, _, err := raw.Exists(p); err != nil || !ok {
+		t.Errorf("after the former owner's Unregister: exists=%v err=%v, want kept", ok, err)
 	}
 }
 
@@ -627,5 +667,112 @@ func TestOpenErrors(t *testing.T) {
 	if b, err := zookeeper.Open(short, zookeeper.Config{Servers: []string{"127.0.0.1:1"}}); err == nil {
 		b.Close()
 		t.Error("Open with no server = nil error")
+	}
+}
+
+// TestRestoreDoesNotSteal: a registration that another backend took over
+// while this backend's session was gone is not taken back by the restore:
+// it is dropped and counted lost, and the new owner's znode stays.
+func TestRestoreDoesNotSteal(t *testing.T) {
+	b, other := open(t, time.Second), open(t, 30*time.Second)
+	raw := rawConn(t)
+	name := uniqueName(t)
+	p := testPrefix + "/" + name + "/10.0.0.1:80"
+	if err := b.Register(ctxT(t), name, "10.0.0.1:80", map[string]string{"by": "b"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Register(ctxT(t), name, "10.0.0.2:80", nil); err != nil {
+		t.Fatal(err)
+	}
+	heal := b.Partition()
+	defer heal()
+	waitExists(t, raw, p, false) // b's session expired
+	if err := other.Register(ctxT(t), name, "10.0.0.1:80", map[string]string{"by": "other"}); err != nil {
+		t.Fatal(err)
+	}
+	heal()
+	st := waitSessionState(t, b, "live on a new session", func(st backend.SessionState) bool { return st.Live && st.Established == 2 })
+	if st.Lost != 1 {
+		t.Errorf("SessionState after the restore = %+v, want 1 lost", st)
+	}
+	data, stat, err := raw.Get(p)
+	if err != nil || stat.EphemeralOwner != other.SessionID() {
+		t.Fatalf("%s: owner %#x (err %v), want the new owner %#x", p, stat.EphemeralOwner, err, other.SessionID())
+	}
+	if attrs, _, _ := zookeeper.DecodeData(data); attrs["by"] != "other" {
+		t.Errorf("%s holds %q, want the new owner's attrs", p, data)
+	}
+	// The other registration was restored, on b's new session.
+	if _, stat, err := raw.Get(testPrefix + "/" + name + "/10.0.0.2:80"); err != nil || stat.EphemeralOwner != b.SessionID() {
+		t.Errorf("10.0.0.2:80: owner %#x (err %v), want %#x", stat.EphemeralOwner, err, b.SessionID())
+	}
+	// b forgot the lost one: its Unregister leaves it, and so does its
+	// anti-entropy.
+	if err := b.Unregister(ctxT(t), name, "10.0.0.1:80"); err != nil {
+		t.Fatal(err)
+	}
+	if ok, _, err := raw.Exists(p); err != nil || !ok {
+		t.Errorf("after the former owner's Unregister: exists=%v err=%v, want kept", ok, err)
+	}
+}
+
+// TestAntiEntropyDropsTakenOver: a backend whose registration another
+// backend took over learns it from its anti-entropy pass (within about a
+// TTL): it stops holding it (counted lost) and never takes it back.
+func TestAntiEntropyDropsTakenOver(t *testing.T) {
+	const ttl = time.Second
+	a, b := open(t, ttl), open(t, ttl)
+	raw := rawConn(t)
+	name := uniqueName(t)
+	p := testPrefix + "/" + name + "/10.0.0.1:80"
+	if err := a.Register(ctxT(t), name, "10.0.0.1:80", nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Register(ctxT(t), name, "10.0.0.1:80", map[string]string{"by": "b"}); err != nil {
+		t.Fatal(err)
+	}
+	st := waitSessionState(t, a, "1 lost", func(st backend.SessionState) bool { return st.Lost >= 1 })
+	if st.Lost != 1 || st.Repairs != 0 {
+		t.Errorf("SessionState = %+v, want 1 lost, no repairs", st)
+	}
+	// Erased behind everyone's back, it is written again by its owner
+	// only: the former owner does not hold it any more.
+	if err := raw.Delete(p, -1); err != nil {
+		t.Fatal(err)
+	}
+	waitExists(t, raw, p, true)
+	if _, stat, err := raw.Get(p); err != nil || stat.EphemeralOwner != b.SessionID() {
+		t.Errorf("%s rewritten with owner %#x (err %v), want %#x", p, stat.EphemeralOwner, err, b.SessionID())
+	}
+	if st := a.SessionState(); st.Repairs != 0 {
+		t.Errorf("former owner's SessionState = %+v, want no repairs", st)
+	}
+}
+
+// TestDecodeData: both forms of a znode's data decode; the wrapped one
+// carries Created.
+func TestDecodeData(t *testing.T) {
+	for _, tc := range []struct {
+		data    string
+		attrs   map[string]string
+		created uint64
+		bad     bool
+	}{
+		{data: ``},
+		{data: `{}`},
+		{data: `{"k":"v"}`, attrs: map[string]string{"k": "v"}},
+		{data: `{"attrs":"x","created":"7"}`, attrs: map[string]string{"attrs": "x", "created": "7"}},
+		{data: `{"attrs":{"k":"v"},"created":42}`, attrs: map[string]string{"k": "v"}, created: 42},
+		{data: `{"attrs":{}}`},
+		{data: ` { "attrs" : { "k" : "v" } , "created" : 9 } `, attrs: map[string]string{"k": "v"}, created: 9},
+		{data: `{"attrs":{"k":1}}`, bad: true},
+		{data: `{"attrs":{},"created":-1}`, bad: true},
+		{data: `{"k":1}`, bad: true},
+		{data: `[]`, bad: true},
+	} {
+		attrs, created, err := zookeeper.DecodeData([]byte(tc.data))
+		if (err != nil) != tc.bad || !maps.Equal(attrs, tc.attrs) || created != tc.created {
+			t.Errorf("DecodeData(%q) = %v, %d, %v; want %v, %d, error %v", tc.data, attrs, created, err, tc.attrs, tc.created, tc.bad)
+		}
 	}
 }
