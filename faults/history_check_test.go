@@ -183,8 +183,8 @@ func TestCheckOwnership(t *testing.T) {
 		wantViolations(t, checkOwnership(h), 1, "does not own web/10.0.0.1:80", "want permission_denied")
 	}
 	takeover := &history{
-		TTL: time.Second,
-		Ops: []op{reg(1, "s1", kA, 0, 5, ""), reg(2, "s2", kA, 100, 105, ""), {ID: 3, Kind: opClose, Session: "s1", Start: at(200)}},
+		TTL:     time.Second,
+		Ops:     []op{reg(1, "s1", kA, 0, 5, ""), reg(2, "s2", kA, 100, 105, ""), {ID: 3, Kind: opClose, Session: "s1", Start: at(200)}},
 		Streams: []*streamLog{sub("web", on(3, kA.Addr, 7, "1"), on(104, kA.Addr, 7, "2"), off(210, kA.Addr, 7, "2"))},
 	}
 	wantViolations(t, checkOwnership(takeover), 1, "s2 took it over at 12:00:00.100 from s1, which ended at 12:00:00.200")
