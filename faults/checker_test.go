@@ -853,7 +853,7 @@ func (c *checker) quiesce() *history {
 			if err != nil {
 				t.Fatalf("reading the store at quiescence: %v", err)
 			}
-			t.Logf("the store did not reach the expected set within %v of quiescence", storeDeadline.Sub(quiet))
+			t.Logf("the store did not reach the expected set within %v of quiescence; the agents say: %s", storeDeadline.Sub(quiet), c.agentGauges())
 			break
 		}
 		c.sleep(100 * time.Millisecond) // polling the store: nothing to wait on
@@ -872,6 +872,28 @@ func (c *checker) quiesce() *history {
 		h.Streams = append(h.Streams, &cp)
 	}
 	return h
+}
+
+// agentGauges returns a few of each live agent's metrics, for a failure
+// report.
+func (c *checker) agentGauges() string {
+	c.mu.Lock()
+	agents := slices.SortedFunc(maps.Values(c.agents), func(x, y *checkerAgent) int { return strings.Compare(x.id, y.id) })
+	c.mu.Unlock()
+	var out []string
+	for _, a := range agents {
+		var vs []string
+		for _, m := range []string{"discoverd_sessions", "discoverd_registrations", "discoverd_registrations_expired_total", "discoverd_store_session_up", "discoverd_store_sessions_established_total"} {
+			v, err := metricValue(a.addr, m)
+			if err != nil {
+				vs = append(vs, err.Error())
+				break
+			}
+			vs = append(vs, fmt.Sprintf("%s=%g", strings.TrimPrefix(m, "discoverd_"), v))
+		}
+		out = append(out, a.id+": "+strings.Join(vs, " "))
+	}
+	return strings.Join(out, "; ")
 }
 
 func storeMatches(store map[regKey]storedReg, expect map[regKey]keyState) bool {
