@@ -958,8 +958,11 @@ func (c *checker) report(h *history) {
 	for _, s := range h.Streams {
 		updates += len(s.Updates)
 	}
-	t.Logf("history: %d operations (%d failed) %v; %d streams, %d updates; %d stored registrations; %d heartbeat failures %v",
-		len(h.Ops), failed, counts, len(h.Streams), updates, len(h.Store), c.hbFailures, c.hbSample)
+	c.mu.Lock()
+	hbFailures, hbSample := c.hbFailures, slices.Clone(c.hbSample)
+	c.mu.Unlock()
+	t.Logf("history: %d operations (%d failed) %v; %d streams, %d updates; %d stored registrations; %d heartbeat failures %q",
+		len(h.Ops), failed, counts, len(h.Streams), updates, len(h.Store), hbFailures, hbSample)
 	fail := func(t *testing.T, what string, vs []string) {
 		t.Helper()
 		const show = 20
