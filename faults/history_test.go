@@ -13,11 +13,13 @@ import (
 	"slices"
 	"strings"
 	"time"
+
+	"github.com/flynn/discoverd/api"
 )
 
 // permissionDenied is the error code of a call by a session that does not
-// own the registration (issue 11; api.CodePermissionDenied once it lands).
-const permissionDenied = "permission_denied"
+// own the registration.
+const permissionDenied = string(api.CodePermissionDenied)
 
 // regKey is a registration's identity: one instance of one service.
 type regKey struct{ Name, Addr string }
