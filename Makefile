@@ -42,6 +42,14 @@ bench:
 faults:
 	$(GO) test -race -count=1 -v -timeout 10m ./faults/...
 
+# The membership checker of issue 11 (faults/checker_test.go) for
+# SOAKTIME (default 10m) of random operations and faults; make test runs it
+# for 20s. SEED=n replays a run's choices.
+SOAKTIME ?= 10m
+SEED ?= 0
+soak:
+	$(GO) test -race -count=1 -v -run 'TestMembershipChecker' -timeout 60m ./faults/ -args -checker.duration=$(SOAKTIME) -checker.seed=$(SEED)
+
 # Every fuzz target of every package, FUZZTIME each (default 60s).
 fuzz:
 	@set -e; for pkg in $$($(GO) list $(PKGS)); do \
@@ -51,4 +59,4 @@ fuzz:
 	  done; \
 	done
 
-.PHONY: test build run lint mod fuzz bench faults
+.PHONY: test build run lint mod fuzz bench faults soak

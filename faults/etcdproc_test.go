@@ -1,0 +1,183 @@
+package faults_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+)
+
+// etcdProcCluster is a 3-member etcd cluster of etcd server processes
+// (Debian's etcd-server package, /usr/bin/etcd), so that a test can stall
+// the store for real: SIGSTOP freezes every member with its connections
+// open, as a VM pause or a disk stall does, and SIGCONT resumes it. The
+// embedded members of etcdtest cannot be frozen that way, as they share the
+// test's process.
+type etcdProcCluster struct {
+	members []*etcdProc
+	eps     []string
+
+	mu     sync.Mutex
+	paused bool
+}
+
+type etcdProc struct {
+	name string
+	cmd  *exec.Cmd
+	log  *logBuffer
+	done chan struct{} // closed when the process has exited
+}
+
+// etcdServerBinary returns the path of the etcd server, or skips tb when it
+// is not installed (fails it under CI, whose .ci/run installs it).
+func etcdServerBinary(tb testing.TB) string {
+	tb.Helper()
+	if p := os.Getenv("ETCD_SERVER"); p != "" {
+		return p
+	}
+	p, err := exec.LookPath("etcd")
+	if err != nil {
+		if os.Getenv("CI") != "" {
+			tb.Fatalf("the etcd server binary is missing (apt-get install etcd-server): %v", err)
+		}
+		tb.Skipf("no etcd server binary (apt-get install etcd-server): %v", err)
+	}
+	return p
+}
+
+// startEtcdProcs starts a 3-member cluster on free loopback ports and
+// blocks until it answers a linearizable read. tb's cleanup resumes and
+// kills every member.
+func startEtcdProcs(tb testing.TB) *etcdProcCluster {
+	tb.Helper()
+	bin := etcdServerBinary(tb)
+	const n = 3
+	type addrs struct{ client, peer string }
+	var as []addrs
+	var peers []string
+	for i := range n {
+		a := addrs{freeAddr(tb), freeAddr(tb)}
+		as = append(as, a)
+		peers = append(peers, fmt.Sprintf("m%d=http://%s", i, a.peer))
+	}
+	c := &etcdProcCluster{}
+	tb.Cleanup(c.stop)
+	for i, a := range as {
+		name := fmt.Sprintf("m%d", i)
+		lb := &logBuffer{}
+		cmd := exec.Command(bin,
+			"--name", name,
+			"--data-dir", filepath.Join(tb.TempDir(), name),
+			"--listen-client-urls", "http://"+a.client,
+			"--advertise-client-urls", "http://"+a.client,
+			"--listen-peer-urls", "http://"+a.peer,
+			"--initial-advertise-peer-urls", "http://"+a.peer,
+			"--initial-cluster", strings.Join(peers, ","),
+			"--initial-cluster-state", "new",
+			"--initial-cluster-token", "faults-checker",
+			// etcd's defaults (100 ms heartbeat, 1 s election): a 2 s
+			// lease is the smallest such a cluster grants.
+			"--heartbeat-interval", "100",
+			"--election-timeout", "1000",
+			"--logger", "zap",
+			"--log-level", "warn",
+		)
+		cmd.Stdout, cmd.Stderr = lb, lb
+		m := &etcdProc{name: name, cmd: cmd, log: lb, done: make(chan struct{})}
+		if err := cmd.Start(); err != nil {
+			tb.Fatalf("starting etcd %s: %v", name, err)
+		}
+		go func() { cmd.Wait(); close(m.done) }() // ends with the process
+		c.members = append(c.members, m)
+		c.eps = append(c.eps, "http://"+a.client)
+	}
+	tb.Cleanup(func() {
+		if tb.Failed() {
+			for _, m := range c.members {
+				s := m.log.String()
+				if len(s) > 16<<10 {
+					s = "..." + s[len(s)-16<<10:]
+				}
+				tb.Logf("log of etcd %s:\n%s", m.name, s)
+			}
+		}
+	})
+	eps := c.Endpoints()
+	cli, err := clientv3.New(clientv3.Config{Endpoints: eps, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer cli.Close()
+	deadline := time.Now().Add(wait)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		_, err := cli.Get(ctx, "ready-probe")
+		cancel()
+		if err == nil {
+			return c
+		}
+		for _, m := range c.members {
+			select {
+			case <-m.done:
+				tb.Fatalf("etcd %s exited at start:\n%s", m.name, m.log.String())
+			default:
+			}
+		}
+		if time.Now().After(deadline) {
+			tb.Fatalf("the etcd cluster does not answer within %v: %v", wait, err)
+		}
+	}
+}
+
+// Endpoints returns the client URLs of the members.
+func (c *etcdProcCluster) Endpoints() []string { return c.eps }
+
+// Pause freezes every member (SIGSTOP). Its connections stay open.
+func (c *etcdProcCluster) Pause() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.paused = true
+	return c.signal(syscall.SIGSTOP)
+}
+
+// Resume lets every member run again (SIGCONT). It is idempotent.
+func (c *etcdProcCluster) Resume() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.paused = false
+	return c.signal(syscall.SIGCONT)
+}
+
+func (c *etcdProcCluster) signal(sig syscall.Signal) error {
+	var errs []error
+	for _, m := range c.members {
+		if err := m.cmd.Process.Signal(sig); err != nil {
+			errs = append(errs, fmt.Errorf("etcd %s: %v: %w", m.name, sig, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// stop resumes and kills every member and waits for them to exit.
+func (c *etcdProcCluster) stop() {
+	c.Resume()
+	for _, m := range c.members {
+		m.cmd.Process.Kill()
+	}
+	for _, m := range c.members {
+		select {
+		case <-m.done:
+		case <-time.After(wait):
+		}
+	}
+}
