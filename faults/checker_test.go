@@ -3,7 +3,6 @@ package faults_test
 import (
 	"context"
 	"encoding/gob"
-	"encoding/json"
 	"flag"
 	"fmt"
 	"io"
@@ -24,12 +23,6 @@ import (
 	"github.com/flynn/discoverd/api"
 	"github.com/flynn/discoverd/rpc"
 )
-
-// skipOwnershipUntilIssue11 keeps invariant 5 (ownership) from being
-// checked, and the checker from sending the destructive probe (an
-// Unregister from a session that does not own the key), until the
-// ownership of issue 11 lands on main. Remove it then.
-const skipOwnershipUntilIssue11 = true
 
 var (
 	checkerSeed     = flag.Uint64("checker.seed", 0, "seed of TestMembershipChecker (also CHECKER_SEED); 0 picks one")
@@ -800,7 +793,7 @@ func (c *checker) probe(rng *rand.Rand, k regKey) {
 		return
 	}
 	kind, method := opProbeHeartbeat, api.MethodHeartbeat
-	if !skipOwnershipUntilIssue11 && rng.IntN(2) == 0 {
+	if rng.IntN(2) == 0 {
 		kind, method = opProbeUnregister, api.MethodUnregister
 	}
 	o := op{ID: c.newOpID(), Kind: kind, Session: s.id, Agent: s.agent, Key: k, Start: time.Now()}
@@ -935,9 +928,7 @@ func (c *checker) readAll() (map[regKey]storedReg, error) {
 			return nil, err
 		}
 		for addr, st := range keys {
-			var attrs map[string]string
-			json.Unmarshal([]byte(st.Value), &attrs)
-			out[regKey{name, addr}] = storedReg{Created: st.Created, Op: attrs["op"]}
+			out[regKey{name, addr}] = storedReg{Created: st.Created, Op: st.Attrs["op"]}
 		}
 	}
 	return out, nil
@@ -984,11 +975,6 @@ func (c *checker) report(h *history) {
 	t.Run("LeaderTokensIncrease", func(t *testing.T) { fail(t, "invariant 3", checkLeaderTokens(h)) })
 	t.Run("NoOfflineWhileOwned", func(t *testing.T) { fail(t, "invariant 4", checkNoFalseOffline(h)) })
 	t.Run("Ownership", func(t *testing.T) {
-		vs := checkOwnership(h)
-		if skipOwnershipUntilIssue11 {
-			t.Logf("found %d ownership violations (not reported)", len(vs))
-			t.Skip("skipOwnershipUntilIssue11: ownership (permission_denied) is not on main yet")
-		}
-		fail(t, "invariant 5", vs)
+		fail(t, "invariant 5", checkOwnership(h))
 	})
 }

@@ -422,9 +422,9 @@ func diffAddrs[V any](got map[string]V, want map[string]bool) string {
 
 // stored is one registration as etcd holds it.
 type stored struct {
-	Created int64
+	Created int64 // the fencing token (etcd.Decode)
 	Lease   int64
-	Value   string
+	Attrs   map[string]string
 }
 
 // storeKeys reads the registrations of name straight from etcd (a
@@ -453,7 +453,11 @@ func readStore(endpoints []string, name string) (map[string]stored, error) {
 	}
 	out := make(map[string]stored, len(resp.Kvs))
 	for _, kv := range resp.Kvs {
-		out[strings.TrimPrefix(string(kv.Key), prefix)] = stored{Created: kv.CreateRevision, Lease: kv.Lease, Value: string(kv.Value)}
+		in, err := etcd.Decode(prefix, name, kv)
+		if err != nil {
+			return nil, err
+		}
+		out[strings.TrimPrefix(string(kv.Key), prefix)] = stored{Created: int64(in.Created), Lease: kv.Lease, Attrs: in.Attrs}
 	}
 	return out, nil
 }

@@ -101,6 +101,11 @@ type Backend struct {
 	repairs  uint64 // anti-entropy fixes
 	lostRegs uint64 // registrations dropped because another session took them over
 
+	// The lease's trouble, for the streams' stall hold (stream.release):
+	// its keepalives stopped being answered, and since when it is fine.
+	stalled   bool
+	recovered time.Time
+
 	// locks serialises the writers (Register, Unregister, the restore and
 	// the anti-entropy) of one key, so that each starts from the outcome
 	// of the one before and a retried write never overtakes a later call.
@@ -131,6 +136,8 @@ const (
 	minAttempt         = 500 * time.Millisecond // floor of the keeper's per-call bound (else TTL/2, ≤ DialTimeout)
 	restoreBatch       = 64                     // puts per transaction when restoring registrations (etcd allows 128)
 	writeTimeout       = 5 * time.Second        // floor of the bound on one batched transaction (else DialTimeout)
+	stallGrace         = 2 * time.Second        // streams hold deletions this long after a lease trouble ends
+	holdCheck          = 100 * time.Millisecond // how often a quiet stream looks whether its hold ended
 	streamBuffer       = 16                     // events queued per stream
 )
 

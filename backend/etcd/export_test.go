@@ -11,7 +11,6 @@ import (
 
 // Unexported functions under test in package etcd_test.
 var (
-	Decode      = decode
 	EncodeAttrs = encodeAttrs
 	EncodeValue = encodeValue
 )

@@ -53,6 +53,34 @@ func (b *Backend) leaseLost(lease clientv3.LeaseID) {
 	}
 }
 
+// setStalled records that the lease's keepalives stopped being answered
+// (true) or that the lease was kept or renewed since (false).
+func (b *Backend) setStalled(stalled bool) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if stalled {
+		b.stalled = true
+		return
+	}
+	if b.stalled {
+		b.stalled, b.recovered = false, time.Now()
+	}
+}
+
+// holdUntil is until when streams hold back deletions (see release): far
+// ahead while the lease is in trouble, stallGrace after it recovered.
+func (b *Backend) holdUntil() time.Time {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.stalled {
+		return time.Now().Add(time.Hour)
+	}
+	if b.recovered.IsZero() {
+		return time.Time{}
+	}
+	return b.recovered.Add(stallGrace)
+}
+
 func (b *Backend) currentLease() clientv3.LeaseID {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -71,11 +99,13 @@ func (b *Backend) keep(lease clientv3.LeaseID) {
 		if b.ctx.Err() != nil {
 			return
 		}
+		b.setStalled(true)
 		held, why := b.check(lease, &expiry)
 		if b.ctx.Err() != nil {
 			return
 		}
 		if held {
+			b.setStalled(false)
 			continue
 		}
 		b.leaseLost(lease)
@@ -90,6 +120,7 @@ func (b *Backend) keep(lease clientv3.LeaseID) {
 		if lease = b.renew(); lease == 0 {
 			return
 		}
+		b.setStalled(false)
 		expiry = time.Now().Add(ttl)
 	}
 }

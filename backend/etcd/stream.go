@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"time"
 
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -44,6 +45,7 @@ func (b *Backend) Subscribe(ctx context.Context, name string) (backend.Stream, e
 		events: make(chan backend.Event, streamBuffer),
 		done:   make(chan struct{}),
 		view:   make(map[string]backend.Instance),
+		held:   make(map[string]bool),
 	}
 	resp, err := b.client.Get(ctx, s.prefix, clientv3.WithPrefix())
 	if err != nil {
@@ -83,6 +85,7 @@ type stream struct {
 
 	view map[string]backend.Instance // by addr: what the reader was told
 	rev  int64                       // the view is the store at this revision
+	held map[string]bool             // addrs in view whose deletion is held back (a store stall)
 
 	mu      sync.Mutex
 	endErr  error // why the stream was stopped; nil for Close
@@ -163,21 +166,59 @@ func (s *stream) watch() error {
 	ctx, cancel := context.WithCancel(clientv3.WithRequireLeader(s.ctx))
 	defer cancel()
 	wch := s.b.client.Watch(ctx, s.prefix, clientv3.WithPrefix(), clientv3.WithRev(s.rev+1))
-	for resp := range wch {
-		if resp.CompactRevision != 0 {
-			return fmt.Errorf("history compacted to revision %d", resp.CompactRevision)
-		}
-		if err := resp.Err(); err != nil {
-			return err
-		}
-		for _, ev := range resp.Events {
-			if !s.apply(ev) {
-				return s.ctx.Err()
+	tick := time.NewTicker(holdCheck)
+	defer tick.Stop()
+	for {
+		select {
+		case resp, ok := <-wch:
+			if !ok {
+				return errWatchClosed
 			}
-			s.rev = max(s.rev, ev.Kv.ModRevision)
+			if resp.CompactRevision != 0 {
+				return fmt.Errorf("history compacted to revision %d", resp.CompactRevision)
+			}
+			if err := resp.Err(); err != nil {
+				return err
+			}
+			for _, ev := range resp.Events {
+				if !s.apply(ev) {
+					return s.ctx.Err()
+				}
+				s.rev = max(s.rev, ev.Kv.ModRevision)
+			}
+		case <-tick.C:
+		}
+		if !s.release() {
+			return s.ctx.Err()
 		}
 	}
-	return errWatchClosed
+}
+
+// Store stalls. When the store stalls (a paused VM, a stuck disk) for
+// longer than the TTL, it expires every agent's lease as soon as it runs
+// again, although the agents and their clients are alive; each agent then
+// writes its registrations again, with their fencing tokens, within a
+// moment. A stream holds back the deletions it reads while its backend's
+// own lease is in trouble (its keepalives stopped being answered) and
+// for stallGrace after the lease is kept or renewed: a registration
+// written again with the same token within that time was never offline
+// for the reader, and the deletion of one that does not come back is
+// delivered when the hold ends. Outside such a window a deletion is
+// delivered at once, so crash detection is not delayed.
+
+// release delivers the held deletions once the hold is over; false if
+// the stream was stopped while sending.
+func (s *stream) release() bool {
+	if len(s.held) == 0 || time.Now().Before(s.b.holdUntil()) {
+		return true
+	}
+	for _, addr := range slices.Sorted(maps.Keys(s.held)) {
+		delete(s.held, addr)
+		if !s.remove(addr) {
+			return false
+		}
+	}
+	return true
 }
 
 // apply turns one etcd event into stream events; false if the stream was
@@ -199,18 +240,31 @@ func (s *stream) apply(ev *clientv3.Event) bool {
 // what the reader has, a Delete first when in is a new registration under
 // a known address.
 func (s *stream) put(in backend.Instance) bool {
+	delete(s.held, in.Addr) // back: with the same token, nothing was lost
 	old, ok := s.view[in.Addr]
 	if ok && old.Created == in.Created && maps.Equal(old.Attrs, in.Attrs) {
 		return true
 	}
-	if ok && old.Created != in.Created && !s.remove(in.Addr) {
+	if ok && old.Created != in.Created && !s.drop(in.Addr) {
 		return false
 	}
 	s.view[in.Addr] = in
 	return s.send(backend.Event{Type: backend.Put, Instance: in})
 }
 
+// remove handles the deletion of addr from the store: held back during a
+// store stall, delivered otherwise.
 func (s *stream) remove(addr string) bool {
+	if _, ok := s.view[addr]; ok && time.Now().Before(s.b.holdUntil()) {
+		s.held[addr] = true
+		return true
+	}
+	return s.drop(addr)
+}
+
+// drop deletes addr from the view and tells the reader.
+func (s *stream) drop(addr string) bool {
+	delete(s.held, addr)
 	if _, ok := s.view[addr]; !ok {
 		return true
 	}

@@ -109,8 +109,16 @@ func decodeValue(kv *mvccpb.KeyValue) (map[string]string, uint64, error) {
 	return v.Attrs, token(kv.CreateRevision, v.Seq), nil
 }
 
-// decode turns a key-value under prefix (a service's prefix) into an
-// Instance. It fails on keys and values that discoverd did not write.
+// Decode turns a registration key-value read from the store under
+// prefix, the key prefix of service name (Config.Prefix + name + "/"),
+// into an Instance whose Created is its fencing token. It fails on keys
+// and values that discoverd did not write. It is for tools and tests that
+// read the store directly.
+func Decode(prefix, name string, kv *mvccpb.KeyValue) (backend.Instance, error) {
+	return decode(prefix, name, kv)
+}
+
+// decode is Decode.
 func decode(prefix, name string, kv *mvccpb.KeyValue) (backend.Instance, error) {
 	addr, ok := strings.CutPrefix(string(kv.Key), prefix)
 	if !ok || api.ValidateAddr(addr) != nil {
