@@ -173,11 +173,16 @@ func TestCheckNoFalseOffline(t *testing.T) {
 }
 
 func TestCheckOwnership(t *testing.T) {
+	owner := reg(1, "s1", kA, 0, 5, "")
 	probe := func(kind opKind, err string) op {
-		return op{ID: 2, Kind: kind, Session: "s2", Key: kA, Start: at(10), End: at(11), Err: err}
+		return op{ID: 2, Kind: kind, Session: "s2", Agent: owner.Agent, Key: kA, Start: at(10), End: at(11), Err: err}
 	}
-	ok := &history{Ops: []op{reg(1, "s1", kA, 0, 5, ""), probe(opProbeHeartbeat, "permission_denied: owned by another session")}}
+	ok := &history{Ops: []op{owner, probe(opProbeHeartbeat, "permission_denied: owned by another session")}}
 	wantViolations(t, checkOwnership(ok), 0)
+	// Through an agent that does not hold the key, not_found is right.
+	elsewhere := probe(opProbeUnregister, "not_found: unknown")
+	elsewhere.Agent = owner.Agent + "-other"
+	wantViolations(t, checkOwnership(&history{Ops: []op{owner, elsewhere}}), 0)
 	for _, bad := range []op{probe(opProbeHeartbeat, ""), probe(opProbeUnregister, ""), probe(opProbeHeartbeat, "not_found: unknown")} {
 		h := &history{Ops: []op{reg(1, "s1", kA, 0, 5, ""), bad}}
 		wantViolations(t, checkOwnership(h), 1, "does not own web/10.0.0.1:80", "want permission_denied")

@@ -20,6 +20,7 @@ import (
 // permissionDenied is the error code of a call by a session that does not
 // own the registration.
 const permissionDenied = string(api.CodePermissionDenied)
+const notFound = string(api.CodeNotFound)
 
 // regKey is a registration's identity: one instance of one service.
 type regKey struct{ Name, Addr string }
@@ -634,10 +635,29 @@ func checkNoFalseOffline(h *history) []string {
 // checkOwnership is invariant 5: calls from a session that does not own a
 // registration get permission_denied, and a session's end after it lost a
 // registration to a takeover does not remove it.
+// ownerAgent returns the agent of the last successful register of probe's
+// key that ended before the probe started ("" if none).
+func ownerAgent(h *history, probe op) string {
+	agent := ""
+	var end time.Time
+	for _, o := range h.Ops {
+		if o.Kind == opRegister && o.Err == "" && o.Key == probe.Key && o.End.Before(probe.Start) && o.End.After(end) {
+			agent, end = o.Agent, o.End
+		}
+	}
+	return agent
+}
+
 func checkOwnership(h *history) []string {
 	var out []string
 	for _, o := range h.Ops {
 		if o.Kind != opProbeHeartbeat && o.Kind != opProbeUnregister {
+			continue
+		}
+		// An agent that does not hold the key at all (its owner registered
+		// through another agent) answers not_found and changes nothing:
+		// the store is not asked on a Heartbeat or Unregister.
+		if strings.HasPrefix(o.Err, notFound) && ownerAgent(h, o) != o.Agent {
 			continue
 		}
 		if !strings.HasPrefix(o.Err, permissionDenied) {

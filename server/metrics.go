@@ -126,12 +126,16 @@ var (
 		"1 while the agent holds a valid store session (etcd lease, ZooKeeper session), 0 while it is lost.", nil, nil)
 	descSessionsEstablished = prometheus.NewDesc("discoverd_store_sessions_established_total",
 		"Store sessions obtained since start: 1, plus one per lost session replaced (registrations re-written).", nil, nil)
+	descStoreRepairs = prometheus.NewDesc("discoverd_store_repairs_total",
+		"Drift the anti-entropy fixed on the agent's store session: keys no session held (deleted), held registrations missing from the store (written again).", nil, nil)
+	descStoreLost = prometheus.NewDesc("discoverd_store_registrations_lost_total",
+		"Registrations the agent stopped holding because another agent's session took them over in the store.", nil, nil)
 )
 
 func (c agentCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descRegistrations, descSessions, descSubscribers,
 		descWatches, descEvents, descFanout, descExpired, descSlowCut, descBackendErrors,
-		descSessionUp, descSessionsEstablished} {
+		descSessionUp, descSessionsEstablished, descStoreRepairs, descStoreLost} {
 		ch <- d
 	}
 }
@@ -160,5 +164,7 @@ func (c agentCollector) Collect(ch chan<- prometheus.Metric) {
 		}
 		gauge(descSessionUp, up)
 		counter(descSessionsEstablished, float64(st.Store.Established))
+		counter(descStoreRepairs, float64(st.Store.Repairs))
+		counter(descStoreLost, float64(st.Store.Lost))
 	}
 }

@@ -41,9 +41,19 @@ type written struct {
 // transaction and, when its condition fails, through the slow path. tok is
 // the registration's token if known (0: a new registration gets one from
 // its creating put). owned says the backend believes the key is on lease
-// now. With takeover, a key of another session is taken over; without,
-// put returns errTakenOver for it. The caller holds key's lock.
+// now.
+//
+// With takeover (a client's Register), a key of another session is taken
+// over with the store's token, and a missing key is created with a fresh
+// token, never tok: it was deleted, subscribers saw it go, and an old
+// token coming back could make a leader's token go down. Without takeover
+// (a restore or a repair of the backend's own registration), a missing
+// key is created with tok, and put returns errTakenOver for another
+// session's key. The caller holds key's lock.
 func (b *Backend) put(ctx context.Context, key, val string, tok uint64, lease clientv3.LeaseID, owned, takeover bool) (written, error) {
+	if takeover && !owned {
+		tok = 0
+	}
 	cmp := clientv3.Compare(clientv3.CreateRevision(key), "=", 0)
 	if owned && tok != 0 {
 		cmp = clientv3.Compare(clientv3.LeaseValue(key), "=", int64(lease))
@@ -65,7 +75,8 @@ func (b *Backend) put(ctx context.Context, key, val string, tok uint64, lease cl
 
 // putSlow is put after its condition failed: it reads the key and writes
 // it conditionally on what it read, until the write applies. The store's
-// token of an existing key wins over tok. It is bounded by the backend's
+// token of an existing key wins over tok; a missing key gets tok or a
+// fresh token, as in put. It is bounded by the backend's
 // own timeouts, not by the caller's ctx: a request sent may be applied
 // after its caller gave up.
 func (b *Backend) putSlow(key, val string, tok uint64, lease clientv3.LeaseID, takeover bool) (written, error) {
@@ -77,6 +88,9 @@ func (b *Backend) putSlow(key, val string, tok uint64, lease clientv3.LeaseID, t
 			return written{}, err
 		}
 		t := tok
+		if takeover {
+			t = 0 // see put
+		}
 		cmp := clientv3.Compare(clientv3.CreateRevision(key), "=", 0)
 		if len(resp.Kvs) > 0 {
 			kv := resp.Kvs[0]
