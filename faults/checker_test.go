@@ -976,5 +976,8 @@ func (c *checker) report(h *history) {
 	t.Run("NoOfflineWhileOwned", func(t *testing.T) { fail(t, "invariant 4", checkNoFalseOffline(h)) })
 	t.Run("Ownership", func(t *testing.T) {
 		fail(t, "invariant 5", checkOwnership(h))
+		for _, g := range h.KnownGaps {
+			t.Logf("known gap: %s", g)
+		}
 	})
 }
