@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
 	"path/filepath"
 	"reflect"
 	"strings"
@@ -25,6 +26,10 @@ import (
 )
 
 func TestMain(m *testing.M) {
+	if os.Getenv(agentChildEnv) != "" {
+		runAgentChild() // the test binary as a real agent process; see startAgent
+		return
+	}
 	goleak.VerifyTestMain(m)
 }
 

@@ -140,6 +140,9 @@ func startEmbedded(ctx context.Context, cfg EmbedConfig) (*Embedded, error) {
 	ec.AutoCompactionMode = embed.CompactorModePeriodic
 	ec.AutoCompactionRetention = "1h"
 	ec.EnableGRPCGateway = false
+	// embed.NewConfig leaves it 0, which makes etcd warn about every
+	// request; etcd's own command line defaults to this.
+	ec.WarningUnaryRequestDuration = embed.DefaultWarningUnaryRequestDuration
 	ec.LogLevel = "info" // the core below forwards warnings and errors, and the info lines that explain a wait
 	quiet := new(atomic.Bool)
 	lastWarn := new(atomic.Pointer[string])
