@@ -128,6 +128,7 @@ func parseFlags(args []string, stderr io.Writer) (*config, error) {
 	agentKills := fs.String("agent-kills", formatKills(cfg.AgentKills), "agent processes SIGKILLed, as `ttl:count,...`")
 	fs.IntVar(&cfg.Starts, "starts", cfg.Starts, "agent starts timed")
 	fs.StringVar(&cfg.StartMode, "start-mode", cfg.StartMode, "binary: go build the discoverd binary and time it; child: time this tool re-executed as an agent")
+	fs.IntVar(&cfg.ConnsNofile, "conns-nofile", cfg.ConnsNofile, "descriptor limit (ulimit -n) of the agent flooded with connections")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
@@ -153,6 +154,7 @@ func parseFlags(args []string, stderr io.Writer) (*config, error) {
 			"client-kills":       func() { cfg.ClientKills = keep.ClientKills },
 			"starts":             func() { cfg.Starts = keep.Starts },
 			"start-mode":         func() { cfg.StartMode = keep.StartMode },
+			"conns-nofile":       func() { cfg.ConnsNofile = keep.ConnsNofile },
 		} {
 			if set[name] {
 				v()
