@@ -10,6 +10,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"flag"
@@ -60,6 +61,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return 2
 	}
 	m.Logger = slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: m.LogLevel}))
+	m.OnStoreFatal = fatalExit(m.Logger, stderr, os.Exit)
 	if err := m.Run(ctx); err != nil {
 		fmt.Fprintf(stderr, "discoverd: %v\n", oneLine(err))
 		return 1
@@ -112,7 +114,27 @@ type Main struct {
 	// Logger receives every log line. Default slog.Default().
 	Logger *slog.Logger
 
+	// MaxConns caps the client connections served at once ("-max-conns");
+	// 0 derives it from the descriptor limit (see connBudget).
+	MaxConns int
+	// RPCIdleTimeout closes RPC connections without calls, streams or
+	// registrations after that long ("-rpc-idle-timeout"); 0 never.
+	RPCIdleTimeout time.Duration
+	// BodyTimeout bounds the arrival of an HTTP request body
+	// ("-http-body-timeout").
+	BodyTimeout time.Duration
+	// MaxHTTPRegistrationsPerAddr caps the HTTP registrations of one
+	// client address ("-http-registrations-per-addr").
+	MaxHTTPRegistrationsPerAddr int
+	// OnStoreFatal is called when the embedded etcd meets a fatal error;
+	// it must not return (see etcd.EmbedConfig.OnFatal). run sets it to
+	// print "discoverd: <reason>" and exit 1.
+	OnStoreFatal func(error)
+
 	ln        net.Listener
+	conns     *server.ConnLimiter
+	front     swapHandler // the start-up handler, then server
+	starting  *server.Starting
 	embedded  *etcd.Embedded
 	backend   backend.Backend
 	agent     *agent.Agent
@@ -134,6 +156,10 @@ func NewMain() *Main {
 		TTL:            api.DefaultTTL,
 		LogLevel:       slog.LevelInfo,
 		StoreTimeout:   DefaultStoreTimeout,
+
+		RPCIdleTimeout:              server.DefaultRPCIdleTimeout,
+		BodyTimeout:                 server.DefaultBodyTimeout,
+		MaxHTTPRegistrationsPerAddr: server.DefaultMaxHTTPRegistrationsPerAddr,
 	}
 }
 
@@ -174,6 +200,11 @@ func (m *Main) ParseFlags(args []string, getenv func(string) string, usage io.Wr
 	fs.StringVar(&m.ExternalIP, "external-ip", m.ExternalIP, "`IP` that expands \":port\" addresses (default $EXTERNAL_IP)")
 	fs.TextVar(&m.LogLevel, "log-level", m.LogLevel, "minimum log `level`: debug, info, warn or error")
 	fs.DurationVar(&m.StoreTimeout, "store-timeout", m.StoreTimeout, "how long to retry an unreachable store at start")
+	// Limits that keep one client from exhausting the agent (docs/OPERATIONS.md).
+	fs.IntVar(&m.MaxConns, "max-conns", m.MaxConns, "cap on client connections (HTTP and RPC) served at once; 0 derives it from the descriptor limit")
+	fs.DurationVar(&m.RPCIdleTimeout, "rpc-idle-timeout", m.RPCIdleTimeout, "close RPC connections without calls, streams or registrations after this long; 0 never")
+	fs.DurationVar(&m.BodyTimeout, "http-body-timeout", m.BodyTimeout, "how long an HTTP request body may take to arrive")
+	fs.IntVar(&m.MaxHTTPRegistrationsPerAddr, "http-registrations-per-addr", m.MaxHTTPRegistrationsPerAddr, "cap on the HTTP registrations of one client address")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			fs.SetOutput(usage)
@@ -199,6 +230,14 @@ func (m *Main) validate() error {
 		return fmt.Errorf("-store-timeout %v: must be positive", m.StoreTimeout)
 	case len(m.Etcd) == 0 && len(m.ZooKeeper) == 0 && m.DataDir == "":
 		return errors.New("-data-dir is empty")
+	case m.MaxConns < 0:
+		return fmt.Errorf("-max-conns %d: must not be negative", m.MaxConns)
+	case m.RPCIdleTimeout < 0:
+		return fmt.Errorf("-rpc-idle-timeout %v: must not be negative", m.RPCIdleTimeout)
+	case m.BodyTimeout <= 0:
+		return fmt.Errorf("-http-body-timeout %v: must be positive", m.BodyTimeout)
+	case m.MaxHTTPRegistrationsPerAddr <= 0:
+		return fmt.Errorf("-http-registrations-per-addr %d: must be positive", m.MaxHTTPRegistrationsPerAddr)
 	}
 	if m.ExternalIP != "" {
 		if err := api.ValidateAddr(net.JoinHostPort(m.ExternalIP, "1")); err != nil {
@@ -218,11 +257,14 @@ func splitList(s string) []string {
 	return out
 }
 
-// Start binds the listener (so "address in use" is an error here), starts
+// Start raises the descriptor limit, binds the listener (so "address in
+// use" is an error here) and serves it at once with the start-up handler
+// (/health answers 503 "starting", RPC calls fail with unavailable), starts
 // the embedded etcd if no store is configured, opens the backend
 // (retrying an unreachable store for up to StoreTimeout), and starts the
-// agent and its front ends. It blocks until the agent serves, or fails and
-// leaves nothing running. Call Close after a successful Start.
+// agent and its front ends, which then take over the listener. It blocks
+// until the agent serves, or fails and leaves nothing running; cancelling
+// ctx (a signal) ends it at any step. Call Close after a successful Start.
 func (m *Main) Start(ctx context.Context) (err error) {
 	if err := m.validate(); err != nil {
 		return err
@@ -239,6 +281,17 @@ func (m *Main) Start(ctx context.Context) (err error) {
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)
 	}
+	m.conns = &server.ConnLimiter{Max: m.connLimit(), Logger: m.Logger.With("component", "server")}
+	m.starting = server.NewStarting(m.Logger.With("component", "server"))
+	m.front.set(m.starting)
+	m.http = &http.Server{
+		Handler:           &m.front,
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		ErrorLog:          slog.NewLogLogger(m.Logger.Handler(), slog.LevelWarn),
+	}
+	m.serveDone = make(chan error, 1)
+	go func() { m.serveDone <- m.http.Serve(m.conns.Listen(m.ln)) }() // stopped by Close
 	if m.backend, err = m.openBackend(ctx); err != nil {
 		return err
 	}
@@ -251,19 +304,20 @@ func (m *Main) Start(ctx context.Context) (err error) {
 	if err != nil {
 		return err
 	}
-	m.server, err = server.New(m.agent, server.Options{Logger: m.Logger.With("component", "server")})
+	m.server, err = server.New(m.agent, server.Options{
+		Logger:                      m.Logger.With("component", "server"),
+		TTL:                         m.TTL,
+		Conns:                       m.conns,
+		BodyTimeout:                 m.BodyTimeout,
+		RPCIdleTimeout:              cmp.Or(m.RPCIdleTimeout, -1), // 0: never
+		MaxHTTPRegistrationsPerAddr: m.MaxHTTPRegistrationsPerAddr,
+	})
 	if err != nil {
 		return err
 	}
-	m.http = &http.Server{
-		Handler:           m.server,
-		ReadHeaderTimeout: 10 * time.Second,
-		IdleTimeout:       2 * time.Minute,
-		ErrorLog:          slog.NewLogLogger(m.Logger.Handler(), slog.LevelWarn),
-	}
-	m.serveDone = make(chan error, 1)
-	go func() { m.serveDone <- m.http.Serve(m.ln) }() // stopped by Close
-	m.Logger.Info("discoverd serving", "addr", m.ln.Addr().String(), "store", m.storeName(), "ttl", m.TTL)
+	m.front.set(m.server)
+	m.starting.Close() // its RPC clients reconnect, to the agent proper
+	m.Logger.Info("discoverd serving", "addr", m.ln.Addr().String(), "store", m.storeName(), "ttl", m.TTL, "max_conns", m.conns.Max)
 	return nil
 }
 
@@ -277,15 +331,26 @@ func (m *Main) Addr() net.Addr { return m.ln.Addr() }
 // logged as a warning, not returned: the agent did stop.
 func (m *Main) Run(ctx context.Context) error {
 	if err := m.Start(ctx); err != nil {
+		if ctx.Err() != nil {
+			m.Logger.Info("discoverd stopped during start-up", "reason", context.Cause(ctx), "step", err)
+			return nil
+		}
 		return err
 	}
 	var serveErr error
+	var storeDone <-chan struct{}
+	if m.embedded != nil {
+		storeDone = m.embedded.Done()
+	}
 	select {
 	case <-ctx.Done():
 		m.Logger.Info("discoverd stopping", "reason", context.Cause(ctx))
 	case serveErr = <-m.serveDone:
 		m.serveDone <- serveErr // for Close
 		serveErr = fmt.Errorf("serve: %w", serveErr)
+		m.Logger.Error("discoverd stopping", "reason", serveErr)
+	case <-storeDone:
+		serveErr = m.embedded.Err()
 		m.Logger.Error("discoverd stopping", "reason", serveErr)
 	}
 	if err := m.Close(); err != nil {
@@ -310,6 +375,9 @@ func (m *Main) Close() error {
 		}
 		if m.server != nil {
 			errs = append(errs, m.server.Close())
+		}
+		if m.starting != nil {
+			errs = append(errs, m.starting.Close())
 		}
 		if m.http != nil {
 			ctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
@@ -362,13 +430,16 @@ func (m *Main) openBackend(ctx context.Context) (backend.Backend, error) {
 		if err := os.MkdirAll(filepath.Dir(m.DataDir), 0o700); err != nil {
 			return nil, fmt.Errorf("embedded etcd: %w", err)
 		}
-		e, err := etcd.StartEmbedded(ctx, etcd.EmbedConfig{
+		sctx, cancel := context.WithTimeout(ctx, m.StoreTimeout)
+		e, err := etcd.StartEmbedded(sctx, etcd.EmbedConfig{
 			Dir:        m.DataDir,
 			ClientAddr: m.EtcdClientAddr,
 			PeerAddr:   m.EtcdPeerAddr,
 			Name:       "discoverd",
 			Logger:     m.Logger.With("component", "etcd"),
+			OnFatal:    m.OnStoreFatal,
 		})
+		cancel()
 		if err != nil {
 			return nil, err
 		}

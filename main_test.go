@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
 	"path/filepath"
 	"reflect"
 	"strings"
@@ -25,6 +26,10 @@ import (
 )
 
 func TestMain(m *testing.M) {
+	if os.Getenv(agentChildEnv) != "" {
+		runAgentChild() // the test binary as a real agent process; see startAgent
+		return
+	}
 	goleak.VerifyTestMain(m)
 }
 
@@ -243,8 +248,15 @@ func TestParseFlags(t *testing.T) {
 			return m.Bind == "127.0.0.1:1111" && m.Etcd == nil && m.ZooKeeper == nil && m.TTL == 10*time.Second &&
 				m.DataDir == "/home/u/.local/state/discoverd/etcd" && m.EtcdClientAddr == DefaultEtcdClientAddr &&
 				m.EtcdPeerAddr == DefaultEtcdPeerAddr && m.ExternalIP == "10.1.1.1" && m.LogLevel == slog.LevelInfo &&
-				m.StoreTimeout == DefaultStoreTimeout
+				m.StoreTimeout == DefaultStoreTimeout && m.MaxConns == 0 && m.RPCIdleTimeout == 5*time.Minute &&
+				m.BodyTimeout == 10*time.Second && m.MaxHTTPRegistrationsPerAddr == 1000
 		}, ""},
+		{"limits", []string{"-max-conns", "500", "-rpc-idle-timeout", "0", "-http-body-timeout", "3s", "-http-registrations-per-addr", "7"}, func(m *Main) bool {
+			return m.MaxConns == 500 && m.RPCIdleTimeout == 0 && m.BodyTimeout == 3*time.Second && m.MaxHTTPRegistrationsPerAddr == 7
+		}, ""},
+		{"negative max-conns", []string{"-max-conns", "-1"}, nil, "-max-conns"},
+		{"zero body timeout", []string{"-http-body-timeout", "0s"}, nil, "-http-body-timeout"},
+		{"zero per-addr cap", []string{"-http-registrations-per-addr", "0"}, nil, "-http-registrations-per-addr"},
 		{"etcd list", []string{"-etcd", "http://a:2379, http://b:2379,"}, func(m *Main) bool {
 			return reflect.DeepEqual(m.Etcd, []string{"http://a:2379", "http://b:2379"})
 		}, ""},
@@ -323,4 +335,17 @@ func TestRunExitCodes(t *testing.T) {
 func lastLine(s string) string {
 	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
 	return lines[len(lines)-1]
+}
+
+func TestConnBudget(t *testing.T) {
+	for _, tc := range []struct {
+		limit uint64
+		want  int
+	}{
+		{64, minConns}, {256, 112}, {1024, 784}, {4096, 3472}, {20000, 17388},
+	} {
+		if got := connBudget(tc.limit); got != tc.want {
+			t.Errorf("connBudget(%d) = %d, want %d", tc.limit, got, tc.want)
+		}
+	}
 }

@@ -48,7 +48,7 @@ func main() {
 }
 
 // scenarios in the order they run.
-var scenarios = []string{"throughput", "latency", "heartbeat", "fanout", "failure", "start"}
+var scenarios = []string{"throughput", "latency", "heartbeat", "fanout", "failure", "start", "conns"}
 
 // config is the sizes of a run.
 type config struct {
@@ -73,6 +73,7 @@ type config struct {
 	AgentKills       []killSpec
 	Starts           int
 	StartMode        string // "binary" or "child"
+	ConnsNofile      int    // the agent's descriptor limit in scenario 7
 }
 
 // fullConfig is make bench's run; quickConfig a smoke run.
@@ -85,6 +86,7 @@ func fullConfig() config {
 		ClientKills: 20,
 		AgentKills:  []killSpec{{10 * time.Second, 4}, {3 * time.Second, 6}},
 		Starts:      3, StartMode: "binary",
+		ConnsNofile: 4096,
 	}
 }
 
@@ -97,6 +99,7 @@ func quickConfig() config {
 		ClientKills: 2,
 		AgentKills:  []killSpec{{time.Second, 2}},
 		Starts:      1, StartMode: "child",
+		ConnsNofile: 256,
 	}
 }
 
@@ -125,6 +128,7 @@ func parseFlags(args []string, stderr io.Writer) (*config, error) {
 	agentKills := fs.String("agent-kills", formatKills(cfg.AgentKills), "agent processes SIGKILLed, as `ttl:count,...`")
 	fs.IntVar(&cfg.Starts, "starts", cfg.Starts, "agent starts timed")
 	fs.StringVar(&cfg.StartMode, "start-mode", cfg.StartMode, "binary: go build the discoverd binary and time it; child: time this tool re-executed as an agent")
+	fs.IntVar(&cfg.ConnsNofile, "conns-nofile", cfg.ConnsNofile, "descriptor limit (ulimit -n) of the agent flooded with connections")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
@@ -150,6 +154,7 @@ func parseFlags(args []string, stderr io.Writer) (*config, error) {
 			"client-kills":       func() { cfg.ClientKills = keep.ClientKills },
 			"starts":             func() { cfg.Starts = keep.Starts },
 			"start-mode":         func() { cfg.StartMode = keep.StartMode },
+			"conns-nofile":       func() { cfg.ConnsNofile = keep.ConnsNofile },
 		} {
 			if set[name] {
 				v()
@@ -237,6 +242,7 @@ type Report struct {
 	Fanout     *FanoutResult     `json:"fanout,omitempty"`
 	Failure    *FailureResult    `json:"failure,omitempty"`
 	Start      *StartResult      `json:"start,omitempty"`
+	Conns      *ConnsResult      `json:"conns,omitempty"`
 }
 
 // Machine describes where the figures were taken.
@@ -402,6 +408,7 @@ func runScenarios(ctx context.Context, cfg *config, rep *Report, stderr io.Write
 	step("fanout", func() (err error) { rep.Fanout, err = benchFanout(ctx, e, cfg); return })
 	step("failure", func() (err error) { rep.Failure, err = benchFailure(ctx, e, cfg); return })
 	step("start", func() (err error) { rep.Start, err = benchStart(ctx, e, cfg); return })
+	step("conns", func() (err error) { rep.Conns, err = benchConns(ctx, e, cfg); return })
 	rep.Rows = e.rows
 	return ctx.Err()
 }

@@ -129,8 +129,8 @@ func buildDiscoverd(ctx context.Context, dir string) (string, error) {
 }
 
 // waitAnswers polls addr until the agent answers an rpc call (a Heartbeat
-// of an unknown registration: not_found is an answer), or the process
-// exits.
+// of an unknown registration: not_found is an answer, unavailable while it
+// starts is not), or the process exits.
 func waitAnswers(ctx context.Context, c *child, addr string) error {
 	deadline := time.Now().Add(2 * opTimeout)
 	for {
@@ -160,7 +160,12 @@ func answers(ctx context.Context, addr string) bool {
 	defer c.Close()
 	err = c.Call(ctx, api.MethodHeartbeat, &api.Args{Name: "bench-probe", Addr: "127.0.0.1:1"}, &struct{}{})
 	var se rpc.ServerError
-	return err == nil || errors.As(err, &se)
+	if !errors.As(err, &se) {
+		return err == nil
+	}
+	// While the store is not ready every call answers unavailable ("agent
+	// is starting"): that is not the agent serving yet.
+	return api.ErrorCode(api.ParseError(string(se))) != api.CodeUnavailable
 }
 
 // freeAddrs returns n loopback addresses whose ports were free a moment

@@ -11,7 +11,9 @@ import (
 	"runtime"
 	"runtime/debug"
 	"sync"
+	"sync/atomic"
 	"syscall"
+	"time"
 )
 
 // Stream is the sending side of a streaming call, handed to a streaming
@@ -92,6 +94,9 @@ type serverConn struct {
 	writerDone chan struct{}
 	wake       chan struct{} // capacity 1: the writer has work
 	closeOnce  sync.Once
+	lastRead   atomic.Int64 // time.Now().UnixNano() when the reader last read a request
+
+	idleTimer *time.Timer // owned by the writer; nil without IdleTimeout
 
 	mu     sync.Mutex
 	dead   bool
@@ -170,7 +175,7 @@ func isDisconnect(reason error) bool {
 	if reason == nil {
 		return true
 	}
-	for _, target := range []error{io.EOF, io.ErrUnexpectedEOF, net.ErrClosed, errServerClosed, syscall.ECONNRESET, syscall.EPIPE} {
+	for _, target := range []error{io.EOF, io.ErrUnexpectedEOF, net.ErrClosed, errServerClosed, ErrIdle, syscall.ECONNRESET, syscall.EPIPE} {
 		if errors.Is(reason, target) {
 			return true
 		}
@@ -186,6 +191,9 @@ func (c *serverConn) readLoop() error {
 				return io.EOF
 			}
 			return fmt.Errorf("reading request header: %w", err)
+		}
+		if c.srv.IdleTimeout > 0 {
+			c.lastRead.Store(time.Now().UnixNano())
 		}
 		if req.method == closeStream {
 			if err := c.codec.readRequestBody(nil); err != nil {
@@ -398,6 +406,14 @@ func (c *serverConn) enqueueLocked(q *outQueue, r response) {
 func (c *serverConn) writeLoop() {
 	defer close(c.writerDone)
 	yielded := false // since the last flush
+	var idle <-chan time.Time
+	if d := c.srv.IdleTimeout; d > 0 {
+		c.lastRead.Store(time.Now().UnixNano())
+		t := time.NewTimer(d)
+		defer t.Stop()
+		idle = t.C
+		c.idleTimer = t
+	}
 	for {
 		c.mu.Lock()
 		for len(c.ready) == 0 && !c.dead {
@@ -414,6 +430,11 @@ func (c *serverConn) writeLoop() {
 				select {
 				case <-c.wake:
 				case <-c.ctx.Done():
+				case <-idle:
+					if c.idleExpired() {
+						c.shutdown(ErrIdle)
+						return
+					}
 				}
 			}
 			c.mu.Lock()
@@ -450,6 +471,28 @@ func (c *serverConn) writeLoop() {
 			return
 		}
 	}
+}
+
+// idleExpired is called by the writer when the idle timer fires. It
+// reports whether the connection has been idle for IdleTimeout, and if not
+// re-arms the timer for when it could be: IdleTimeout after the last
+// request, or a whole IdleTimeout while a call or stream holds a slot or
+// KeepIdle claims the connection.
+func (c *serverConn) idleExpired() bool {
+	d := c.srv.IdleTimeout
+	if len(c.calls)+len(c.express)+len(c.streams) > 0 {
+		c.idleTimer.Reset(d)
+		return false
+	}
+	if since := time.Since(time.Unix(0, c.lastRead.Load())); since < d {
+		c.idleTimer.Reset(d - since)
+		return false
+	}
+	if keep := c.srv.KeepIdle; keep != nil && keep(c) {
+		c.idleTimer.Reset(d)
+		return false
+	}
+	return true
 }
 
 // closeStream handles a client's CloseStream: the stream's pending replies

@@ -80,6 +80,9 @@ var (
 	// ErrMessageTooLarge is the reason a connection is closed when a peer
 	// sends a message larger than the configured cap.
 	ErrMessageTooLarge = errors.New("rpc: message too large")
+	// ErrIdle is the reason a connection is closed after
+	// Server.IdleTimeout without activity.
+	ErrIdle = errors.New("rpc: connection idle")
 )
 
 // ServerError is an error returned by the remote method, carried over the

@@ -44,6 +44,18 @@ type Server struct {
 	// MaxStreamsPerConn ends with, given the cap; its text is sent as is.
 	// Default: ErrTooManyStreams with the cap.
 	TooManyStreams func(limit int) error
+	// IdleTimeout closes a connection that has been idle this long: no
+	// call executing, no stream open, no reply waiting to be written, no
+	// request read, and KeepIdle (if set) does not claim it. Zero or
+	// negative means never (net/rpc's behaviour). The connection's
+	// writer checks it, so an idle connection costs no extra goroutine.
+	IdleTimeout time.Duration
+	// KeepIdle, if set, is asked about a connection that IdleTimeout would
+	// close; true keeps it for another IdleTimeout. It runs on the
+	// connection's writer goroutine and must not block (a lookup in a
+	// map is the intended use: "does this connection hold state that its
+	// close would end?").
+	KeepIdle func(Conn) bool
 	// Logger receives the reasons connections are closed and handler
 	// panics. Default slog.Default().
 	Logger *slog.Logger

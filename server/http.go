@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"mime"
 	"net/http"
 	"strings"
@@ -43,7 +42,7 @@ type putBody struct {
 }
 
 func (s *Server) routes() {
-	s.mux.Handle(rpc.DefaultPath, s.rpc)
+	s.mux.Handle(http.MethodConnect+" "+rpc.DefaultPath, s.rpc)
 	s.handle("GET /services/{name}", "/services/{name}", s.getServices)
 	s.handle("GET /services/{name}/leader", "/services/{name}/leader", s.getLeader)
 	s.handle("PUT /services/{name}/instances/{addr}", "/services/{name}/instances/{addr}", s.putInstance)
@@ -110,8 +109,16 @@ func (s *Server) putInstance(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	args := api.Args{Name: r.PathValue("name"), Addr: r.PathValue("addr"), Attrs: body.Attrs}
+	undo, err := s.httpQuota.admit(clientAddr(r), httpKey{args.Name, args.Addr})
+	if err != nil {
+		s.writeError(w, "register", err)
+		return
+	}
 	addr, err := s.httpSession.Register(r.Context(), args)
 	if err != nil {
+		if undo != nil {
+			undo()
+		}
 		s.writeError(w, "register", err)
 		return
 	}
@@ -128,6 +135,7 @@ func (s *Server) deleteInstance(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, "unregister", err)
 		return
 	}
+	s.httpQuota.forget(httpKey{args.Name, args.Addr})
 	w.WriteHeader(http.StatusNoContent)
 }
 
@@ -141,45 +149,12 @@ func (s *Server) health(w http.ResponseWriter, r *http.Request) {
 		if e.Code == api.CodeInternal {
 			e = api.Errorf(api.CodeUnavailable, "store unreachable: %s", e.Message)
 		}
-		writeJSON(w, http.StatusServiceUnavailable, struct {
-			Status string   `json:"status"`
-			Error  string   `json:"error"`
-			Code   api.Code `json:"code"`
-		}{"unavailable", e.Message, e.Code})
+		writeJSON(w, http.StatusServiceUnavailable, healthBody{Status: "unavailable", Error: e.Message, Code: e.Code})
 		return
 	}
 	writeJSON(w, http.StatusOK, struct {
 		Status string `json:"status"`
 	}{"ok"})
-}
-
-// readBody decodes the JSON request body into v. An empty body is "{}".
-// The body is capped at MaxBodySize; unknown fields and trailing data are
-// errors. Content-Type is not checked: the body must be JSON whatever it
-// says (curl -d sends application/x-www-form-urlencoded).
-func (s *Server) readBody(w http.ResponseWriter, r *http.Request, v any) error {
-	body := http.MaxBytesReader(w, r.Body, s.opts.MaxBodySize)
-	dec := json.NewDecoder(body)
-	dec.DisallowUnknownFields()
-	err := dec.Decode(v)
-	if errors.Is(err, io.EOF) {
-		return nil // empty body
-	}
-	if err == nil {
-		if dec.More() {
-			err = errors.New("trailing data after the JSON object")
-		} else if _, err2 := dec.Token(); !errors.Is(err2, io.EOF) {
-			err = errors.New("trailing data after the JSON object")
-		}
-	}
-	if err != nil {
-		var tooBig *http.MaxBytesError
-		if errors.As(err, &tooBig) {
-			return &bodyTooLarge{limit: tooBig.Limit}
-		}
-		return api.Errorf(api.CodeInvalidArgument, "request body: %v", err)
-	}
-	return nil
 }
 
 // bodyTooLarge is a request body over MaxBodySize; it is answered with 413
@@ -197,6 +172,11 @@ func (s *Server) writeError(w http.ResponseWriter, op string, err error) {
 	var tooBig *bodyTooLarge
 	if errors.As(err, &tooBig) {
 		writeJSON(w, http.StatusRequestEntityTooLarge, ErrorBody{Error: tooBig.message(), Code: api.CodeInvalidArgument})
+		return
+	}
+	var tooSlow *bodyTimedOut
+	if errors.As(err, &tooSlow) {
+		writeJSON(w, http.StatusRequestTimeout, ErrorBody{Error: tooSlow.message(), Code: api.CodeInvalidArgument})
 		return
 	}
 	e := s.wireError(op, err)

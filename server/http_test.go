@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/flynn/discoverd/api"
+	"github.com/flynn/discoverd/rpc"
 	"github.com/flynn/discoverd/server"
 )
 
@@ -187,6 +188,13 @@ func TestHTTPBadRequests(t *testing.T) {
 		{"bad name on DELETE", "DELETE", "/services/we%20b/instances/10.0.0.1:80", "", 400, api.CodeInvalidArgument},
 		{"bad name on GET", "GET", "/services/-web", "", 400, api.CodeInvalidArgument},
 		{"bad name on leader", "GET", "/services/-web/leader", "", 400, api.CodeInvalidArgument},
+		{"duplicate key", "PUT", "/services/web/instances/10.0.0.1:80", `{"attrs":{},"attrs":{}}`, 400, api.CodeInvalidArgument},
+		{"duplicate attr", "PUT", "/services/web/instances/10.0.0.1:80", `{"attrs":{"k":"1","k":"2"}}`, 400, api.CodeInvalidArgument},
+		{"unknown path", "GET", "/nope", "", 404, api.CodeNotFound},
+		{"unknown path with PUT", "PUT", "/services", "{}", 404, api.CodeNotFound},
+		{"method not allowed", "POST", "/services/web", "{}", 405, api.CodeInvalidArgument},
+		{"method not allowed on health", "DELETE", "/health", "", 405, api.CodeInvalidArgument},
+		{"GET on the RPC path", "GET", rpc.DefaultPath, "", 405, api.CodeInvalidArgument},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			wantError(t, mustDo(t, newRequest(t, tc.method, e.url+tc.path, tc.body)), tc.status, tc.code)

@@ -23,7 +23,7 @@ type metrics struct {
 	sseStreams   prometheus.Gauge
 }
 
-func newMetrics(a Agent) *metrics {
+func newMetrics(a Agent, conns *ConnLimiter) *metrics {
 	m := &metrics{
 		reg: prometheus.NewRegistry(),
 		rpcCalls: prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -60,6 +60,22 @@ func newMetrics(a Agent) *metrics {
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 	)
+	if conns != nil {
+		m.reg.MustRegister(
+			prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+				Name: "discoverd_client_conns",
+				Help: "Client connections (HTTP, SSE and RPC) served now.",
+			}, func() float64 { return float64(conns.Open()) }),
+			prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+				Name: "discoverd_client_conns_limit",
+				Help: "The cap on client connections (-max-conns).",
+			}, func() float64 { return float64(conns.Max) }),
+			prometheus.NewCounterFunc(prometheus.CounterOpts{
+				Name: "discoverd_client_conns_refused_total",
+				Help: "Client connections refused at accept because the agent was at its connection cap.",
+			}, func() float64 { return float64(conns.Refused()) }),
+		)
+	}
 	return m
 }
 

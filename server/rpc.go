@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"errors"
+	"sync/atomic"
 	"time"
 
 	"github.com/flynn/discoverd/agent"
@@ -16,7 +17,21 @@ import (
 // the session. (The connection's streams are capped by the rpc server:
 // rpc.Server.MaxStreamsPerConn.)
 type connState struct {
-	session *agent.Session
+	session  *agent.Session
+	lastBeat atomic.Int64 // unix nanos of the last successful Register or Heartbeat
+}
+
+// beat records a successful Register or Heartbeat on the connection.
+func (st *connState) beat() { st.lastBeat.Store(time.Now().UnixNano()) }
+
+// keepIdle is the RPC server's KeepIdle: a connection whose last Register
+// or Heartbeat is less than a TTL old may still hold registrations, which
+// closing it would end, so it is kept however quiet it is.
+func (s *Server) keepIdle(c rpc.Conn) bool {
+	s.mu.Lock()
+	st := s.conns[c.ID()]
+	s.mu.Unlock()
+	return st != nil && time.Since(time.Unix(0, st.lastBeat.Load())) <= s.opts.TTL
 }
 
 // conn returns the state of the connection the call in ctx arrived on,
@@ -95,6 +110,7 @@ func (r *rpcAgent) register(ctx context.Context, args *api.Args, reply *string) 
 	if err != nil {
 		return r.s.wireError("register", err)
 	}
+	st.beat()
 	*reply = addr
 	return nil
 }
@@ -112,6 +128,7 @@ func (r *rpcAgent) heartbeat(ctx context.Context, args *api.Args, _ *struct{}) (
 	if err := st.session.Heartbeat(ctx, *args); err != nil {
 		return r.s.wireError("heartbeat", err)
 	}
+	st.beat()
 	return nil
 }
 

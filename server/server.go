@@ -60,6 +60,31 @@ type Options struct {
 	// share one session; one more is answered 429 with
 	// CodeResourceExhausted. Default DefaultMaxHTTPRegistrations.
 	MaxHTTPRegistrations int
+	// MaxHTTPRegistrationsPerAddr caps the HTTP registrations of one
+	// client address (IP): those it PUT within the last TTL and did not
+	// DELETE. One more is answered 429 with CodeResourceExhausted, so one
+	// client cannot use up MaxHTTPRegistrations for all. Default
+	// DefaultMaxHTTPRegistrationsPerAddr.
+	MaxHTTPRegistrationsPerAddr int
+	// TTL is the agent's registration TTL (agent.Config.TTL): how long an
+	// HTTP registration outlives its last PUT, and how long after its last
+	// Register or Heartbeat an RPC connection may hold registrations.
+	// Default api.DefaultTTL.
+	TTL time.Duration
+	// BodyTimeout bounds the time a request body may take to arrive,
+	// from the end of its header; a body still incomplete then is answered
+	// 408 (or, when the handler does not read it, the connection is
+	// closed). Requests without a body, SSE streams among them, are not
+	// affected. Default DefaultBodyTimeout.
+	BodyTimeout time.Duration
+	// RPCIdleTimeout closes an RPC connection with no call, no stream and
+	// no registration for that long (rpc.Server.IdleTimeout, with a
+	// KeepIdle that keeps connections whose registrations may be alive).
+	// Negative means never. Default DefaultRPCIdleTimeout.
+	RPCIdleTimeout time.Duration
+	// Conns, if set, is the limiter of the agent's listener; its counts
+	// are exported on /metrics.
+	Conns *ConnLimiter
 	// MaxSSEStreams caps the concurrent SSE streams of the whole server;
 	// one more is answered 429 with CodeResourceExhausted. Default
 	// DefaultMaxSSEStreams.
@@ -106,6 +131,15 @@ const (
 	// an unreachable store free their connection's slots long before its
 	// registrations would expire for want of heartbeats.
 	DefaultCallTimeout = 5 * time.Second
+	// DefaultMaxHTTPRegistrationsPerAddr is the default cap on the HTTP
+	// registrations of one client address.
+	DefaultMaxHTTPRegistrationsPerAddr = 1000
+	// DefaultBodyTimeout is the default bound on the arrival of a request
+	// body.
+	DefaultBodyTimeout = 10 * time.Second
+	// DefaultRPCIdleTimeout is the default idle time after which an RPC
+	// connection without calls, streams or registrations is closed.
+	DefaultRPCIdleTimeout = 5 * time.Minute
 )
 
 // Server serves the agent over RPC and HTTP. It is an http.Handler; mount
@@ -125,6 +159,7 @@ type Server struct {
 	cancel context.CancelFunc
 
 	httpSession *agent.Session // shared by every HTTP registration
+	httpQuota   *httpQuota     // HTTP registrations per client address
 
 	mu         sync.Mutex
 	closed     bool
@@ -167,6 +202,18 @@ func New(a Agent, opts Options) (*Server, error) {
 	if opts.HealthTimeout <= 0 {
 		opts.HealthTimeout = 2 * time.Second
 	}
+	if opts.MaxHTTPRegistrationsPerAddr <= 0 {
+		opts.MaxHTTPRegistrationsPerAddr = DefaultMaxHTTPRegistrationsPerAddr
+	}
+	if opts.TTL <= 0 {
+		opts.TTL = api.DefaultTTL
+	}
+	if opts.BodyTimeout <= 0 {
+		opts.BodyTimeout = DefaultBodyTimeout
+	}
+	if opts.RPCIdleTimeout == 0 {
+		opts.RPCIdleTimeout = DefaultRPCIdleTimeout
+	}
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
@@ -189,20 +236,29 @@ func New(a Agent, opts Options) (*Server, error) {
 		ctx:     ctx,
 		cancel:  cancel,
 		conns:   make(map[uint64]*connState),
-		metrics: newMetrics(a),
+		metrics: newMetrics(a, opts.Conns),
 	}
+	rs.IdleTimeout = max(opts.RPCIdleTimeout, 0)
+	rs.KeepIdle = s.keepIdle
 	if err := s.registerRPC(rs); err != nil {
 		cancel()
 		return nil, fmt.Errorf("server: register rpc receiver: %w", err)
 	}
 	s.httpSession = a.NewSharedSession(opts.MaxHTTPRegistrations)
+	s.httpQuota = newHTTPQuota(opts.MaxHTTPRegistrationsPerAddr, opts.TTL)
 	s.routes()
 	return s, nil
 }
 
 // ServeHTTP dispatches to the RPC upgrade, the HTTP API, /health and
-// /metrics.
+// /metrics. Every error it answers is a JSON ErrorBody, 404 and 405 for
+// paths and methods it does not serve included. A request body must arrive
+// within BodyTimeout.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	s.limitBody(w, r)
+	if _, pattern := s.mux.Handler(r); pattern == "" {
+		w = &jsonErrors{ResponseWriter: w, method: r.Method, path: r.URL.Path}
+	}
 	s.mux.ServeHTTP(w, r)
 }
 

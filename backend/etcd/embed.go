@@ -14,7 +14,6 @@ import (
 	"time"
 
 	"go.etcd.io/etcd/server/v3/embed"
-	"go.uber.org/zap/zapcore"
 	"google.golang.org/grpc"
 )
 
@@ -37,18 +36,32 @@ type EmbedConfig struct {
 	// as 1 s), 100 ms and 1 s (etcd's defaults) for a cluster. The smallest
 	// lease TTL etcd grants is 1.5 × ElectionTimeout, rounded up to seconds.
 	HeartbeatInterval, ElectionTimeout time.Duration
-	// Logger receives etcd's errors. Default slog.Default().
+	// Logger receives etcd's errors, and its warnings (those that explain
+	// a wait, such as a slow disk or a locked database, included) at warn
+	// level. Default slog.Default().
 	Logger *slog.Logger
+	// OnFatal is called, on an etcd goroutine, when etcd meets an error it
+	// cannot go on from (it would call os.Exit(1) itself, for example when
+	// it cannot purge its WAL for want of file descriptors), with that
+	// error. It must not return: it is the embedding program's chance to
+	// report the reason its own way and exit. If it returns, or is nil,
+	// the process exits with status 1 after the error was logged.
+	OnFatal func(error)
 }
 
 // Embedded is an etcd server running in this process. Its methods are safe
 // for concurrent use.
 type Embedded struct {
-	etcd      *embed.Etcd
-	endpoints []string
-	closing   context.CancelFunc // ends client streams, so that Close need not wait for them
-	quiet     *atomic.Bool       // set on Close: etcd's shutdown errors are noise
-	closeOnce sync.Once
+	etcd       *embed.Etcd
+	endpoints  []string
+	closing    context.CancelFunc // ends client streams, so that Close need not wait for them
+	closingCtx context.Context
+	quiet      *atomic.Bool // set on Close: etcd's shutdown errors are noise
+	closeOnce  sync.Once
+
+	done     chan struct{} // closed when the server stopped by itself; see Done
+	err      error         // why; set before done is closed
+	watchEnd chan struct{} // closed when the watching goroutine returns
 }
 
 // startAttempts bounds the retries when a port picked as free was taken
@@ -65,6 +78,9 @@ const startAttempts = 3
 func StartEmbedded(ctx context.Context, cfg EmbedConfig) (*Embedded, error) {
 	if cfg.Dir == "" {
 		return nil, errors.New("etcd: embedded server: EmbedConfig.Dir is required")
+	}
+	if err := checkDataDir(cfg.Dir); err != nil {
+		return nil, fmt.Errorf("etcd: embedded server: %w", err)
 	}
 	picked := cfg.ClientAddr == "" || cfg.PeerAddr == ""
 	for attempt := 1; ; attempt++ {
@@ -124,16 +140,20 @@ func startEmbedded(ctx context.Context, cfg EmbedConfig) (*Embedded, error) {
 	ec.AutoCompactionMode = embed.CompactorModePeriodic
 	ec.AutoCompactionRetention = "1h"
 	ec.EnableGRPCGateway = false
-	ec.LogLevel = "error"
+	// embed.NewConfig leaves it 0, which makes etcd warn about every
+	// request; etcd's own command line defaults to this.
+	ec.WarningUnaryRequestDuration = embed.DefaultWarningUnaryRequestDuration
+	ec.LogLevel = "info" // the core below forwards warnings and errors, and the info lines that explain a wait
 	quiet := new(atomic.Bool)
-	ec.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zapLogger(cfg.Logger, zapcore.ErrorLevel, quiet))
+	lastWarn := new(atomic.Pointer[string])
+	ec.ZapLoggerBuilder = embed.NewZapLoggerBuilder(serverLogger(cfg.Logger, quiet, lastWarn, cfg.OnFatal))
 	// etcd's Close waits (up to its request timeout, over 5 s) for client
 	// streams to end, and watch and lease keepalive streams never end by
 	// themselves: end them when Close starts.
 	closingCtx, closing := context.WithCancel(context.Background())
 	ec.GRPCAdditionalServerOptions = []grpc.ServerOption{grpc.ChainStreamInterceptor(endStreamsOn(closingCtx))}
 
-	e, err := embed.StartEtcd(ec)
+	e, err := startEtcd(ctx, ec, lastWarn)
 	if err != nil {
 		closing()
 		return nil, err
@@ -152,9 +172,88 @@ func startEmbedded(ctx context.Context, cfg EmbedConfig) (*Embedded, error) {
 		return nil, err
 	case <-ctx.Done():
 		stop()
-		return nil, fmt.Errorf("waiting for the server to be ready: %w", ctx.Err())
+		return nil, fmt.Errorf("waiting for the server to be ready: %w%s", ctx.Err(), lastWarning(lastWarn))
 	}
-	return &Embedded{etcd: e, endpoints: []string{clientURL.String()}, closing: closing, quiet: quiet}, nil
+	em := &Embedded{etcd: e, endpoints: []string{clientURL.String()}, closing: closing, closingCtx: closingCtx,
+		quiet: quiet, done: make(chan struct{}), watchEnd: make(chan struct{})}
+	go em.watch() // stopped by Close
+	return em, nil
+}
+
+// startEtcd runs embed.StartEtcd, which does not take a context and can
+// block for long (replaying a large WAL) or for ever (a database locked by
+// a process that started after checkDataDir looked), and returns when it
+// does or when ctx is done. In the latter case its goroutine is left to
+// finish on its own and close what it started: the caller is giving up on
+// the start, and normally the process is about to exit.
+func startEtcd(ctx context.Context, ec *embed.Config, lastWarn *atomic.Pointer[string]) (*embed.Etcd, error) {
+	type result struct {
+		e   *embed.Etcd
+		err error
+	}
+	started := make(chan result, 1)
+	go func() {
+		e, err := embed.StartEtcd(ec)
+		started <- result{e, err}
+	}()
+	select {
+	case r := <-started:
+		return r.e, r.err
+	case <-ctx.Done():
+		go func() { // ends when StartEtcd does
+			if r := <-started; r.err == nil {
+				r.e.Close()
+			}
+		}()
+		return nil, fmt.Errorf("starting: %w%s", ctx.Err(), lastWarning(lastWarn))
+	}
+}
+
+// lastWarning is ", last etcd warning: <message>" for the last warning
+// etcd logged, or "".
+func lastWarning(p *atomic.Pointer[string]) string {
+	if w := p.Load(); w != nil {
+		return " (last etcd warning: " + *w + ")"
+	}
+	return ""
+}
+
+// watch waits until the server stops by itself or fails to serve, and
+// then records why and closes done; or until Close.
+func (e *Embedded) watch() {
+	defer close(e.watchEnd)
+	var err error
+	select {
+	case <-e.closingCtx.Done():
+		return
+	case err = <-e.etcd.Err():
+		if err == nil {
+			err = errors.New("server stopped")
+		}
+	case <-e.etcd.Server.StopNotify():
+		err = errors.New("server stopped")
+	}
+	if e.closingCtx.Err() != nil {
+		return // Close raced with the failure: not worth reporting
+	}
+	e.err = fmt.Errorf("etcd: embedded server: %w", err)
+	close(e.done)
+}
+
+// Done is closed when the server has stopped by itself (a fatal error, or
+// a listener that failed), not when Close stops it; Err then says why. The
+// embedding program should stop: its store is gone.
+func (e *Embedded) Done() <-chan struct{} { return e.done }
+
+// Err returns why the server stopped by itself, once Done is closed, and
+// nil before.
+func (e *Embedded) Err() error {
+	select {
+	case <-e.done:
+		return e.err
+	default:
+		return nil
+	}
 }
 
 // endStreamsOn returns a gRPC stream interceptor that cancels the context
@@ -201,6 +300,7 @@ func (e *Embedded) CloseNow() error {
 func (e *Embedded) stop(now bool) {
 	e.quiet.Store(true)
 	e.closing()
+	<-e.watchEnd
 	if now {
 		e.etcd.Server.HardStop()
 	}
