@@ -5,8 +5,11 @@
 //	discoverd -etcd http://h1:2379,http://h2:2379
 //	discoverd -zookeeper h1:2181,h2:2181
 //	discoverd register|services|watch|leader ...   # CLI subcommands (see cli.go)
+//	discoverd help | version
 //
-// Flags and operation are described in docs/OPERATIONS.md.
+// Every agent flag can also be set by the environment variable
+// DISCOVERD_<FLAG> (help.go). Flags and operation are described in
+// docs/OPERATIONS.md.
 package main
 
 import (
@@ -31,6 +34,7 @@ import (
 	"github.com/flynn/discoverd/backend"
 	"github.com/flynn/discoverd/backend/etcd"
 	"github.com/flynn/discoverd/backend/zookeeper"
+	"github.com/flynn/discoverd/internal/buildinfo"
 	"github.com/flynn/discoverd/server"
 )
 
@@ -48,18 +52,30 @@ func main() {
 // the agent until ctx is done, and returns the exit code: 0 after a clean
 // stop, 1 when the agent cannot start or fails, 2 for bad flags.
 func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) int {
-	if len(args) > 0 && isCommand(args[0]) {
+	switch {
+	case len(args) == 1 && isHelp(args[0]):
+		printHelp(stdout, getenv)
+		return 0
+	case len(args) == 1 && isVersion(args[0]):
+		fmt.Fprintln(stdout, buildinfo.Read())
+		return 0
+	case len(args) > 0 && isCommand(args[0]):
 		return runCommand(ctx, args, getenv, stdout, stderr)
 	}
 	m := NewMain()
-	if err := m.ParseFlags(args, getenv, stderr); err != nil {
+	if err := m.ParseFlags(args, getenv, stdout); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return 0
 		}
 		fmt.Fprintf(stderr, "discoverd: %v\n", err)
 		return 2
 	}
-	m.Logger = slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: m.LogLevel}))
+	logger, err := newLogger(stderr, m.LogFormat, m.LogLevel)
+	if err != nil {
+		fmt.Fprintf(stderr, "discoverd: %v\n", err)
+		return 2
+	}
+	m.Logger = logger
 	if err := m.Run(ctx); err != nil {
 		fmt.Fprintf(stderr, "discoverd: %v\n", oneLine(err))
 		return 1
@@ -106,6 +122,9 @@ type Main struct {
 	ExternalIP string
 	// LogLevel is the minimum level logged ("-log-level").
 	LogLevel slog.Level
+	// LogFormat is LogText or LogJSON ("-log-format"); run builds Logger
+	// from it.
+	LogFormat string
 	// StoreTimeout bounds the retries of an unreachable store at start
 	// ("-store-timeout").
 	StoreTimeout time.Duration
@@ -133,6 +152,7 @@ func NewMain() *Main {
 		EtcdPeerAddr:   DefaultEtcdPeerAddr,
 		TTL:            api.DefaultTTL,
 		LogLevel:       slog.LevelInfo,
+		LogFormat:      LogText,
 		StoreTimeout:   DefaultStoreTimeout,
 	}
 }
@@ -150,10 +170,39 @@ func defaultDataDir(getenv func(string) string) string {
 }
 
 // ParseFlags sets m from the command-line arguments and the environment
-// (read through getenv). Usage and help go to usage. It returns
-// flag.ErrHelp for -h, and an error that names the flag for anything it
-// cannot accept.
+// (read through getenv): each flag's DISCOVERD_<FLAG> variable, then the
+// flag itself, which wins. Of -etcd and -zookeeper, one on the command
+// line overrides the other's variable. Help goes to usage. It returns
+// flag.ErrHelp for -h, and an error that names the flag or variable for
+// anything it cannot accept.
 func (m *Main) ParseFlags(args []string, getenv func(string) string, usage io.Writer) error {
+	fs, err := m.flagSet(getenv)
+	if err != nil {
+		return err
+	}
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			printHelp(usage, getenv)
+		}
+		return err
+	}
+	onCmdline := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { onCmdline[f.Name] = true })
+	switch {
+	case onCmdline["etcd"] && !onCmdline["zookeeper"]:
+		m.ZooKeeper = nil
+	case onCmdline["zookeeper"] && !onCmdline["etcd"]:
+		m.Etcd = nil
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unknown command %q (the agent takes flags only; see discoverd help)", fs.Arg(0))
+	}
+	return m.validate()
+}
+
+// flagSet defines the agent's flags on m, with m's values as defaults,
+// and sets those whose environment variable getenv returns.
+func (m *Main) flagSet(getenv func(string) string) (*flag.FlagSet, error) {
 	fs := flag.NewFlagSet("discoverd", flag.ContinueOnError)
 	fs.SetOutput(io.Discard) // errors are returned, printed once by the caller
 	m.DataDir = defaultDataDir(getenv)
@@ -173,19 +222,9 @@ func (m *Main) ParseFlags(args []string, getenv func(string) string, usage io.Wr
 	fs.DurationVar(&m.TTL, "ttl", m.TTL, "registration lifetime without a heartbeat; also how long a dead agent's registrations remain")
 	fs.StringVar(&m.ExternalIP, "external-ip", m.ExternalIP, "`IP` that expands \":port\" addresses (default $EXTERNAL_IP)")
 	fs.TextVar(&m.LogLevel, "log-level", m.LogLevel, "minimum log `level`: debug, info, warn or error")
+	fs.Var((*logFormat)(&m.LogFormat), "log-format", "log `format`: text or json")
 	fs.DurationVar(&m.StoreTimeout, "store-timeout", m.StoreTimeout, "how long to retry an unreachable store at start")
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			fs.SetOutput(usage)
-			fmt.Fprintln(usage, "Usage: discoverd [flags]\n       discoverd <command> [args]  (register, services, watch, leader)")
-			fs.PrintDefaults()
-		}
-		return err
-	}
-	if fs.NArg() > 0 {
-		return fmt.Errorf("unknown command %q (the agent takes flags only)", fs.Arg(0))
-	}
-	return m.validate()
+	return fs, setFromEnv(fs, getenv)
 }
 
 // validate checks the combination of settings.
@@ -251,7 +290,11 @@ func (m *Main) Start(ctx context.Context) (err error) {
 	if err != nil {
 		return err
 	}
-	m.server, err = server.New(m.agent, server.Options{Logger: m.Logger.With("component", "server")})
+	opts := server.Options{Logger: m.Logger.With("component", "server")}
+	if l, ok := m.backend.(backend.Lister); ok {
+		opts.Services = l
+	}
+	m.server, err = server.New(m.agent, opts)
 	if err != nil {
 		return err
 	}
@@ -263,7 +306,9 @@ func (m *Main) Start(ctx context.Context) (err error) {
 	}
 	m.serveDone = make(chan error, 1)
 	go func() { m.serveDone <- m.http.Serve(m.ln) }() // stopped by Close
-	m.Logger.Info("discoverd serving", "addr", m.ln.Addr().String(), "store", m.storeName(), "ttl", m.TTL)
+	build := buildinfo.Read()
+	m.Logger.Info("discoverd serving", "addr", m.ln.Addr().String(), "store", m.storeName(), "ttl", m.TTL.String(),
+		"version", build.Version, "revision", build.ShortRevision())
 	return nil
 }
 
@@ -347,8 +392,8 @@ func (m *Main) storeName() string {
 // openBackend starts the embedded etcd when no store is configured, then
 // opens the backend, retrying with backoff until StoreTimeout.
 func (m *Main) openBackend(ctx context.Context) (backend.Backend, error) {
-	log := m.Logger.With("component", "backend")
 	if len(m.ZooKeeper) > 0 {
+		log := m.Logger.With("component", "zookeeper")
 		return m.retry(ctx, "zookeeper", func(ctx context.Context) (backend.Backend, error) {
 			b, err := zookeeper.Open(ctx, zookeeper.Config{Servers: m.ZooKeeper, TTL: m.TTL, Logger: log})
 			if err != nil {
@@ -367,7 +412,7 @@ func (m *Main) openBackend(ctx context.Context) (backend.Backend, error) {
 			ClientAddr: m.EtcdClientAddr,
 			PeerAddr:   m.EtcdPeerAddr,
 			Name:       "discoverd",
-			Logger:     m.Logger.With("component", "etcd"),
+			Logger:     m.Logger.With("component", "etcd-server"),
 		})
 		if err != nil {
 			return nil, err
@@ -375,6 +420,7 @@ func (m *Main) openBackend(ctx context.Context) (backend.Backend, error) {
 		m.embedded = e
 		endpoints = e.Endpoints()
 	}
+	log := m.Logger.With("component", "etcd")
 	return m.retry(ctx, "etcd", func(ctx context.Context) (backend.Backend, error) {
 		b, err := etcd.Open(ctx, etcd.Config{Endpoints: endpoints, TTL: m.TTL, Logger: log})
 		if err != nil {
