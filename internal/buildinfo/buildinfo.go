@@ -31,9 +31,14 @@ type Info struct {
 // block and never fails: what the binary does not record is left empty
 // (Version "(devel)").
 func Read() Info {
+	bi, _ := debug.ReadBuildInfo()
+	return From(bi)
+}
+
+// From extracts an Info from bi, which may be nil.
+func From(bi *debug.BuildInfo) Info {
 	info := Info{Version: "(devel)", GoVersion: runtime.Version()}
-	bi, ok := debug.ReadBuildInfo()
-	if !ok {
+	if bi == nil {
 		return info
 	}
 	if v := bi.Main.Version; v != "" {
