@@ -93,3 +93,7 @@ func (s *Server) live(w http.ResponseWriter, r *http.Request) {
 		Status string `json:"status"`
 	}{"ok"})
 }
+
+// InstanceOf is the JSON form of an instance, as every front end and the
+// command-line client write it.
+func InstanceOf(u api.ServiceUpdate) Instance { return instanceOf(u) }
