@@ -115,7 +115,7 @@ func TestBinary(t *testing.T) {
 		if err := logs.wait(t); err != nil {
 			t.Fatalf("agent exit: %v", err)
 		}
-		regOut.waitStderr(t, "lost the agent")
+		regOut.waitStderr(t, "discoverd register: lost the connection to the agent")
 		if err := reg.Process.Signal(os.Interrupt); err != nil {
 			t.Fatal(err)
 		}
@@ -125,6 +125,12 @@ func TestBinary(t *testing.T) {
 		}
 		if rest := regOut.rest(); len(rest) != 0 || !strings.Contains(regOut.stderr.String(), "not confirmed") {
 			t.Fatalf("register printed %q, stderr %q", rest, regOut.stderr.String())
+		}
+		// Its stderr holds notice lines only, no log records.
+		for _, l := range strings.Split(strings.TrimSpace(regOut.stderr.String()), "\n") {
+			if !strings.HasPrefix(l, "discoverd register: ") {
+				t.Errorf("register's stderr line %q is not a notice", l)
+			}
 		}
 
 		// Every log line is JSON with one component and no prefix in its

@@ -61,6 +61,7 @@ func (e *usageError) Error() string { return e.msg }
 func usagef(format string, args ...any) error { return &usageError{fmt.Sprintf(format, args...)} }
 
 type cli struct {
+	cmd    string // the subcommand, for notices
 	agent  string
 	stdout io.Writer
 	stderr io.Writer
@@ -101,6 +102,7 @@ func runCommand(ctx context.Context, args []string, getenv func(string) string, 
 
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	cl.cmd = args[0]
 	err := cmd.run(cl, ctx, args[1:])
 	if cl.client != nil {
 		cl.client.Close()
@@ -164,8 +166,9 @@ func (cl *cli) parse(fs *flag.FlagSet, args []string, minArgs, maxArgs int) ([]s
 
 func (cl *cli) connect() (*discoverd.Client, error) {
 	c, err := discoverd.NewClientWithConfig(discoverd.Config{
-		Addr:   cl.agent,
-		Logger: slog.New(slog.NewTextHandler(cl.stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
+		Addr: cl.agent,
+		// The client library's warnings become notice lines on stderr.
+		Logger: slog.New(&noticeHandler{w: cl.stderr, prefix: "discoverd " + cl.cmd + ": ", level: slog.LevelWarn}),
 	})
 	if err != nil {
 		return nil, err
@@ -223,8 +226,7 @@ func (cl *cli) register(ctx context.Context, args []string) error {
 	apply := func(ev discoverd.ConnEvent) {
 		switch ev.Status {
 		case discoverd.ConnStatusDisconnected:
-			connected = false
-			fmt.Fprintln(cl.stderr, "discoverd register: lost the agent; reconnecting")
+			connected = false // the client's notice says so
 		case discoverd.ConnStatusConnected:
 			connected = true
 			fmt.Fprintln(cl.stderr, "discoverd register: reconnected; registered again")

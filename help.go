@@ -21,12 +21,12 @@ func envName(name string) string {
 }
 
 // setFromEnv sets every flag of fs whose variable (envName) getenv
-// returns non-empty, before the command line is parsed, so that a flag on
-// the command line wins. The error names the variable.
-func setFromEnv(fs *flag.FlagSet, getenv func(string) string) error {
+// returns non-empty, except those in skip (set on the command line, which
+// wins). The error names the variable.
+func setFromEnv(fs *flag.FlagSet, getenv func(string) string, skip map[string]bool) error {
 	var err error
 	fs.VisitAll(func(f *flag.Flag) {
-		if err != nil {
+		if err != nil || skip[f.Name] {
 			return
 		}
 		env := envName(f.Name)
@@ -89,13 +89,7 @@ Environment:
 Agent flags:
 `, api.DefaultAgentAddr)
 	m := NewMain()
-	fs, _ := m.flagSet(func(k string) string {
-		if strings.HasPrefix(k, envPrefix) {
-			return "" // defaults, not this environment's settings
-		}
-		return getenv(k)
-	})
-	printFlags(w, fs)
+	printFlags(w, m.flagSet(getenv))
 }
 
 // printFlags lists fs's flags like flag.PrintDefaults, with each flag's

@@ -127,3 +127,49 @@ func (h *componentHandler) Handle(ctx context.Context, r slog.Record) error {
 	out.AddAttrs(attrs...)
 	return h.inner.Handle(ctx, out)
 }
+
+// noticeHandler writes records as the command-line client's notices: one
+// plain line "PREFIXmessage (key=value ...)" each, so that the client
+// library's warnings read like the CLI's own lines on stderr. A
+// "discoverd: " prefix of the message is dropped (PREFIX says it). It
+// ignores groups. Each record is one Write of one line, so records from
+// concurrent goroutines do not interleave on os.Stderr.
+type noticeHandler struct {
+	w      io.Writer
+	prefix string
+	level  slog.Level
+	attrs  []slog.Attr
+}
+
+func (h *noticeHandler) Enabled(_ context.Context, l slog.Level) bool { return l >= h.level }
+
+func (h *noticeHandler) WithAttrs(attrs []slog.Attr) slog.Handler {
+	c := *h
+	c.attrs = append(append([]slog.Attr(nil), h.attrs...), attrs...)
+	return &c
+}
+
+func (h *noticeHandler) WithGroup(string) slog.Handler { return h }
+
+func (h *noticeHandler) Handle(_ context.Context, r slog.Record) error {
+	var b strings.Builder
+	b.WriteString(h.prefix)
+	b.WriteString(strings.TrimPrefix(r.Message, "discoverd: "))
+	var kv []string
+	add := func(a slog.Attr) bool {
+		if a.Key != "agent" { // the CLI talks to one agent
+			kv = append(kv, a.Key+"="+a.Value.String())
+		}
+		return true
+	}
+	for _, a := range h.attrs {
+		add(a)
+	}
+	r.Attrs(add)
+	if len(kv) > 0 {
+		b.WriteString(" (" + strings.Join(kv, " ") + ")")
+	}
+	b.WriteString("\n")
+	_, err := io.WriteString(h.w, b.String())
+	return err
+}

@@ -176,10 +176,7 @@ func defaultDataDir(getenv func(string) string) string {
 // flag.ErrHelp for -h, and an error that names the flag or variable for
 // anything it cannot accept.
 func (m *Main) ParseFlags(args []string, getenv func(string) string, usage io.Writer) error {
-	fs, err := m.flagSet(getenv)
-	if err != nil {
-		return err
-	}
+	fs := m.flagSet(getenv)
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			printHelp(usage, getenv)
@@ -188,11 +185,11 @@ func (m *Main) ParseFlags(args []string, getenv func(string) string, usage io.Wr
 	}
 	onCmdline := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { onCmdline[f.Name] = true })
-	switch {
-	case onCmdline["etcd"] && !onCmdline["zookeeper"]:
-		m.ZooKeeper = nil
-	case onCmdline["zookeeper"] && !onCmdline["etcd"]:
-		m.Etcd = nil
+	// One store chosen on the command line overrides the environment's.
+	onCmdline["zookeeper"] = onCmdline["zookeeper"] || onCmdline["etcd"]
+	onCmdline["etcd"] = onCmdline["zookeeper"]
+	if err := setFromEnv(fs, getenv, onCmdline); err != nil {
+		return err
 	}
 	if fs.NArg() > 0 {
 		return fmt.Errorf("unknown command %q (the agent takes flags only; see discoverd help)", fs.Arg(0))
@@ -200,9 +197,10 @@ func (m *Main) ParseFlags(args []string, getenv func(string) string, usage io.Wr
 	return m.validate()
 }
 
-// flagSet defines the agent's flags on m, with m's values as defaults,
-// and sets those whose environment variable getenv returns.
-func (m *Main) flagSet(getenv func(string) string) (*flag.FlagSet, error) {
+// flagSet defines the agent's flags on m, with m's values as defaults
+// (the data dir and external IP from getenv's XDG_STATE_HOME, HOME and
+// EXTERNAL_IP).
+func (m *Main) flagSet(getenv func(string) string) *flag.FlagSet {
 	fs := flag.NewFlagSet("discoverd", flag.ContinueOnError)
 	fs.SetOutput(io.Discard) // errors are returned, printed once by the caller
 	m.DataDir = defaultDataDir(getenv)
@@ -224,7 +222,7 @@ func (m *Main) flagSet(getenv func(string) string) (*flag.FlagSet, error) {
 	fs.TextVar(&m.LogLevel, "log-level", m.LogLevel, "minimum log `level`: debug, info, warn or error")
 	fs.Var((*logFormat)(&m.LogFormat), "log-format", "log `format`: text or json")
 	fs.DurationVar(&m.StoreTimeout, "store-timeout", m.StoreTimeout, "how long to retry an unreachable store at start")
-	return fs, setFromEnv(fs, getenv)
+	return fs
 }
 
 // validate checks the combination of settings.
