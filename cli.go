@@ -71,8 +71,9 @@ type cli struct {
 
 // runCommand runs the CLI subcommand args[0] (optionally preceded by
 // "-agent ADDR") with the rest of args, reading DISCOVERD through getenv,
-// and returns the process exit code: 0 on success, 1 on a runtime error
-// (its message on stderr), 2 on bad arguments (with a usage line).
+// and returns the process exit code: 0 on success (and for -h, which
+// prints the command's usage on stdout), 1 on a runtime error (its
+// message on stderr), 2 on bad arguments (with a usage line).
 // Commands that run until interrupted stop on SIGINT, SIGTERM or when ctx
 // is done.
 func runCommand(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) int {
@@ -112,9 +113,9 @@ func runCommand(ctx context.Context, args []string, getenv func(string) string, 
 	case errors.As(err, &ue):
 		fmt.Fprintf(stderr, "discoverd %s: %s\nusage: discoverd %s\n", args[0], ue.msg, cmd.usage)
 		return 2
-	case errors.Is(err, flag.ErrHelp):
-		fmt.Fprintf(stderr, "usage: discoverd %s\n", cmd.usage)
-		return 2
+	case errors.Is(err, flag.ErrHelp): // asked for: on stdout
+		fmt.Fprintf(stdout, "usage: discoverd %s\n  %s\n", cmd.usage, cmd.help)
+		return 0
 	case err != nil:
 		// The client's errors start with "discoverd: ", as this line does.
 		fmt.Fprintf(stderr, "discoverd %s: %s\n", args[0], strings.TrimPrefix(err.Error(), "discoverd: "))

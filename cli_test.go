@@ -123,7 +123,6 @@ func TestCLIUsage(t *testing.T) {
 		{[]string{"register", "web"}, "usage: discoverd register"},
 		{[]string{"register", "web", "127.0.0.1:1", "novalue"}, `attribute "novalue" is not key=value`},
 		{[]string{"watch", "-bogus", "web"}, "flag provided but not defined"},
-		{[]string{"leader", "-h"}, "usage: discoverd leader"},
 		{[]string{"-agent"}, "flag needs an argument"},
 		{[]string{"-agent", "127.0.0.1:1"}, "usage: discoverd [-agent ADDR] COMMAND"},
 		{[]string{"-agent", "127.0.0.1:1", "frobnicate"}, `unknown command "frobnicate"`},
@@ -131,6 +130,15 @@ func TestCLIUsage(t *testing.T) {
 		code, _, stderr := cliRun(t, "127.0.0.1:1", tc.args...)
 		if code != 2 || !strings.Contains(stderr, tc.want) {
 			t.Errorf("%v: exit %d, stderr %q; want 2 and %q", tc.args, code, stderr, tc.want)
+		}
+	}
+}
+
+func TestCLICommandHelp(t *testing.T) {
+	for _, cmd := range []string{"register", "services", "watch", "leader"} {
+		code, out, stderr := cliRun(t, "127.0.0.1:1", cmd, "-h")
+		if code != 0 || !strings.HasPrefix(out, "usage: discoverd "+cmd) || stderr != "" {
+			t.Errorf("%s -h: exit %d, stdout %q, stderr %q", cmd, code, out, stderr)
 		}
 	}
 }
