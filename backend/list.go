@@ -1,7 +1,6 @@
 package backend
 
 import (
-	"cmp"
 	"context"
 	"strings"
 )
@@ -35,8 +34,8 @@ type ServiceSummary struct {
 	Name string
 	// Instances is the number of registrations of the service.
 	Instances int
-	// Leader is the oldest registration (see CompareAge). Its Attrs are
-	// nil: a listing reads keys, not values.
+	// Leader is the oldest registration (api.Age). Its Attrs are nil: a
+	// listing reads keys, not values.
 	Leader Instance
 }
 
@@ -45,10 +44,3 @@ type ServiceSummary struct {
 // that a name sorts after its extensions by '-' or '.': "a-b" and "a.b"
 // come before "a".) A listing's cursor is the last name of a page.
 func ListOrder(a, b string) int { return strings.Compare(a+"/", b+"/") }
-
-// CompareAge orders registrations oldest first: by Created, then by Addr
-// (registrations written in one store transaction may share Created). The
-// oldest registration of a service is its leader.
-func CompareAge(a, b Instance) int {
-	return cmp.Or(cmp.Compare(a.Created, b.Created), cmp.Compare(a.Addr, b.Addr))
-}

@@ -55,11 +55,18 @@ func (b *Backend) ListServices(ctx context.Context, after string, limit int) ([]
 		}
 		rev = resp.Header.Revision
 		for _, kv := range resp.Kvs {
-			name, addr, ok := strings.Cut(strings.TrimPrefix(string(kv.Key), b.prefix), "/")
-			if !ok || api.ValidateName(name) != nil || api.ValidateAddr(addr) != nil {
+			name, _, ok := strings.Cut(strings.TrimPrefix(string(kv.Key), b.prefix), "/")
+			if !ok || api.ValidateName(name) != nil {
 				continue // not a registration
 			}
-			in := backend.Instance{Name: name, Addr: addr, Created: uint64(kv.CreateRevision)}
+			// decode derives Created as streams do; with keys only it
+			// sees no value (were Created ever kept in the value, the
+			// range would have to read values: the conformance suite
+			// compares the listed leader with a subscriber's).
+			in, err := decode(b.prefix+name+"/", name, kv)
+			if err != nil {
+				continue // not a registration
+			}
 			if cur == nil || cur.Name != name {
 				if cur != nil {
 					if len(page) == limit-1 {
@@ -71,7 +78,7 @@ func (b *Backend) ListServices(ctx context.Context, after string, limit int) ([]
 				cur = &backend.ServiceSummary{Name: name, Leader: in}
 			}
 			cur.Instances++
-			if backend.CompareAge(in, cur.Leader) < 0 {
+			if in.Age().Compare(cur.Leader.Age()) < 0 {
 				cur.Leader = in
 			}
 		}

@@ -105,7 +105,7 @@ func (b *Backend) summarize(name string) (sum backend.ServiceSummary, ok bool, e
 				}
 			case found:
 				in := backend.Instance{Name: name, Addr: addr, Created: uint64(stat.Czxid)}
-				if sum.Instances == 0 || backend.CompareAge(in, sum.Leader) < 0 {
+				if sum.Instances == 0 || in.Age().Compare(sum.Leader.Age()) < 0 {
 					sum.Leader = in
 				}
 				sum.Instances++
