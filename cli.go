@@ -321,7 +321,9 @@ const listTimeout = 30 * time.Second
 // listServices prints every service, reading GET /services page by page.
 func (cl *cli) listServices(ctx context.Context, asJSON bool) error {
 	base := "http://" + strings.TrimPrefix(cl.agent, "tcp://") + "/services"
-	hc := &http.Client{Timeout: listTimeout}
+	tr := &http.Transport{Proxy: nil} // the agent is local, or at least not behind a proxy
+	defer tr.CloseIdleConnections()
+	hc := &http.Client{Transport: tr, Timeout: listTimeout}
 	all := []server.ServiceSummary{}
 	for after := ""; ; {
 		req, err := http.NewRequestWithContext(ctx, http.MethodGet, base+"?after="+url.QueryEscape(after), nil)
@@ -347,6 +349,9 @@ func (cl *cli) listServices(ctx context.Context, asJSON bool) error {
 		all = append(all, page.Services...)
 		if page.Next == "" {
 			break
+		}
+		if page.Next == after {
+			return fmt.Errorf("listing services: the agent answered the cursor %q with itself", after)
 		}
 		after = page.Next
 	}
