@@ -9,25 +9,36 @@ import (
 	"io"
 	"log/slog"
 	"maps"
+	"net/http"
+	"net/url"
 	"os"
 	"os/signal"
 	"slices"
 	"strings"
 	"syscall"
+	"text/tabwriter"
+	"time"
 
 	"github.com/flynn/discoverd/api"
 	discoverd "github.com/flynn/discoverd/client"
+	"github.com/flynn/discoverd/server"
 )
 
 // The CLI subcommands. Each talks to an agent through the client library.
+// Results go to stdout; errors and notices to stderr.
 var commands = map[string]struct {
 	usage string
+	help  string
 	run   func(cl *cli, ctx context.Context, args []string) error
 }{
-	"register": {"register [-agent ADDR] NAME ADDR [key=value...]", (*cli).register},
-	"services": {"services [-agent ADDR] [-json] NAME", (*cli).services},
-	"watch":    {"watch [-agent ADDR] NAME", (*cli).watch},
-	"leader":   {"leader [-agent ADDR] [-watch] NAME", (*cli).leader},
+	"register": {"register [-agent ADDR] NAME ADDR [key=value...]",
+		"register an instance and keep it registered until interrupted", (*cli).register},
+	"services": {"services [-agent ADDR] [-json] [NAME]",
+		"without NAME: every service with its instance count and leader; with NAME: its online instances, oldest first", (*cli).services},
+	"watch": {"watch [-agent ADDR] [-json] NAME",
+		"print the instances of NAME, then every change, until interrupted", (*cli).watch},
+	"leader": {"leader [-agent ADDR] [-json] [-watch] NAME",
+		"print the leader of NAME (the oldest instance); -watch: each new leader until interrupted", (*cli).leader},
 }
 
 // isCommand reports whether name is a CLI subcommand (register, services,
@@ -50,6 +61,7 @@ func (e *usageError) Error() string { return e.msg }
 func usagef(format string, args ...any) error { return &usageError{fmt.Sprintf(format, args...)} }
 
 type cli struct {
+	cmd    string // the subcommand, for notices
 	agent  string
 	stdout io.Writer
 	stderr io.Writer
@@ -59,8 +71,9 @@ type cli struct {
 
 // runCommand runs the CLI subcommand args[0] (optionally preceded by
 // "-agent ADDR") with the rest of args, reading DISCOVERD through getenv,
-// and returns the process exit code: 0 on success, 1 on a runtime error
-// (its message on stderr), 2 on bad arguments (with a usage line).
+// and returns the process exit code: 0 on success (and for -h, which
+// prints the command's usage on stdout), 1 on a runtime error (its
+// message on stderr), 2 on bad arguments (with a usage line).
 // Commands that run until interrupted stop on SIGINT, SIGTERM or when ctx
 // is done.
 func runCommand(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) int {
@@ -90,6 +103,7 @@ func runCommand(ctx context.Context, args []string, getenv func(string) string, 
 
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	cl.cmd = args[0]
 	err := cmd.run(cl, ctx, args[1:])
 	if cl.client != nil {
 		cl.client.Close()
@@ -99,9 +113,9 @@ func runCommand(ctx context.Context, args []string, getenv func(string) string, 
 	case errors.As(err, &ue):
 		fmt.Fprintf(stderr, "discoverd %s: %s\nusage: discoverd %s\n", args[0], ue.msg, cmd.usage)
 		return 2
-	case errors.Is(err, flag.ErrHelp):
-		fmt.Fprintf(stderr, "usage: discoverd %s\n", cmd.usage)
-		return 2
+	case errors.Is(err, flag.ErrHelp): // asked for: on stdout
+		fmt.Fprintf(stdout, "usage: discoverd %s\n  %s\n", cmd.usage, cmd.help)
+		return 0
 	case err != nil:
 		// The client's errors start with "discoverd: ", as this line does.
 		fmt.Fprintf(stderr, "discoverd %s: %s\n", args[0], strings.TrimPrefix(err.Error(), "discoverd: "))
@@ -115,7 +129,7 @@ func printUsage(w io.Writer) {
 	for _, name := range slices.Sorted(maps.Keys(commands)) {
 		fmt.Fprintf(w, "  discoverd %s\n", commands[name].usage)
 	}
-	fmt.Fprintln(w, "The agent address defaults to $DISCOVERD, else "+api.DefaultAgentAddr+".")
+	fmt.Fprintln(w, "The agent address defaults to $DISCOVERD, else "+api.DefaultAgentAddr+". See discoverd help.")
 }
 
 // parse parses a subcommand's flags, which may come before, between or
@@ -153,8 +167,9 @@ func (cl *cli) parse(fs *flag.FlagSet, args []string, minArgs, maxArgs int) ([]s
 
 func (cl *cli) connect() (*discoverd.Client, error) {
 	c, err := discoverd.NewClientWithConfig(discoverd.Config{
-		Addr:   cl.agent,
-		Logger: slog.New(slog.NewTextHandler(cl.stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
+		Addr: cl.agent,
+		// The client library's warnings become notice lines on stderr.
+		Logger: slog.New(&noticeHandler{w: cl.stderr, prefix: "discoverd " + cl.cmd + ": ", level: slog.LevelWarn}),
 	})
 	if err != nil {
 		return nil, err
@@ -208,51 +223,91 @@ func (cl *cli) register(ctx context.Context, args []string) error {
 		return err
 	}
 	fmt.Fprintf(cl.stdout, "registered %s %s\n", name, expanded)
+	connected := true
+	apply := func(ev discoverd.ConnEvent) {
+		switch ev.Status {
+		case discoverd.ConnStatusDisconnected:
+			connected = false // the client's notice says so
+		case discoverd.ConnStatusConnected:
+			connected = true
+			fmt.Fprintln(cl.stderr, "discoverd register: reconnected; registered again")
+		}
+	}
+	// drain applies the connection events already queued.
+	drain := func() {
+		for {
+			select {
+			case ev := <-events:
+				apply(ev)
+			default:
+				return
+			}
+		}
+	}
+	notConfirmed := fmt.Errorf("withdrawal of %s %s not confirmed: not connected to the agent, "+
+		"which removes the registration when it sees the connection gone, or after its TTL", name, expanded)
 	for {
 		select {
 		case <-ctx.Done():
+			// The client forgets a registration without telling anyone
+			// while it is disconnected: say "unregistered" only when
+			// the agent answered.
+			drain()
+			if !connected {
+				return notConfirmed
+			}
 			if err := c.Unregister(name, addr); err != nil {
 				return err
+			}
+			if drain(); !connected {
+				return notConfirmed
 			}
 			fmt.Fprintf(cl.stdout, "unregistered %s %s\n", name, expanded)
 			return nil
 		case ev := <-events:
-			switch ev.Status {
-			case discoverd.ConnStatusDisconnected:
-				fmt.Fprintln(cl.stderr, "discoverd register: lost the agent; reconnecting")
-			case discoverd.ConnStatusConnected:
-				fmt.Fprintln(cl.stderr, "discoverd register: reconnected; registered again")
-			}
+			apply(ev)
 		}
 	}
 }
 
-// jsonService is one instance in the output of "services -json".
-type jsonService struct {
-	Name    string            `json:"name"`
-	Addr    string            `json:"addr"`
-	Created uint              `json:"created"`
-	Attrs   map[string]string `json:"attrs,omitempty"`
+// instanceJSON is the JSON form of an instance, the same as the HTTP
+// API's (server.Instance, docs/API.md).
+func instanceJSON(name, addr string, attrs map[string]string, created uint) server.Instance {
+	return server.InstanceOf(api.ServiceUpdate{Name: name, Addr: addr, Attrs: attrs, Created: created, Online: true})
 }
 
-// services NAME [-json]: print the online instances, oldest first.
+// writeJSON writes v as one line of JSON.
+func (cl *cli) writeJSON(v any) error { return json.NewEncoder(cl.stdout).Encode(v) }
+
+// services [-json] [NAME]: without NAME, every service in the store
+// with its instance count and leader; with NAME, its online instances,
+// oldest first.
 func (cl *cli) services(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("services", flag.ContinueOnError)
 	asJSON := fs.Bool("json", false, "print JSON")
-	set, _, err := cl.openSet(fs, args)
+	pos, err := cl.parse(fs, args, 0, 1)
+	if err != nil {
+		return err
+	}
+	if len(pos) == 0 {
+		return cl.listServices(ctx, *asJSON)
+	}
+	c, err := cl.connect()
+	if err != nil {
+		return err
+	}
+	set, err := c.NewServiceSet(pos[0])
 	if err != nil {
 		return err
 	}
 	defer set.Close()
 	services := set.Services()
 	if *asJSON {
-		out := make([]jsonService, 0, len(services))
+		out := make([]server.Instance, 0, len(services))
 		for _, s := range services {
-			out = append(out, jsonService{Name: s.Name, Addr: s.Addr, Created: s.Created, Attrs: s.Attrs})
+			out = append(out, instanceJSON(s.Name, s.Addr, s.Attrs, s.Created))
 		}
-		enc := json.NewEncoder(cl.stdout)
-		enc.SetIndent("", "  ")
-		return enc.Encode(out)
+		return cl.writeJSON(out)
 	}
 	for _, s := range services {
 		fmt.Fprintln(cl.stdout, s.Addr)
@@ -260,11 +315,71 @@ func (cl *cli) services(ctx context.Context, args []string) error {
 	return nil
 }
 
+// listTimeout bounds each page request of "services" without a name.
+const listTimeout = 30 * time.Second
+
+// listServices prints every service, reading GET /services page by page.
+func (cl *cli) listServices(ctx context.Context, asJSON bool) error {
+	base := "http://" + strings.TrimPrefix(cl.agent, "tcp://") + "/services"
+	tr := &http.Transport{Proxy: nil} // the agent is local, or at least not behind a proxy
+	defer tr.CloseIdleConnections()
+	hc := &http.Client{Transport: tr, Timeout: listTimeout}
+	all := []server.ServiceSummary{}
+	for after := ""; ; {
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, base+"?after="+url.QueryEscape(after), nil)
+		if err != nil {
+			return err
+		}
+		resp, err := hc.Do(req)
+		if err != nil {
+			return fmt.Errorf("listing services: %w", err)
+		}
+		var page server.ServiceList
+		var errBody server.ErrorBody
+		dec := json.NewDecoder(io.LimitReader(resp.Body, 64<<20))
+		if resp.StatusCode == http.StatusOK {
+			err = dec.Decode(&page)
+		} else if err = dec.Decode(&errBody); err == nil {
+			err = &api.Error{Code: errBody.Code, Message: errBody.Error}
+		}
+		resp.Body.Close()
+		if err != nil {
+			return fmt.Errorf("listing services: %w", err)
+		}
+		all = append(all, page.Services...)
+		if page.Next == "" {
+			break
+		}
+		if page.Next == after {
+			return fmt.Errorf("listing services: the agent answered the cursor %q with itself", after)
+		}
+		after = page.Next
+	}
+	if asJSON {
+		return cl.writeJSON(all)
+	}
+	tw := tabwriter.NewWriter(cl.stdout, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "NAME\tINSTANCES\tLEADER")
+	for _, s := range all {
+		fmt.Fprintf(tw, "%s\t%d\t%s\n", s.Name, s.Instances, s.Leader)
+	}
+	return tw.Flush()
+}
+
+// watchEvent is one line of "watch -json": event is "online", "offline"
+// or "current" (the instances that existed have been listed; no
+// instance), as the events of the HTTP API's SSE stream.
+type watchEvent struct {
+	Event    string           `json:"event"`
+	Instance *server.Instance `json:"instance,omitempty"`
+}
+
 // watch NAME: print the agent's stream as lines until interrupted:
 // "online ADDR [key=value...]", "offline ADDR", and "current" once the
 // instances that already existed have been listed.
 func (cl *cli) watch(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("watch", flag.ContinueOnError)
+	asJSON := fs.Bool("json", false, "print one JSON object per line")
 	pos, err := cl.parse(fs, args, 1, 1)
 	if err != nil {
 		return err
@@ -279,7 +394,21 @@ func (cl *cli) watch(ctx context.Context, args []string) error {
 	}
 	defer stream.Close()
 	for u := range stream.Updates() {
-		fmt.Fprintln(cl.stdout, formatUpdate(u))
+		if !*asJSON {
+			fmt.Fprintln(cl.stdout, formatUpdate(u))
+			continue
+		}
+		ev := watchEvent{Event: "current"}
+		if !u.IsSentinel() {
+			in := instanceJSON(u.Name, u.Addr, u.Attrs, u.Created)
+			ev = watchEvent{Event: "offline", Instance: &in}
+			if u.Online {
+				ev.Event = "online"
+			}
+		}
+		if err := cl.writeJSON(ev); err != nil {
+			return err
+		}
 	}
 	if ctx.Err() != nil {
 		return nil // interrupted
@@ -304,12 +433,14 @@ func formatUpdate(u *discoverd.ServiceUpdate) string {
 	return b.String()
 }
 
-// leader NAME [-watch]: print the leader's address (an error if there is
-// none); with -watch, print each new leader ("none" when the service has
-// no instance) until interrupted.
+// leader NAME [-watch] [-json]: print the leader's address (an error if
+// there is none); with -watch, print each new leader ("none" when the
+// service has no instance) until interrupted. With -json each leader is
+// one line: the instance as JSON, or null for none.
 func (cl *cli) leader(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("leader", flag.ContinueOnError)
 	follow := fs.Bool("watch", false, "print each new leader until interrupted")
+	asJSON := fs.Bool("json", false, "print one JSON object per line")
 	set, name, err := cl.openSet(fs, args)
 	if err != nil {
 		return err
@@ -320,8 +451,7 @@ func (cl *cli) leader(ctx context.Context, args []string) error {
 		if l == nil {
 			return fmt.Errorf("service %q has no online instance", name)
 		}
-		fmt.Fprintln(cl.stdout, l.Addr)
-		return nil
+		return cl.printLeader(l, *asJSON)
 	}
 	leaders := set.Leaders()
 	for {
@@ -332,11 +462,25 @@ func (cl *cli) leader(ctx context.Context, args []string) error {
 			if !ok {
 				return errors.New("the service set was closed")
 			}
-			if l == nil {
-				fmt.Fprintln(cl.stdout, "none")
-			} else {
-				fmt.Fprintln(cl.stdout, l.Addr)
+			if err := cl.printLeader(l, *asJSON); err != nil {
+				return err
 			}
 		}
 	}
+}
+
+// printLeader prints l's address, or "none" for nil; as JSON, the
+// instance, or null.
+func (cl *cli) printLeader(l *discoverd.Service, asJSON bool) error {
+	switch {
+	case asJSON && l == nil:
+		return cl.writeJSON(nil)
+	case asJSON:
+		return cl.writeJSON(instanceJSON(l.Name, l.Addr, l.Attrs, l.Created))
+	case l == nil:
+		_, err := fmt.Fprintln(cl.stdout, "none")
+		return err
+	}
+	_, err := fmt.Fprintln(cl.stdout, l.Addr)
+	return err
 }

@@ -7,12 +7,15 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net/http"
+	"regexp"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	discoverd "github.com/flynn/discoverd/client"
+	"github.com/flynn/discoverd/server"
 )
 
 func TestIsCommand(t *testing.T) {
@@ -115,12 +118,11 @@ func TestCLIUsage(t *testing.T) {
 		args []string
 		want string
 	}{
-		{[]string{"services"}, "usage: discoverd services"},
+		{[]string{"services", "-bogus"}, "usage: discoverd services"},
 		{[]string{"services", "a", "b"}, `unexpected argument "b"`},
 		{[]string{"register", "web"}, "usage: discoverd register"},
 		{[]string{"register", "web", "127.0.0.1:1", "novalue"}, `attribute "novalue" is not key=value`},
 		{[]string{"watch", "-bogus", "web"}, "flag provided but not defined"},
-		{[]string{"leader", "-h"}, "usage: discoverd leader"},
 		{[]string{"-agent"}, "flag needs an argument"},
 		{[]string{"-agent", "127.0.0.1:1"}, "usage: discoverd [-agent ADDR] COMMAND"},
 		{[]string{"-agent", "127.0.0.1:1", "frobnicate"}, `unknown command "frobnicate"`},
@@ -128,6 +130,15 @@ func TestCLIUsage(t *testing.T) {
 		code, _, stderr := cliRun(t, "127.0.0.1:1", tc.args...)
 		if code != 2 || !strings.Contains(stderr, tc.want) {
 			t.Errorf("%v: exit %d, stderr %q; want 2 and %q", tc.args, code, stderr, tc.want)
+		}
+	}
+}
+
+func TestCLICommandHelp(t *testing.T) {
+	for _, cmd := range []string{"register", "services", "watch", "leader"} {
+		code, out, stderr := cliRun(t, "127.0.0.1:1", cmd, "-h")
+		if code != 0 || !strings.HasPrefix(out, "usage: discoverd "+cmd) || stderr != "" {
+			t.Errorf("%s -h: exit %d, stdout %q, stderr %q", cmd, code, out, stderr)
 		}
 	}
 }
@@ -164,15 +175,48 @@ func TestCLIEndToEnd(t *testing.T) {
 		t.Fatalf("services: exit %d, out %q, stderr %q", code, out, stderr)
 	}
 	code, out, stderr := cliRun(t, addr, "services", "web", "-json")
-	var got []jsonService
-	if err := json.Unmarshal([]byte(out), &got); code != 0 || err != nil {
+	var got []server.Instance
+	if err := json.Unmarshal([]byte(out), &got); code != 0 || err != nil || strings.Count(out, "\n") != 1 {
 		t.Fatalf("services -json: exit %d, %v, out %q, stderr %q", code, err, out, stderr)
 	}
 	if len(got) != 1 || got[0].Addr != "127.0.0.1:9001" || got[0].Name != "web" || got[0].Attrs["role"] != "primary" || got[0].Created == 0 {
 		t.Fatalf("services -json = %+v", got)
 	}
+	// The same JSON as the HTTP API's.
+	resp, err := http.Get("http://" + addr + "/services/web")
+	if err != nil {
+		t.Fatal(err)
+	}
+	httpBody, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if string(httpBody) != out {
+		t.Fatalf("services -json printed %s, GET /services/web answers %s", out, httpBody)
+	}
 	if code, out, _ := cliRun(t, "", "-agent", addr, "leader", "web"); code != 0 || out != "127.0.0.1:9001\n" {
 		t.Fatalf("leader: exit %d, out %q", code, out)
+	}
+	if code, out, _ := cliRun(t, addr, "leader", "-json", "web"); code != 0 || out != string(httpBody[1:len(httpBody)-2])+"\n" {
+		t.Fatalf("leader -json: exit %d, out %q, want the instance of %s", code, out, httpBody)
+	}
+	// Without a name: every service.
+	if code, out, stderr := cliRun(t, addr, "services"); code != 0 ||
+		!regexp.MustCompile(`^NAME +INSTANCES +LEADER\nweb +1 +127\.0\.0\.1:9001\n$`).MatchString(out) {
+		t.Fatalf("services: exit %d, out %q, stderr %q", code, out, stderr)
+	}
+	if code, out, _ := cliRun(t, addr, "services", "-json"); code != 0 ||
+		!regexp.MustCompile(`^\[\{"name":"web","instances":1,"leader":"127\.0\.0\.1:9001","leader_created":\d+\}\]\n$`).MatchString(out) {
+		t.Fatalf("services -json: exit %d, out %q", code, out)
+	}
+	jsonWatch := startCommand(t, addr, "watch", "-json", "web")
+	if l := jsonWatch.line(t); !regexp.MustCompile(`^\{"event":"online","instance":\{"name":"web","addr":"127\.0\.0\.1:9001","attrs":\{"role":"primary","zone":"a"\},"created":\d+\}\}$`).MatchString(l) {
+		t.Fatalf("watch -json printed %q", l)
+	}
+	if l := jsonWatch.line(t); l != `{"event":"current"}` {
+		t.Fatalf("watch -json printed %q, want current", l)
+	}
+	jsonLeader := startCommand(t, addr, "leader", "-watch", "-json", "web")
+	if l := jsonLeader.line(t); !strings.HasPrefix(l, `{"name":"web","addr":"127.0.0.1:9001",`) {
+		t.Fatalf("leader -watch -json printed %q", l)
 	}
 
 	// Interrupting register unregisters.
@@ -186,7 +230,13 @@ func TestCLIEndToEnd(t *testing.T) {
 	if l := follow.line(t); l != "none" {
 		t.Fatalf("leader -watch printed %q, want none", l)
 	}
-	for _, b := range []*background{watch, follow} {
+	if l := jsonWatch.line(t); !strings.HasPrefix(l, `{"event":"offline","instance":{"name":"web","addr":"127.0.0.1:9001",`) {
+		t.Fatalf("watch -json printed %q, want the offline line", l)
+	}
+	if l := jsonLeader.line(t); l != "null" {
+		t.Fatalf("leader -watch -json printed %q, want null", l)
+	}
+	for _, b := range []*background{watch, follow, jsonWatch, jsonLeader} {
 		if code, rest := b.stop(t); code != 0 || len(rest) != 0 {
 			t.Fatalf("stopped with %d, extra output %q, stderr %s", code, rest, b.stderr)
 		}

@@ -5,8 +5,11 @@
 //	discoverd -etcd http://h1:2379,http://h2:2379
 //	discoverd -zookeeper h1:2181,h2:2181
 //	discoverd register|services|watch|leader ...   # CLI subcommands (see cli.go)
+//	discoverd help | version
 //
-// Flags and operation are described in docs/OPERATIONS.md.
+// Every agent flag can also be set by the environment variable
+// DISCOVERD_<FLAG> (help.go). Flags and operation are described in
+// docs/OPERATIONS.md.
 package main
 
 import (
@@ -32,6 +35,7 @@ import (
 	"github.com/flynn/discoverd/backend"
 	"github.com/flynn/discoverd/backend/etcd"
 	"github.com/flynn/discoverd/backend/zookeeper"
+	"github.com/flynn/discoverd/internal/buildinfo"
 	"github.com/flynn/discoverd/server"
 )
 
@@ -49,18 +53,30 @@ func main() {
 // the agent until ctx is done, and returns the exit code: 0 after a clean
 // stop, 1 when the agent cannot start or fails, 2 for bad flags.
 func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) int {
-	if len(args) > 0 && isCommand(args[0]) {
+	switch {
+	case len(args) == 1 && isHelp(args[0]):
+		printHelp(stdout, getenv)
+		return 0
+	case len(args) == 1 && isVersion(args[0]):
+		fmt.Fprintln(stdout, buildinfo.Read())
+		return 0
+	case len(args) > 0 && isCommand(args[0]):
 		return runCommand(ctx, args, getenv, stdout, stderr)
 	}
 	m := NewMain()
-	if err := m.ParseFlags(args, getenv, stderr); err != nil {
+	if err := m.ParseFlags(args, getenv, stdout); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return 0
 		}
 		fmt.Fprintf(stderr, "discoverd: %v\n", err)
 		return 2
 	}
-	m.Logger = slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: m.LogLevel}))
+	logger, err := newLogger(stderr, m.LogFormat, m.LogLevel)
+	if err != nil {
+		fmt.Fprintf(stderr, "discoverd: %v\n", err)
+		return 2
+	}
+	m.Logger = logger
 	m.OnStoreFatal = fatalExit(m.Logger, stderr, os.Exit)
 	if err := m.Run(ctx); err != nil {
 		fmt.Fprintf(stderr, "discoverd: %v\n", oneLine(err))
@@ -108,6 +124,9 @@ type Main struct {
 	ExternalIP string
 	// LogLevel is the minimum level logged ("-log-level").
 	LogLevel slog.Level
+	// LogFormat is LogText or LogJSON ("-log-format"); run builds Logger
+	// from it.
+	LogFormat string
 	// StoreTimeout bounds the retries of an unreachable store at start
 	// ("-store-timeout").
 	StoreTimeout time.Duration
@@ -155,6 +174,7 @@ func NewMain() *Main {
 		EtcdPeerAddr:   DefaultEtcdPeerAddr,
 		TTL:            api.DefaultTTL,
 		LogLevel:       slog.LevelInfo,
+		LogFormat:      LogText,
 		StoreTimeout:   DefaultStoreTimeout,
 
 		RPCIdleTimeout:              server.DefaultRPCIdleTimeout,
@@ -176,10 +196,37 @@ func defaultDataDir(getenv func(string) string) string {
 }
 
 // ParseFlags sets m from the command-line arguments and the environment
-// (read through getenv). Usage and help go to usage. It returns
-// flag.ErrHelp for -h, and an error that names the flag for anything it
-// cannot accept.
+// (read through getenv): each flag's DISCOVERD_<FLAG> variable, then the
+// flag itself, which wins. Of -etcd and -zookeeper, one on the command
+// line overrides the other's variable. Help goes to usage. It returns
+// flag.ErrHelp for -h, and an error that names the flag or variable for
+// anything it cannot accept.
 func (m *Main) ParseFlags(args []string, getenv func(string) string, usage io.Writer) error {
+	fs := m.flagSet(getenv)
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			printHelp(usage, getenv)
+		}
+		return err
+	}
+	onCmdline := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { onCmdline[f.Name] = true })
+	// One store chosen on the command line overrides the environment's.
+	onCmdline["zookeeper"] = onCmdline["zookeeper"] || onCmdline["etcd"]
+	onCmdline["etcd"] = onCmdline["zookeeper"]
+	if err := setFromEnv(fs, getenv, onCmdline); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unknown command %q (the agent takes flags only; see discoverd help)", fs.Arg(0))
+	}
+	return m.validate()
+}
+
+// flagSet defines the agent's flags on m, with m's values as defaults
+// (the data dir and external IP from getenv's XDG_STATE_HOME, HOME and
+// EXTERNAL_IP).
+func (m *Main) flagSet(getenv func(string) string) *flag.FlagSet {
 	fs := flag.NewFlagSet("discoverd", flag.ContinueOnError)
 	fs.SetOutput(io.Discard) // errors are returned, printed once by the caller
 	m.DataDir = defaultDataDir(getenv)
@@ -199,24 +246,14 @@ func (m *Main) ParseFlags(args []string, getenv func(string) string, usage io.Wr
 	fs.DurationVar(&m.TTL, "ttl", m.TTL, "registration lifetime without a heartbeat; also how long a dead agent's registrations remain")
 	fs.StringVar(&m.ExternalIP, "external-ip", m.ExternalIP, "`IP` that expands \":port\" addresses (default $EXTERNAL_IP)")
 	fs.TextVar(&m.LogLevel, "log-level", m.LogLevel, "minimum log `level`: debug, info, warn or error")
+	fs.Var((*logFormat)(&m.LogFormat), "log-format", "log `format`: text or json")
 	fs.DurationVar(&m.StoreTimeout, "store-timeout", m.StoreTimeout, "how long to retry an unreachable store at start")
 	// Limits that keep one client from exhausting the agent (docs/OPERATIONS.md).
 	fs.IntVar(&m.MaxConns, "max-conns", m.MaxConns, "cap on client connections (HTTP and RPC) served at once; 0 derives it from the descriptor limit")
 	fs.DurationVar(&m.RPCIdleTimeout, "rpc-idle-timeout", m.RPCIdleTimeout, "close RPC connections without calls, streams or registrations after this long; 0 never")
 	fs.DurationVar(&m.BodyTimeout, "http-body-timeout", m.BodyTimeout, "how long an HTTP request body may take to arrive")
 	fs.IntVar(&m.MaxHTTPRegistrationsPerAddr, "http-registrations-per-addr", m.MaxHTTPRegistrationsPerAddr, "cap on the HTTP registrations of one client address")
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			fs.SetOutput(usage)
-			fmt.Fprintln(usage, "Usage: discoverd [flags]\n       discoverd <command> [args]  (register, services, watch, leader)")
-			fs.PrintDefaults()
-		}
-		return err
-	}
-	if fs.NArg() > 0 {
-		return fmt.Errorf("unknown command %q (the agent takes flags only)", fs.Arg(0))
-	}
-	return m.validate()
+	return fs
 }
 
 // validate checks the combination of settings.
@@ -304,20 +341,26 @@ func (m *Main) Start(ctx context.Context) (err error) {
 	if err != nil {
 		return err
 	}
-	m.server, err = server.New(m.agent, server.Options{
+	opts := server.Options{
 		Logger:                      m.Logger.With("component", "server"),
 		TTL:                         m.TTL,
 		Conns:                       m.conns,
 		BodyTimeout:                 m.BodyTimeout,
 		RPCIdleTimeout:              cmp.Or(m.RPCIdleTimeout, -1), // 0: never
 		MaxHTTPRegistrationsPerAddr: m.MaxHTTPRegistrationsPerAddr,
-	})
+	}
+	if l, ok := m.backend.(backend.Lister); ok {
+		opts.Services = l
+	}
+	m.server, err = server.New(m.agent, opts)
 	if err != nil {
 		return err
 	}
 	m.front.set(m.server)
 	m.starting.Close() // its RPC clients reconnect, to the agent proper
-	m.Logger.Info("discoverd serving", "addr", m.ln.Addr().String(), "store", m.storeName(), "ttl", m.TTL, "max_conns", m.conns.Max)
+	build := buildinfo.Read()
+	m.Logger.Info("discoverd serving", "addr", m.ln.Addr().String(), "store", m.storeName(), "ttl", m.TTL.String(),
+		"max_conns", m.conns.Max, "version", build.Version, "revision", build.ShortRevision())
 	return nil
 }
 
@@ -415,8 +458,8 @@ func (m *Main) storeName() string {
 // openBackend starts the embedded etcd when no store is configured, then
 // opens the backend, retrying with backoff until StoreTimeout.
 func (m *Main) openBackend(ctx context.Context) (backend.Backend, error) {
-	log := m.Logger.With("component", "backend")
 	if len(m.ZooKeeper) > 0 {
+		log := m.Logger.With("component", "zookeeper")
 		return m.retry(ctx, "zookeeper", func(ctx context.Context) (backend.Backend, error) {
 			b, err := zookeeper.Open(ctx, zookeeper.Config{Servers: m.ZooKeeper, TTL: m.TTL, Logger: log})
 			if err != nil {
@@ -436,7 +479,7 @@ func (m *Main) openBackend(ctx context.Context) (backend.Backend, error) {
 			ClientAddr: m.EtcdClientAddr,
 			PeerAddr:   m.EtcdPeerAddr,
 			Name:       "discoverd",
-			Logger:     m.Logger.With("component", "etcd"),
+			Logger:     m.Logger.With("component", "etcd-server"),
 			OnFatal:    m.OnStoreFatal,
 		})
 		cancel()
@@ -446,6 +489,7 @@ func (m *Main) openBackend(ctx context.Context) (backend.Backend, error) {
 		m.embedded = e
 		endpoints = e.Endpoints()
 	}
+	log := m.Logger.With("component", "etcd")
 	return m.retry(ctx, "etcd", func(ctx context.Context) (backend.Backend, error) {
 		b, err := etcd.Open(ctx, etcd.Config{Endpoints: endpoints, TTL: m.TTL, Logger: log})
 		if err != nil {

@@ -48,6 +48,7 @@ func (s *Server) routes() {
 	s.handle("PUT /services/{name}/instances/{addr}", "/services/{name}/instances/{addr}", s.putInstance)
 	s.handle("DELETE /services/{name}/instances/{addr}", "/services/{name}/instances/{addr}", s.deleteInstance)
 	s.handle("GET /health", "/health", s.health)
+	s.opsRoutes()
 	s.handle("GET /metrics", "/metrics", promhttp.HandlerFor(s.metrics.reg, promhttp.HandlerOpts{
 		ErrorLog: slogPrinter{s.log},
 	}).ServeHTTP)
@@ -139,8 +140,8 @@ func (s *Server) deleteInstance(w http.ResponseWriter, r *http.Request) {
 	w.WriteHeader(http.StatusNoContent)
 }
 
-// health answers GET /health: 200 when the agent reaches its store, 503
-// with the reason when not.
+// health answers GET /health and GET /health/ready (readiness): 200 when
+// the agent reaches its store, 503 with the reason when not.
 func (s *Server) health(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(r.Context(), s.opts.HealthTimeout)
 	defer cancel()

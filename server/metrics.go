@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/flynn/discoverd/api"
+	"github.com/flynn/discoverd/internal/buildinfo"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 )
@@ -53,7 +54,14 @@ func newMetrics(a Agent, conns *ConnLimiter) *metrics {
 			Help: "HTTP Server-Sent Events streams open now.",
 		}),
 	}
+	build := buildinfo.Read()
+	buildInfo := prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Name: "discoverd_build_info",
+		Help: "Always 1; its labels say which build runs: module version, VCS revision (\"unknown\" if not recorded, \"+dirty\" if modified) and Go version.",
+	}, []string{"version", "revision", "goversion"})
+	buildInfo.WithLabelValues(build.Version, build.ShortRevision(), build.GoVersion).Set(1)
 	m.reg.MustRegister(
+		buildInfo,
 		m.rpcCalls, m.rpcDuration, m.rpcStreams,
 		m.httpRequests, m.httpDuration, m.sseStreams,
 		agentCollector{a},

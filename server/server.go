@@ -25,6 +25,7 @@ import (
 
 	"github.com/flynn/discoverd/agent"
 	"github.com/flynn/discoverd/api"
+	"github.com/flynn/discoverd/backend"
 	"github.com/flynn/discoverd/rpc"
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -106,6 +107,10 @@ type Options struct {
 	WriteTimeout time.Duration
 	// HealthTimeout bounds the store ping of GET /health. Default 2 s.
 	HealthTimeout time.Duration
+	// Services lists the services of the store for GET /services; nil
+	// answers 501. Main sets it to the backend when it implements
+	// backend.Lister.
+	Services backend.Lister
 	// RPC tunes the RPC server (message size, stream buffer, calls per
 	// connection); nil means rpc.NewServer() with its defaults, and its
 	// Logger then Logger. New sets its MaxStreamsPerConn and

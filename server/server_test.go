@@ -75,6 +75,9 @@ func newEnv(t testing.TB, cfg envConfig) *env {
 	if cfg.opts.Logger == nil {
 		cfg.opts.Logger = log
 	}
+	if cfg.opts.Services == nil {
+		cfg.opts.Services = b // as main wires it
+	}
 	srv, err := server.New(a, cfg.opts)
 	if err != nil {
 		t.Fatalf("server.New: %v", err)

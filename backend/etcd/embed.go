@@ -73,8 +73,9 @@ const startAttempts = 3
 // it fails. On error nothing is left running. The caller must Close the
 // server.
 //
-// The server compacts its history every hour, keeping an hour of it
-// (watchers further behind recover by re-reading, see Subscribe).
+// The server compacts its history every 5 minutes, keeping 5 minutes of
+// it (watchers further behind recover by re-reading, see Subscribe), and
+// bounds its disk use (see wal.go).
 func StartEmbedded(ctx context.Context, cfg EmbedConfig) (*Embedded, error) {
 	if cfg.Dir == "" {
 		return nil, errors.New("etcd: embedded server: EmbedConfig.Dir is required")
@@ -137,8 +138,19 @@ func startEmbedded(ctx context.Context, cfg EmbedConfig) (*Embedded, error) {
 	}
 	ec.TickMs = uint(tick.Milliseconds())
 	ec.ElectionMs = uint(election.Milliseconds())
+	// Keep the data dir small under registration churn (docs/OPERATIONS.md,
+	// "Embedded etcd's disk use"): history is compacted every
+	// embedRetention, keeping that much (a watcher further behind
+	// re-reads, see Subscribe); the database is bounded by
+	// embedQuotaBytes and defragmented at start when that frees
+	// embedDefragMB; WAL segments are preallocated at walSegmentBytes
+	// (wal.go), at most MaxWalFiles of them kept.
 	ec.AutoCompactionMode = embed.CompactorModePeriodic
-	ec.AutoCompactionRetention = "1h"
+	ec.AutoCompactionRetention = embedRetention.String()
+	ec.QuotaBackendBytes = embedQuotaBytes
+	ec.BootstrapDefragThresholdMegabytes = embedDefragMB
+	ec.MaxWalFiles = embedMaxWALs
+	ec.MaxSnapFiles = embedMaxWALs
 	ec.EnableGRPCGateway = false
 	// embed.NewConfig leaves it 0, which makes etcd warn about every
 	// request; etcd's own command line defaults to this.
