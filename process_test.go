@@ -50,37 +50,26 @@ type agentProc struct {
 	t      *testing.T
 	cmd    *exec.Cmd
 	addr   string // its -bind
-	stderr *syncBuffer
+	stderr *lockedBuffer
 	exited chan struct{} // closed once the process has exited
 	code   int           // its exit status, valid once exited is closed
 }
 
-type syncBuffer struct {
+type lockedBuffer struct {
 	mu sync.Mutex
 	b  bytes.Buffer
 }
 
-func (b *syncBuffer) Write(p []byte) (int, error) {
+func (b *lockedBuffer) Write(p []byte) (int, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.b.Write(p)
 }
 
-func (b *syncBuffer) String() string {
+func (b *lockedBuffer) String() string {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.b.String()
-}
-
-// freeAddr returns a 127.0.0.1 address whose port was free a moment ago.
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
 }
 
 // startAgent starts the agent as a child process, on a free port, with
@@ -89,7 +78,7 @@ func freeAddr(t *testing.T) string {
 // test failed.
 func startAgent(t *testing.T, nofile int, args ...string) *agentProc {
 	t.Helper()
-	p := &agentProc{t: t, addr: freeAddr(t), stderr: new(syncBuffer), exited: make(chan struct{})}
+	p := &agentProc{t: t, addr: freeAddr(t), stderr: new(lockedBuffer), exited: make(chan struct{})}
 	p.cmd = exec.Command(os.Args[0], append([]string{"-bind", p.addr}, args...)...)
 	p.cmd.Env = append(os.Environ(), agentChildEnv+"=1", "HOME="+t.TempDir(), "XDG_STATE_HOME=")
 	if nofile > 0 {
