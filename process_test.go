@@ -362,3 +362,28 @@ func TestSignalsDuringStartup(t *testing.T) {
 		})
 	}
 }
+
+// TestSignalDuringEmbeddedStart: a SIGTERM as soon as the port answers,
+// usually while the embedded etcd is still starting, stops the agent
+// promptly with status 0 (whichever step of the start it falls in).
+func TestSignalDuringEmbeddedStart(t *testing.T) {
+	p := startAgent(t, 0, embeddedArgs(t.TempDir())...)
+	deadline := time.After(3 * waitTimeout)
+	for {
+		if code, _ := p.health(); code != 0 {
+			t.Logf("/health answered %d before the signal", code)
+			break
+		}
+		select {
+		case <-deadline:
+			t.Fatal("the port never answered")
+		case <-p.exited:
+			t.Fatalf("agent exited with status %d before the signal", p.code)
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+	p.signal(syscall.SIGTERM)
+	if code := p.wait(waitTimeout); code != 0 {
+		t.Fatalf("exit status %d after SIGTERM during the start, want 0", code)
+	}
+}

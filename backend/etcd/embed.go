@@ -192,12 +192,17 @@ func startEmbedded(ctx context.Context, cfg EmbedConfig) (*Embedded, error) {
 	return em, nil
 }
 
+// startGrace is how long startEtcd waits, once its ctx is done, for
+// StartEtcd to return so that it can stop the server cleanly.
+const startGrace = time.Second
+
 // startEtcd runs embed.StartEtcd, which does not take a context and can
 // block for long (replaying a large WAL) or for ever (a database locked by
 // a process that started after checkDataDir looked), and returns when it
-// does or when ctx is done. In the latter case its goroutine is left to
-// finish on its own and close what it started: the caller is giving up on
-// the start, and normally the process is about to exit.
+// does or when ctx is done. In the latter case it waits up to startGrace
+// for StartEtcd and closes what it started; after that its goroutine is
+// left to finish on its own and close it: the caller is giving up on the
+// start, and normally the process is about to exit.
 func startEtcd(ctx context.Context, ec *embed.Config, lastWarn *atomic.Pointer[string]) (*embed.Etcd, error) {
 	type result struct {
 		e   *embed.Etcd
@@ -212,13 +217,24 @@ func startEtcd(ctx context.Context, ec *embed.Config, lastWarn *atomic.Pointer[s
 	case r := <-started:
 		return r.e, r.err
 	case <-ctx.Done():
+	}
+	// Give a start that is about to finish a moment to, so that it is
+	// stopped cleanly rather than with the process.
+	grace := time.NewTimer(startGrace)
+	defer grace.Stop()
+	select {
+	case r := <-started:
+		if r.err == nil {
+			r.e.Close()
+		}
+	case <-grace.C:
 		go func() { // ends when StartEtcd does
 			if r := <-started; r.err == nil {
 				r.e.Close()
 			}
 		}()
-		return nil, fmt.Errorf("starting: %w%s", ctx.Err(), lastWarning(lastWarn))
 	}
+	return nil, fmt.Errorf("starting: %w%s", ctx.Err(), lastWarning(lastWarn))
 }
 
 // lastWarning is ", last etcd warning: <message>" for the last warning

@@ -3,12 +3,18 @@ package etcd_test
 import (
 	"context"
 	"errors"
+	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"go.uber.org/zap"
 
 	"github.com/flynn/discoverd/backend/etcd"
 )
@@ -87,4 +93,54 @@ func TestEmbeddedDone(t *testing.T) {
 		t.Fatal("Done closed by Close")
 	default:
 	}
+}
+
+// A fatal entry of etcd reaches OnFatal with its message and error, and
+// warnings and the info lines that explain a wait reach the log at warn.
+func TestServerLogger(t *testing.T) {
+	var buf syncBuffer
+	log := slog.New(slog.NewTextHandler(&buf, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	fatal := make(chan error, 1)
+	lg := etcd.ServerLogger(log, new(atomic.Bool), new(atomic.Pointer[string]), func(err error) {
+		fatal <- err
+		runtime.Goexit() // OnFatal must not return; this test's goroutine ends here instead of the process
+	})
+	lg.Info("starting an etcd server")
+	lg.Info("db file is flocked by another process, or taking too long")
+	lg.Warn("slow disk")
+	go lg.Fatal("failed to purge wal file", zap.Error(errors.New("too many open files")))
+	select {
+	case err := <-fatal:
+		if want := "etcd: embedded server: failed to purge wal file: too many open files"; err.Error() != want {
+			t.Errorf("OnFatal got %q, want %q", err, want)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("OnFatal not called")
+	}
+	out := buf.String()
+	for _, want := range []string{`level=WARN msg="db file is flocked`, `level=WARN msg="slow disk"`} {
+		if !strings.Contains(out, want) {
+			t.Errorf("log lacks %q:\n%s", want, out)
+		}
+	}
+	if strings.Contains(out, "starting an etcd server") {
+		t.Errorf("an ordinary info line was logged:\n%s", out)
+	}
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.String()
 }
