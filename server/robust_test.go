@@ -294,6 +294,24 @@ func TestStarting(t *testing.T) {
 	if h.Status != "starting" || h.Code != string(api.CodeUnavailable) {
 		t.Fatalf("/health while starting: %+v", h)
 	}
+	resp, err = http.Get("http://" + addr + "/health/ready")
+	if err != nil {
+		t.Fatal(err)
+	}
+	decode(t, resp, http.StatusServiceUnavailable, &h)
+	resp.Body.Close()
+	if h.Status != "starting" {
+		t.Fatalf("/health/ready while starting: %+v", h)
+	}
+	resp, err = http.Get("http://" + addr + "/health/live")
+	if err != nil {
+		t.Fatal(err)
+	}
+	decode(t, resp, http.StatusOK, &h)
+	resp.Body.Close()
+	if h.Status != "starting" {
+		t.Fatalf("/health/live while starting: %+v", h)
+	}
 	resp, err = http.Get("http://" + addr + "/services/web")
 	if err != nil {
 		t.Fatal(err)

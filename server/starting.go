@@ -13,7 +13,8 @@ import (
 // Starting is the handler the agent's listener serves while its store is
 // not ready yet, so that the port answers at once instead of hanging:
 //
-//   - GET /health: 503 {"status":"starting","error":...,"code":"unavailable"};
+//   - GET /health and /health/ready: 503 {"status":"starting","error":...,
+//     "code":"unavailable"}; GET /health/live: 200 {"status":"starting"};
 //   - RPC (CONNECT /_goRPC_): the upgrade succeeds and every call of the
 //     Agent service fails at once with "unavailable: agent is starting ...";
 //     Close closes those connections, so that clients reconnect to the
@@ -49,8 +50,17 @@ func NewStarting(log *slog.Logger) *Starting {
 	}
 	s := &Starting{rpc: rs, mux: http.NewServeMux()}
 	s.mux.Handle("CONNECT "+rpc.DefaultPath, rs)
-	s.mux.HandleFunc("GET /health", func(w http.ResponseWriter, r *http.Request) {
+	notReady := func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusServiceUnavailable, healthBody{Status: "starting", Error: errStarting.Message, Code: errStarting.Code})
+	}
+	s.mux.HandleFunc("GET /health", notReady)
+	s.mux.HandleFunc("GET /health/ready", notReady)
+	// The process is alive and making progress (it gives up by itself
+	// after -store-timeout): a liveness probe must not restart it.
+	s.mux.HandleFunc("GET /health/live", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, struct {
+			Status string `json:"status"`
+		}{"starting"})
 	})
 	s.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusServiceUnavailable, ErrorBody{Error: errStarting.Message, Code: errStarting.Code})
