@@ -107,7 +107,7 @@ func TestServerLogger(t *testing.T) {
 	})
 	lg.Info("starting an etcd server")
 	lg.Info("db file is flocked by another process, or taking too long")
-	lg.Warn("slow disk")
+	lg.Warn("slow disk", zap.String("request", strings.Repeat("x", 10000)))
 	go lg.Fatal("failed to purge wal file", zap.Error(errors.New("too many open files")))
 	select {
 	case err := <-fatal:
@@ -122,6 +122,9 @@ func TestServerLogger(t *testing.T) {
 		if !strings.Contains(out, want) {
 			t.Errorf("log lacks %q:\n%s", want, out)
 		}
+	}
+	if strings.Contains(out, strings.Repeat("x", 513)) || !strings.Contains(out, "(10000 bytes)") {
+		t.Errorf("a long field was not cut:\n%.2000s", out)
 	}
 	if strings.Contains(out, "starting an etcd server") {
 		t.Errorf("an ordinary info line was logged:\n%s", out)

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"strings"
 	"sync/atomic"
 
 	"go.uber.org/zap"
@@ -61,7 +62,43 @@ func (c *serverCore) Write(e zapcore.Entry, fields []zapcore.Field) error {
 		msg := e.Message
 		c.lastWarn.Store(&msg)
 	}
-	return c.slogCore.Write(e, fields)
+	return c.slogCore.Write(e, shortFields(fields))
+}
+
+// maxFieldLen bounds a string field of a forwarded entry: etcd's slow
+// request warnings carry the whole request, which for a batch of
+// registrations is many KiB.
+const maxFieldLen = 512
+
+// shortFields returns fields with string values longer than maxFieldLen
+// cut, and fields itself when none is.
+func shortFields(fields []zapcore.Field) []zapcore.Field {
+	var out []zapcore.Field
+	for i, f := range fields {
+		var v string
+		switch f.Type {
+		case zapcore.StringType:
+			v = f.String
+		case zapcore.StringerType:
+			if st, ok := f.Interface.(fmt.Stringer); ok {
+				v = st.String()
+			}
+		}
+		if len(v) <= maxFieldLen {
+			if out != nil {
+				out = append(out, f)
+			}
+			continue
+		}
+		if out == nil {
+			out = append(make([]zapcore.Field, 0, len(fields)), fields[:i]...)
+		}
+		out = append(out, zap.String(f.Key, fmt.Sprintf("%s… (%d bytes)", strings.ToValidUTF8(v[:maxFieldLen], ""), len(v))))
+	}
+	if out == nil {
+		return fields
+	}
+	return out
 }
 
 // fatalHook runs after etcd logged a fatal entry.
