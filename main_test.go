@@ -342,7 +342,7 @@ func TestConnBudget(t *testing.T) {
 		limit uint64
 		want  int
 	}{
-		{64, minConns}, {256, 112}, {1024, 784}, {4096, 3472}, {20000, 17388},
+		{64, minConns}, {256, 112}, {1024, 784}, {4096, 3472}, {16384, 14224}, {20000, maxDefaultConns}, {1 << 20, maxDefaultConns},
 	} {
 		if got := connBudget(tc.limit); got != tc.want {
 			t.Errorf("connBudget(%d) = %d, want %d", tc.limit, got, tc.want)

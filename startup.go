@@ -24,6 +24,12 @@ const (
 	reserveShare = 8
 	// minConns is the smallest cap the agent sets by itself.
 	minConns = 16
+	// maxDefaultConns is the largest: each idle upgraded connection costs
+	// about 26 KiB (docs/BENCHMARKS.md, scenario 7), so a cap derived from
+	// a hard limit of a million descriptors would let one client take
+	// gigabytes and get the agent OOM-killed. 16,384 connections are at
+	// most about 430 MiB. -max-conns sets more.
+	maxDefaultConns = 16384
 )
 
 // raiseFileLimit raises the soft RLIMIT_NOFILE to the hard limit and
@@ -45,13 +51,14 @@ func raiseFileLimit() (uint64, error) {
 }
 
 // connBudget is the default cap on client connections for a descriptor
-// limit: the limit less the reserve, at least minConns.
+// limit: the limit less the reserve, at least minConns and at most
+// maxDefaultConns.
 func connBudget(limit uint64) int {
 	reserve := reserveFixed + limit/reserveShare + server.DefaultMaxRefusing
 	if limit <= reserve+minConns {
 		return minConns
 	}
-	return int(min(limit-reserve, 1<<30))
+	return int(min(limit-reserve, maxDefaultConns))
 }
 
 // connLimit raises the descriptor limit and returns the cap on client
