@@ -150,9 +150,28 @@ func newAgent(cfg Config, timeout time.Duration) (*Agent, error) {
 		orphans:        make(map[regKey]struct{}),
 		watches:        make(map[string]*watch),
 	}
+	if n, ok := cfg.Backend.(backend.LossNotifier); ok {
+		n.OnLost(a.lostToAnother)
+	}
 	a.wg.Add(1)
 	go a.janitor()
 	return a, nil
+}
+
+// lostToAnother forgets a registration that the backend stopped holding
+// because another session (through another agent) took it over in the
+// store: its former owner's Heartbeat then gets CodeNotFound, and its
+// Close removes nothing. The backend calls it while it holds its own lock
+// of the key, so a Register of the key on this agent writes only after it
+// (and Register re-reads what the agent holds after its write).
+func (a *Agent) lostToAnother(name, addr string) {
+	k := regKey{name, addr}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if r := a.regs[k]; r != nil && !a.closed {
+		a.forgetLocked(k, r)
+		a.log.Info("registration taken over through another agent; no longer held here", "name", name, "addr", addr)
+	}
 }
 
 // Close stops the expiry loop and every watch, ends every subscription
@@ -394,7 +413,7 @@ func (a *Agent) removeBatch(op string, keys []regKey, prepare func(regKey) bool,
 		mu.Lock()
 		defer mu.Unlock()
 		switch {
-		case err == nil:
+		case err == nil, errors.Is(err, backend.ErrNotOwner):
 			removed++
 		case a.ctx.Err() != nil || errors.Is(err, backend.ErrClosed) || errors.Is(err, errShutdown):
 		case errors.Is(context.Cause(stopCtx), errBatchStopped):
@@ -464,6 +483,10 @@ func (a *Agent) removeFromStore(ctx context.Context, k regKey) error {
 	err := a.backend.Unregister(ctx, k.name, k.addr)
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	if errors.Is(err, backend.ErrNotOwner) {
+		delete(a.orphans, k) // another session's now: nothing of ours to remove
+		return err
+	}
 	if err != nil {
 		if a.closed {
 			return errShutdown
@@ -489,6 +512,8 @@ func (a *Agent) removeNow(ctx context.Context, k regKey) error {
 	switch {
 	case err == nil:
 		return nil
+	case errors.Is(err, backend.ErrNotOwner):
+		return api.Errorf(api.CodePermissionDenied, "%s/%s was taken over through another agent; it was left in place", k.name, k.addr)
 	case a.ctx.Err() != nil || errors.Is(err, backend.ErrClosed) || errors.Is(err, errShutdown):
 		return errShutdown
 	}

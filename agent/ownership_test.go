@@ -83,3 +83,52 @@ func TestOwnership(t *testing.T) {
 		t.Fatalf("the owner's Unregister: %v", err)
 	}
 }
+
+// TestOwnershipAcrossAgents: a registration taken over through another
+// agent is left alone by its former owner: the former owner's Unregister
+// is refused and deletes nothing, and within about a TTL its own agent
+// learns of the takeover (the backend's anti-entropy) and no longer
+// answers its heartbeats.
+func TestOwnershipAcrossAgents(t *testing.T) {
+	srv := etcdtest.NewServer(t)
+	const ttl = 2 * time.Second
+	a1 := mustAgent(t, mustBackend(t, srv, ttl), agent.Config{TTL: time.Minute})
+	a2 := mustAgent(t, mustBackend(t, srv, ttl), agent.Config{TTL: time.Minute})
+	former, owner := a1.NewSession(0), a2.NewSession(0)
+	defer owner.Close()
+	web := agent.Args{Name: "web", Addr: "10.0.0.1:80"}
+
+	mustRegister(t, former, web.Name, web.Addr, map[string]string{"by": "a1"})
+	mustRegister(t, owner, web.Name, web.Addr, map[string]string{"by": "a2"})
+	err := former.Unregister(ctxT(t), web)
+	if !errors.Is(err, &api.Error{Code: api.CodePermissionDenied}) {
+		t.Fatalf("former owner's Unregister: %v, want permission_denied", err)
+	}
+	list, err := a2.Instances(ctxT(t), "web")
+	if err != nil || len(list) != 1 || list[0].Attrs["by"] != "a2" {
+		t.Fatalf("after the former owner's Unregister: %v, %v; want the new owner's registration", list, err)
+	}
+
+	// A second one, left to the anti-entropy.
+	other := agent.Args{Name: "web", Addr: "10.0.0.2:80"}
+	mustRegister(t, former, other.Name, other.Addr, nil)
+	mustRegister(t, owner, other.Name, other.Addr, map[string]string{"by": "a2"})
+	deadline := time.Now().Add(4*ttl + 10*time.Second)
+	for former.Heartbeat(ctxT(t), other) == nil {
+		if time.Now().After(deadline) {
+			t.Fatalf("the former owner's agent still answers its heartbeats %v after the takeover", 4*ttl+10*time.Second)
+		}
+		time.Sleep(50 * time.Millisecond) // polling: the anti-entropy has no signal to wait on
+	}
+	if err := former.Heartbeat(ctxT(t), other); !errors.Is(err, &api.Error{Code: api.CodeNotFound}) {
+		t.Fatalf("former owner's Heartbeat after the pass: %v, want not_found", err)
+	}
+	former.Close()
+	list, err = a2.Instances(ctxT(t), "web")
+	if err != nil || len(list) != 2 {
+		t.Fatalf("after the former owner's Close: %v, %v; want both registrations kept", list, err)
+	}
+	if st := a1.Stats(); st.Store == nil || st.Store.Lost < 1 {
+		t.Errorf("former owner's store stats %+v, want Lost >= 1", st.Store)
+	}
+}

@@ -189,6 +189,11 @@ func (s *Session) Register(ctx context.Context, args api.Args) (string, error) {
 		a.mu.Unlock()
 		return "", errShutdown
 	}
+	if r != nil && a.regs[k] != r {
+		// Forgotten during the write (lostToAnother): this write took it
+		// back, as a new registration of s.
+		r = nil
+	}
 	if r == nil && s.closed {
 		// Close ran while we were writing (the connection died): it
 		// cannot have seen this registration, so withdraw it here, even

@@ -40,7 +40,10 @@ type Backend interface {
 	Register(ctx context.Context, name, addr string, attrs map[string]string) error
 
 	// Unregister removes the registration name/addr at once and forgets it.
-	// Removing a registration that does not exist is not an error.
+	// Removing a registration that does not exist is not an error. A
+	// registration that another session now owns in the store (it was
+	// taken over, through another agent) is left in place: Unregister
+	// forgets it and returns ErrNotOwner.
 	Unregister(ctx context.Context, name, addr string) error
 
 	// Subscribe starts a stream of the registrations of name. The stream
@@ -131,6 +134,22 @@ type Stream interface {
 
 // ErrClosed is returned by a Backend's methods after Close.
 var ErrClosed = errors.New("backend: closed")
+
+// ErrNotOwner is returned by Unregister for a registration that another
+// session owns in the store: nothing was deleted.
+var ErrNotOwner = errors.New("backend: registration owned by another session")
+
+// LossNotifier is implemented by a backend that can tell when it stops
+// holding a registration because another session took it over in the
+// store (found by its anti-entropy or a restore). It is optional; the
+// agent uses it to drop such registrations from memory, so that their
+// former owner is no longer answered as if it still held them.
+type LossNotifier interface {
+	// OnLost sets f, called with each registration the backend dropped,
+	// from a backend goroutine, with no lock of the backend held. It is
+	// set once, before the backend is used.
+	OnLost(f func(name, addr string))
+}
 
 // SessionReporter is implemented by a backend that can tell the state of
 // its liveness session (an etcd lease, a ZooKeeper session). It is

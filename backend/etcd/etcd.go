@@ -106,6 +106,8 @@ type Backend struct {
 	stalled   bool
 	recovered time.Time
 
+	onLost func(name, addr string) // backend.LossNotifier
+
 	// locks serialises the writers (Register, Unregister, the restore and
 	// the anti-entropy) of one key, so that each starts from the outcome
 	// of the one before and a retried write never overtakes a later call.
@@ -115,7 +117,16 @@ type Backend struct {
 var (
 	_ backend.Backend         = (*Backend)(nil)
 	_ backend.SessionReporter = (*Backend)(nil)
+	_ backend.LossNotifier    = (*Backend)(nil)
 )
+
+// OnLost sets the function told of registrations b stops holding because
+// another session took them over (backend.LossNotifier).
+func (b *Backend) OnLost(f func(name, addr string)) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.onLost = f
+}
 
 // reg is a remembered registration. A change of attributes replaces it;
 // its other fields are updated in place, under Backend.mu.
@@ -329,8 +340,8 @@ func (b *Backend) Register(ctx context.Context, name, addr string, attrs map[str
 // Unregister forgets name/addr and deletes it from the store if it is
 // still this backend's: written by it last (its ModRevision is that of
 // b's last write), or on one of b's leases. A registration that another
-// session took over is left in place. Removing a registration that does
-// not exist is not an error. It blocks until etcd acknowledges the delete
+// session took over is left in place (backend.ErrNotOwner). Removing a
+// registration that does not exist is not an error. It blocks until etcd acknowledges the delete
 // (bounded by an internal timeout once sent, as Register) or ctx is done
 // before it is sent; it does not wait for a lost lease to be replaced
 // (the renewal does not restore what was forgotten). On error the key may
@@ -359,6 +370,9 @@ func (b *Backend) Unregister(ctx context.Context, name, addr string) error {
 	delete(b.regs, key)
 	b.mu.Unlock()
 	if err := b.remove(ctx, key, prev); err != nil {
+		if errors.Is(err, backend.ErrNotOwner) {
+			return err
+		}
 		return b.opError("unregister", name, addr, err)
 	}
 	return nil

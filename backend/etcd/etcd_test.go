@@ -649,3 +649,39 @@ func (l *logWatch) waitFor(tb testing.TB, prefix string, failOn ...string) {
 		}
 	}
 }
+
+// TestTakenOverThenRemovedStaysRemoved: a registration taken over by
+// another backend and then unregistered there does not come back through
+// its former owner's anti-entropy (which would bring an old fencing token
+// back); the former owner drops it instead.
+func TestTakenOverThenRemovedStaysRemoved(t *testing.T) {
+	t.Parallel()
+	srv := etcdtest.NewServer(t)
+	const ttl = time.Second
+	former, owner := mustOpen(t, srv.Endpoints(), ttl), mustOpen(t, srv.Endpoints(), ttl)
+	cli := mustClient(t, srv.Endpoints())
+	ctx := ctxT(t)
+	key := etcd.DefaultPrefix + "taken/" + addr(0)
+	if err := former.Register(ctx, "taken", addr(0), nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := owner.Register(ctx, "taken", addr(0), map[string]string{"by": "owner"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := owner.Unregister(ctx, "taken", addr(0)); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(waitTimeout)
+	for former.SessionState().Lost < 1 {
+		if resp, err := cli.Get(ctx, key); err != nil || len(resp.Kvs) > 0 {
+			t.Fatalf("key back in the store (%v, %v): the former owner wrote it again", resp, err)
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("former owner still holds the registration after %v: %+v", waitTimeout, former.SessionState())
+		}
+		time.Sleep(20 * time.Millisecond) // polling SessionState: it has no change notification
+	}
+	if resp, err := cli.Get(ctx, key); err != nil || len(resp.Kvs) > 0 {
+		t.Fatalf("key in the store after the former owner dropped it: %v, %v", resp, err)
+	}
+}

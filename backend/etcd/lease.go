@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"maps"
 	"slices"
+	"strings"
 	"time"
 
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
@@ -344,12 +345,21 @@ func (b *Backend) restore(lease clientv3.LeaseID, done map[string]*reg) error {
 // dropLost stops holding r at key, which another session took over.
 func (b *Backend) dropLost(key string, r *reg) {
 	b.mu.Lock()
-	defer b.mu.Unlock()
-	if b.regs[key] == r {
+	dropped := b.regs[key] == r
+	if dropped {
 		delete(b.regs, key)
 		b.lostRegs++
 	}
-	b.log.Info("etcd: registration taken over by another session; no longer held here", "key", key)
+	onLost := b.onLost
+	b.mu.Unlock()
+	if !dropped {
+		return
+	}
+	b.log.Info("registration taken over by another session; no longer held here", "key", key)
+	if onLost != nil {
+		name, addr, _ := strings.Cut(strings.TrimPrefix(key, b.prefix), "/")
+		onLost(name, addr)
+	}
 }
 
 func leaseHex(lease clientv3.LeaseID) string { return fmt.Sprintf("%x", int64(lease)) }

@@ -7,6 +7,8 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/flynn/discoverd/backend"
 )
 
 // Ownership. A registration key belongs to the session that wrote it
@@ -119,7 +121,8 @@ func (b *Backend) putSlow(key, val string, tok uint64, lease clientv3.LeaseID, t
 }
 
 // remove deletes key if it is still this backend's: prev is what the
-// backend held for it (nil if nothing). The delete is batched when the
+// backend held for it (nil if nothing). It returns backend.ErrNotOwner,
+// deleting nothing, when the key is another session's. The delete is batched when the
 // backend knows the ModRevision of its own last write; otherwise, or when
 // that condition fails, the key is read and deleted only if it is on one
 // of the backend's leases. The caller holds key's lock.
@@ -142,8 +145,11 @@ func (b *Backend) remove(ctx context.Context, key string, prev *reg) error {
 		if err != nil {
 			return err
 		}
-		if len(resp.Kvs) == 0 || !b.ours(clientv3.LeaseID(resp.Kvs[0].Lease)) {
-			return nil // gone, or another session's
+		if len(resp.Kvs) == 0 {
+			return nil
+		}
+		if !b.ours(clientv3.LeaseID(resp.Kvs[0].Lease)) {
+			return backend.ErrNotOwner
 		}
 		ctx, cancel = context.WithTimeout(b.ctx, b.attempt)
 		tr, err := b.client.Txn(ctx).If(clientv3.Compare(clientv3.ModRevision(key), "=", resp.Kvs[0].ModRevision)).Then(clientv3.OpDelete(key)).Commit()
@@ -153,6 +159,35 @@ func (b *Backend) remove(ctx context.Context, key string, prev *reg) error {
 		}
 	}
 	return fmt.Errorf("key %s: changed by other writers %d times in a row", key, maxWriteAttempts)
+}
+
+// changedByOther reports whether the first change of key after revision
+// modRev (b's own last write of it) was a put by another session, rather
+// than a deletion. When the history is unknown (modRev 0, or compacted),
+// it reports true: the registration is then dropped, and its client,
+// whose heartbeats fail from then on, registers it again afresh.
+func (b *Backend) changedByOther(key string, modRev int64) (bool, error) {
+	if modRev == 0 {
+		return true, nil
+	}
+	ctx, cancel := context.WithTimeout(b.ctx, b.attempt)
+	defer cancel()
+	for resp := range b.client.Watch(ctx, key, clientv3.WithRev(modRev+1)) {
+		if resp.CompactRevision != 0 {
+			return true, nil
+		}
+		if err := resp.Err(); err != nil {
+			return false, err
+		}
+		if len(resp.Events) > 0 {
+			ev := resp.Events[0]
+			return ev.Type == clientv3.EventTypePut && !b.ours(clientv3.LeaseID(ev.Kv.Lease)), nil
+		}
+	}
+	if err := ctx.Err(); err != nil {
+		return false, err
+	}
+	return false, errors.New("watch of the key's history ended")
 }
 
 // ours reports whether lease was granted to this backend.
@@ -288,6 +323,19 @@ func (b *Backend) repairMissing(key string, lease clientv3.LeaseID) error {
 	}
 	if len(resp.Kvs) > 0 && clientv3.LeaseID(resp.Kvs[0].Lease) == lease {
 		return nil // attached since the pass listed the lease's keys
+	}
+	if len(resp.Kvs) == 0 {
+		// Missing: erased (write it again), or taken over through another
+		// agent and then removed there (its owner is gone: it must not come
+		// back). The key's first change after b's own last write tells.
+		taken, err := b.changedByOther(key, r.modRev)
+		if err != nil {
+			return err
+		}
+		if taken {
+			b.dropLost(key, r)
+			return nil
+		}
 	}
 	w, err := b.putSlow(key, r.val, r.token, lease, false)
 	switch {

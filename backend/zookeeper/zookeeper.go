@@ -143,6 +143,9 @@ type Backend struct {
 	// anti-entropy visits, with the number of passes in a row that found
 	// nothing of the backend's there (it forgets a dir after a few).
 	dirs map[string]int
+	// onLost is told of registrations dropped for another session
+	// (backend.LossNotifier).
+	onLost func(name, addr string)
 
 	// Watches set in the client library, by znode path. The library keeps
 	// one channel per watch request until the watch fires, so setting a
@@ -433,12 +436,28 @@ func (b *Backend) drop(p, during string) {
 	b.mu.Lock()
 	_, held := b.regs[p]
 	delete(b.regs, p)
+	onLost := b.onLost
 	b.mu.Unlock()
 	if held {
 		b.lost.Add(1)
-		b.log.Warn("zookeeper: registration taken over by another session; no longer held", "znode", p, "during", during)
+		b.log.Warn("registration taken over by another session; no longer held", "znode", p, "during", during)
+		if onLost != nil {
+			rel := strings.TrimPrefix(p, b.prefix+"/")
+			name, addr, _ := strings.Cut(rel, "/")
+			onLost(name, addr)
+		}
 	}
 }
+
+// OnLost sets the function told of registrations b stops holding because
+// another session took them over (backend.LossNotifier).
+func (b *Backend) OnLost(f func(name, addr string)) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.onLost = f
+}
+
+var _ backend.LossNotifier = (*Backend)(nil)
 
 // Register stores name/addr with attrs as an ephemeral znode of the
 // backend's session, creating the parents as needed. Registering again
@@ -680,22 +699,28 @@ func (b *Backend) Unregister(ctx context.Context, name, addr string) error {
 		_, err := b.deleteOwn(p)
 		return err
 	})
-	if err != nil {
+	switch {
+	case errors.Is(err, backend.ErrNotOwner):
+		return err
+	case err != nil:
 		return fmt.Errorf("zookeeper: unregister %s/%s: %w", name, addr, err)
 	}
 	return nil
 }
 
 // deleteOwn deletes p if it is an ephemeral node of this session, and
-// says whether it did. It must be called with p's key lock held.
+// says whether it did; it returns backend.ErrNotOwner for another
+// session's node. It must be called with p's key lock held.
 func (b *Backend) deleteOwn(p string) (bool, error) {
 	for range maxWriteAttempts {
 		ok, stat, err := b.conn.Exists(p)
 		switch {
 		case err != nil:
 			return false, err
-		case !ok || stat.EphemeralOwner != b.conn.SessionID():
+		case !ok:
 			return false, nil
+		case stat.EphemeralOwner != b.conn.SessionID():
+			return false, backend.ErrNotOwner
 		}
 		err = b.conn.Delete(p, stat.Version)
 		switch {
