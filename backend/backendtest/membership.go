@@ -2,6 +2,7 @@ package backendtest
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync"
 	"testing"
@@ -100,8 +101,8 @@ func (s *suite) testFormerOwner(t *testing.T) {
 	r := mustSubscribe(t, watcher, name)
 	r.marker(a, "10.0.0.1:80")
 	mustRegister(t, b, name, "10.0.0.1:80", map[string]string{"by": "b"})
-	if err := a.Unregister(callCtx(t), name, "10.0.0.1:80"); err != nil {
-		t.Fatalf("former owner's Unregister: %v", err)
+	if err := a.Unregister(callCtx(t), name, "10.0.0.1:80"); !errors.Is(err, backend.ErrNotOwner) {
+		t.Fatalf("former owner's Unregister: %v, want backend.ErrNotOwner", err)
 	}
 	if err := a.Close(); err != nil {
 		t.Fatalf("former owner's Close: %v", err)
