@@ -192,6 +192,7 @@ func TestHTTPBadRequests(t *testing.T) {
 		{"duplicate attr", "PUT", "/services/web/instances/10.0.0.1:80", `{"attrs":{"k":"1","k":"2"}}`, 400, api.CodeInvalidArgument},
 		{"unknown path", "GET", "/nope", "", 404, api.CodeNotFound},
 		{"unknown path with PUT", "PUT", "/nope", "{}", 404, api.CodeNotFound},
+		{"method not allowed on the service list", "PUT", "/services", "{}", 405, api.CodeInvalidArgument},
 		{"method not allowed", "POST", "/services/web", "{}", 405, api.CodeInvalidArgument},
 		{"method not allowed on health", "DELETE", "/health", "", 405, api.CodeInvalidArgument},
 		{"GET on the RPC path", "GET", rpc.DefaultPath, "", 405, api.CodeInvalidArgument},
