@@ -490,8 +490,15 @@ func (m *Main) openBackend(ctx context.Context) (backend.Backend, error) {
 		endpoints = e.Endpoints()
 	}
 	log := m.Logger.With("component", "etcd")
+	cfg := etcd.Config{Endpoints: endpoints, TTL: m.TTL, Logger: log}
+	if m.embedded != nil {
+		// The embedded etcd is this agent's alone: registrations left on
+		// a previous run's lease (its clients died with it) go once their
+		// clients had one heartbeat interval to claim them back.
+		cfg.ReclaimAfter = m.TTL / 2
+	}
 	return m.retry(ctx, "etcd", func(ctx context.Context) (backend.Backend, error) {
-		b, err := etcd.Open(ctx, etcd.Config{Endpoints: endpoints, TTL: m.TTL, Logger: log})
+		b, err := etcd.Open(ctx, cfg)
 		if err != nil {
 			return nil, err
 		}

@@ -401,6 +401,11 @@ func (a *Agent) removeBatch(op string, keys []regKey, prepare func(regKey) bool,
 			return
 		}
 		if stopCtx.Err() != nil {
+			// The store is believed down: the backend must not write k
+			// again when it restores its session; the janitor removes it.
+			if f, ok := a.backend.(backend.Forgetter); ok {
+				f.Forget(k.name, k.addr)
+			}
 			a.addOrphan(k, false)
 			mu.Lock()
 			deferred++

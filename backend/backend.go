@@ -139,6 +139,18 @@ var ErrClosed = errors.New("backend: closed")
 // session owns in the store: nothing was deleted.
 var ErrNotOwner = errors.New("backend: registration owned by another session")
 
+// Forgetter is implemented by a backend that can stop holding a
+// registration without a store call, so that it does not write it again
+// when it restores its session. It is optional; the agent uses it when it
+// gives up a registration (expiry, a closed session) while the store is
+// unreachable, and removes the key with Unregister once the store is
+// back.
+type Forgetter interface {
+	// Forget drops name/addr from what the backend holds. It does not
+	// block on the store.
+	Forget(name, addr string)
+}
+
 // LossNotifier is implemented by a backend that can tell when it stops
 // holding a registration because another session took it over in the
 // store (found by its anti-entropy or a restore). It is optional; the

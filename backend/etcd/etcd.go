@@ -70,6 +70,15 @@ type Config struct {
 	// Logger receives lease losses and recoveries, stream resyncs and the
 	// etcd client's errors. Default slog.Default().
 	Logger *slog.Logger
+	// ReclaimAfter, when positive, says the backend is the store's only
+	// user (an agent's embedded etcd): that long after Open, it revokes
+	// every lease it was not granted, which removes what a previous run
+	// of the agent left behind and no client registered again meanwhile
+	// (a Register of such a key moves it onto the backend's lease).
+	// etcd renews every lease to a full TTL when it restarts, so without
+	// this those registrations would linger a TTL after the restart.
+	// Never set it on a shared cluster.
+	ReclaimAfter time.Duration
 }
 
 // Backend is a backend.Backend on etcd v3. Its methods are safe for
@@ -118,7 +127,21 @@ var (
 	_ backend.Backend         = (*Backend)(nil)
 	_ backend.SessionReporter = (*Backend)(nil)
 	_ backend.LossNotifier    = (*Backend)(nil)
+	_ backend.Forgetter       = (*Backend)(nil)
 )
+
+// Forget drops name/addr from what b holds, without a store call
+// (backend.Forgetter): b's restores and anti-entropy no longer write it,
+// and the anti-entropy deletes its key if it is still on b's lease.
+func (b *Backend) Forget(name, addr string) {
+	key, err := b.key(name, addr)
+	if err != nil {
+		return
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	delete(b.regs, key)
+}
 
 // OnLost sets the function told of registrations b stops holding because
 // another session took them over (backend.LossNotifier).
@@ -233,6 +256,10 @@ func Open(ctx context.Context, cfg Config) (*Backend, error) {
 	b.writes = newBatcher(b.ctx, b.commit, max(b.dial, writeTimeout), batchWriters, batchOps, batchBytes, batchQueue)
 	b.wg.Add(1)
 	go b.antiEntropy()
+	if cfg.ReclaimAfter > 0 {
+		b.wg.Add(1)
+		go b.reclaim(cfg.ReclaimAfter)
+	}
 	return b, nil
 }
 

@@ -685,3 +685,57 @@ func TestTakenOverThenRemovedStaysRemoved(t *testing.T) {
 		t.Fatalf("key in the store after the former owner dropped it: %v, %v", resp, err)
 	}
 }
+
+// TestReclaimAfterRestart: a backend that is the store's only user
+// (Config.ReclaimAfter, the embedded etcd) removes, after the delay, what a
+// previous run left on its lease and no client registered again, and
+// keeps what was claimed back, with its fencing token.
+func TestReclaimAfterRestart(t *testing.T) {
+	t.Parallel()
+	srv := etcdtest.NewServer(t)
+	cli := mustClient(t, srv.Endpoints())
+	ctx := ctxT(t)
+	previous := mustOpen(t, srv.Endpoints(), 30*time.Second)
+	for i := range 2 {
+		if err := previous.Register(ctx, "reclaim", addr(i), nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	before, err := cli.Get(ctx, etcd.DefaultPrefix+"reclaim/"+addr(0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	previous.Abandon() // killed: its lease lives on
+
+	b, err := etcd.Open(ctx, etcd.Config{Endpoints: srv.Endpoints(), TTL: 30 * time.Second, ReclaimAfter: 300 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	if err := b.Register(ctx, "reclaim", addr(0), nil); err != nil { // claimed back
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(waitTimeout)
+	for {
+		resp, err := cli.Get(ctx, etcd.DefaultPrefix+"reclaim/", clientv3.WithPrefix())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(resp.Kvs) == 1 {
+			kv := resp.Kvs[0]
+			if string(kv.Key) != etcd.DefaultPrefix+"reclaim/"+addr(0) || clientv3.LeaseID(kv.Lease) != etcd.LeaseOf(b) {
+				t.Fatalf("left %s on lease %x, want the claimed key on the new lease %x", kv.Key, kv.Lease, etcd.LeaseOf(b))
+			}
+			in, err := etcd.Decode(etcd.DefaultPrefix+"reclaim/", "reclaim", kv)
+			old, err2 := etcd.Decode(etcd.DefaultPrefix+"reclaim/", "reclaim", before.Kvs[0])
+			if err != nil || err2 != nil || in.Created != old.Created {
+				t.Fatalf("claimed registration has Created %d (%v), want %d (%v)", in.Created, err, old.Created, err2)
+			}
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d keys left %v after the reclaim delay, want only the claimed one", len(resp.Kvs), waitTimeout)
+		}
+		time.Sleep(20 * time.Millisecond) // polling the store: nothing to wait on
+	}
+}

@@ -354,3 +354,38 @@ func (b *Backend) repairMissing(key string, lease clientv3.LeaseID) error {
 	b.log.Warn("etcd anti-entropy: wrote again a held registration missing from the store", "key", key)
 	return nil
 }
+
+// reclaim waits d, then revokes every lease of the store that b was not
+// granted (Config.ReclaimAfter). It runs once, until done or Close.
+func (b *Backend) reclaim(d time.Duration) {
+	defer b.wg.Done()
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-b.ctx.Done():
+		return
+	case <-t.C:
+	}
+	ctx, cancel := context.WithTimeout(b.ctx, b.attempt)
+	resp, err := b.client.Leases(ctx)
+	cancel()
+	if err != nil {
+		b.log.Warn("could not list the leases of a previous run; its registrations expire with their TTL", "error", err)
+		return
+	}
+	revoked := 0
+	for _, l := range resp.Leases {
+		if b.ours(l.ID) {
+			continue
+		}
+		ctx, cancel := context.WithTimeout(b.ctx, b.attempt)
+		_, err := b.client.Revoke(ctx, l.ID)
+		cancel()
+		if err == nil {
+			revoked++
+		}
+	}
+	if revoked > 0 {
+		b.log.Info("revoked the leases of a previous run: registrations no client claimed back are gone", "leases", revoked, "after", d)
+	}
+}

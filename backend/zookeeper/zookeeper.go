@@ -457,7 +457,23 @@ func (b *Backend) OnLost(f func(name, addr string)) {
 	b.onLost = f
 }
 
-var _ backend.LossNotifier = (*Backend)(nil)
+// Forget drops name/addr from what b holds, without a store call
+// (backend.Forgetter): b's restores and anti-entropy no longer write it,
+// and the anti-entropy deletes its znode if it is still b's.
+func (b *Backend) Forget(name, addr string) {
+	p, err := b.nodePath(name, addr)
+	if err != nil {
+		return
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	delete(b.regs, p)
+}
+
+var (
+	_ backend.LossNotifier = (*Backend)(nil)
+	_ backend.Forgetter    = (*Backend)(nil)
+)
 
 // Register stores name/addr with attrs as an ephemeral znode of the
 // backend's session, creating the parents as needed. Registering again
