@@ -16,7 +16,7 @@ type Lister interface {
 	// cursor of the next page: "" when this page is the last. Only
 	// services with at least one registration are listed. A page is read
 	// from the store, not from a cache, in one consistent read where the
-	// store allows (etcd: one keys-only range at one revision, more only
+	// store allows (etcd: one range at one revision, more only
 	// for a page of more than a few thousand instances; ZooKeeper: one
 	// listing of the service znodes, then one per listed service); pages
 	// are not consistent with each other. limit ≤ 0 means

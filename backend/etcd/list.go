@@ -18,8 +18,8 @@ var _ backend.Lister = (*Backend)(nil)
 // the revision of the first.
 var listRangeKeys = 4096
 
-// ListServices implements backend.Lister with keys-only range reads of
-// the prefix: a page costs one range unless its services hold more than
+// ListServices implements backend.Lister with range reads of the prefix
+// (values included: a registration's token may be in its value): a page costs one range unless its services hold more than
 // listRangeKeys registrations. Keys that discoverd did not write are
 // skipped. It fails with backend.ErrClosed after Close.
 func (b *Backend) ListServices(ctx context.Context, after string, limit int) ([]backend.ServiceSummary, string, error) {
@@ -42,7 +42,7 @@ func (b *Backend) ListServices(ctx context.Context, after string, limit int) ([]
 		rev  int64
 	)
 	for {
-		opts := []clientv3.OpOption{clientv3.WithRange(end), clientv3.WithKeysOnly(), clientv3.WithLimit(int64(listRangeKeys))}
+		opts := []clientv3.OpOption{clientv3.WithRange(end), clientv3.WithLimit(int64(listRangeKeys))}
 		if rev != 0 {
 			opts = append(opts, clientv3.WithRev(rev))
 		}
@@ -59,10 +59,8 @@ func (b *Backend) ListServices(ctx context.Context, after string, limit int) ([]
 			if !ok || api.ValidateName(name) != nil {
 				continue // not a registration
 			}
-			// decode derives Created as streams do; with keys only it
-			// sees no value (were Created ever kept in the value, the
-			// range would have to read values: the conformance suite
-			// compares the listed leader with a subscriber's).
+			// decode derives Created (the fencing token) as streams do:
+			// it needs the value, which may carry the token.
 			in, err := decode(b.prefix+name+"/", name, kv)
 			if err != nil {
 				continue // not a registration

@@ -1,6 +1,7 @@
 package zookeeper
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -95,7 +96,19 @@ func (b *Backend) summarize(name string) (sum backend.ServiceSummary, ok bool, e
 		sem <- struct{}{}
 		wg.Go(func() {
 			defer func() { <-sem }()
-			found, stat, err := b.conn.Exists(dir + "/" + addr)
+			// The data, not only the stat: a znode made again for a
+			// registration (restore, takeover) carries its token there.
+			data, stat, err := b.conn.Get(dir + "/" + addr)
+			found := err == nil
+			if errors.Is(err, zk.ErrNoNode) {
+				err = nil
+			}
+			var tok uint64
+			if found {
+				if _, tok, err = decodeData(data); err != nil {
+					found, err = false, nil // not a registration
+				}
+			}
 			mu.Lock()
 			defer mu.Unlock()
 			switch {
@@ -104,7 +117,7 @@ func (b *Backend) summarize(name string) (sum backend.ServiceSummary, ok bool, e
 					firstErr = err
 				}
 			case found:
-				in := backend.Instance{Name: name, Addr: addr, Created: uint64(stat.Czxid)}
+				in := backend.Instance{Name: name, Addr: addr, Created: cmp.Or(tok, uint64(stat.Czxid))}
 				if sum.Instances == 0 || in.Age().Compare(sum.Leader.Age()) < 0 {
 					sum.Leader = in
 				}
