@@ -80,7 +80,7 @@ func TestBinary(t *testing.T) {
 
 	t.Run("agent configured by the environment", func(t *testing.T) {
 		addr, client, peer := freeAddr(t), freeAddr(t), freeAddr(t)
-		agent := exec.Command(bin, "-ttl", "3s") // the flag wins over DISCOVERD_TTL
+		agent := exec.Command(bin, "-ttl", "3s", "-dns", "") // the flag wins over DISCOVERD_TTL; no shared DNS port
 		agent.Env = []string{
 			"DISCOVERD_BIND=" + addr, "DISCOVERD_DATA_DIR=" + filepath.Join(t.TempDir(), "etcd"),
 			"DISCOVERD_ETCD_CLIENT_ADDR=" + client, "DISCOVERD_ETCD_PEER_ADDR=" + peer,

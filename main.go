@@ -132,6 +132,8 @@ type Main struct {
 	StoreTimeout time.Duration
 	// Logger receives every log line. Default slog.Default().
 	Logger *slog.Logger
+	// The DNS front end's settings (DNS, DNSDomain, DNSTTL): see dns.go.
+	dnsMain
 
 	// MaxConns caps the client connections served at once ("-max-conns");
 	// 0 derives it from the descriptor limit (see connBudget).
@@ -180,6 +182,7 @@ func NewMain() *Main {
 		RPCIdleTimeout:              server.DefaultRPCIdleTimeout,
 		BodyTimeout:                 server.DefaultBodyTimeout,
 		MaxHTTPRegistrationsPerAddr: server.DefaultMaxHTTPRegistrationsPerAddr,
+		dnsMain:                     defaultDNS(),
 	}
 }
 
@@ -253,6 +256,7 @@ func (m *Main) flagSet(getenv func(string) string) *flag.FlagSet {
 	fs.DurationVar(&m.RPCIdleTimeout, "rpc-idle-timeout", m.RPCIdleTimeout, "close RPC connections without calls, streams or registrations after this long; 0 never")
 	fs.DurationVar(&m.BodyTimeout, "http-body-timeout", m.BodyTimeout, "how long an HTTP request body may take to arrive")
 	fs.IntVar(&m.MaxHTTPRegistrationsPerAddr, "http-registrations-per-addr", m.MaxHTTPRegistrationsPerAddr, "cap on the HTTP registrations of one client address")
+	m.dnsFlags(fs)
 	return fs
 }
 
@@ -281,7 +285,7 @@ func (m *Main) validate() error {
 			return fmt.Errorf("external IP %q is not an IP address or host name", m.ExternalIP)
 		}
 	}
-	return nil
+	return m.validateDNS()
 }
 
 func splitList(s string) []string {
@@ -356,6 +360,9 @@ func (m *Main) Start(ctx context.Context) (err error) {
 	if err != nil {
 		return err
 	}
+	if err := m.startDNS(); err != nil {
+		return err
+	}
 	m.front.set(m.server)
 	m.starting.Close() // its RPC clients reconnect, to the agent proper
 	build := buildinfo.Read()
@@ -404,7 +411,8 @@ func (m *Main) Run(ctx context.Context) error {
 	return serveErr
 }
 
-// Close stops the agent in reverse order of Start: the agent (its
+// Close stops the agent in reverse order of Start: the DNS server and its
+// view of the agent, the agent (its
 // subscriptions end with "unavailable"), the front ends (RPC connections
 // and SSE streams close), the HTTP server (in-flight requests get up to
 // shutdownTimeout), the backend (which revokes the agent's lease or
@@ -412,7 +420,7 @@ func (m *Main) Run(ctx context.Context) error {
 // embedded etcd. It is idempotent.
 func (m *Main) Close() error {
 	m.closeOnce.Do(func() {
-		var errs []error
+		errs := []error{m.closeDNS()}
 		if m.agent != nil {
 			errs = append(errs, m.agent.Close())
 		}

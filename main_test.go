@@ -44,6 +44,7 @@ func testMain(t *testing.T) *Main {
 	m.DataDir = filepath.Join(t.TempDir(), "etcd")
 	m.EtcdClientAddr, m.EtcdPeerAddr = "", ""
 	m.TTL = time.Minute // longer than any wait: what vanishes did not expire
+	m.DNS = ""          // tests that run several agents cannot share -dns's default port
 	m.Logger = slog.New(slog.NewTextHandler(tbWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	return m
 }

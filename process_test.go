@@ -79,7 +79,7 @@ func (b *lockedBuffer) String() string {
 func startAgent(t *testing.T, nofile int, args ...string) *agentProc {
 	t.Helper()
 	p := &agentProc{t: t, addr: freeAddr(t), stderr: new(lockedBuffer), exited: make(chan struct{})}
-	p.cmd = exec.Command(os.Args[0], append([]string{"-bind", p.addr}, args...)...)
+	p.cmd = exec.Command(os.Args[0], append([]string{"-bind", p.addr, "-dns", ""}, args...)...) // no shared DNS port
 	p.cmd.Env = append(os.Environ(), agentChildEnv+"=1", "HOME="+t.TempDir(), "XDG_STATE_HOME=")
 	if nofile > 0 {
 		p.cmd.Env = append(p.cmd.Env, agentNofileEnv+"="+strconv.Itoa(nofile))

@@ -56,7 +56,7 @@ func benchConns(ctx context.Context, env *env, cfg *config) (*ConnsResult, error
 	}
 	res := &ConnsResult{Nofile: cfg.ConnsNofile}
 	c, err := startProcess("/bin/sh", []string{"-c", fmt.Sprintf(`ulimit -n %d && exec "$0" "$@"`, cfg.ConnsNofile), bin,
-		"-bind", addrs[0], "-etcd-client-addr", addrs[1], "-etcd-peer-addr", addrs[2],
+		"-bind", addrs[0], "-etcd-client-addr", addrs[1], "-etcd-peer-addr", addrs[2], "-dns", "",
 		"-data-dir", filepath.Join(env.dir, "conns", "etcd"), "-log-level", "error", "-rpc-idle-timeout", "10m"})
 	if err != nil {
 		return nil, err

@@ -56,7 +56,7 @@ func benchStart(ctx context.Context, env *env, cfg *config) (*StartResult, error
 		t0 := time.Now()
 		if bin != "" {
 			c, err = startProcess(bin, []string{"-bind", addrs[0], "-etcd-client-addr", addrs[1], "-etcd-peer-addr", addrs[2],
-				"-data-dir", filepath.Join(dataDir, "etcd"), "-log-level", "warn"})
+				"-data-dir", filepath.Join(dataDir, "etcd"), "-log-level", "warn", "-dns", ""})
 		} else {
 			c, err = startChild([]string{childFlag + "agent", "-bind", addrs[0]})
 		}

@@ -591,6 +591,7 @@ type proc struct {
 // that it serves. tb's cleanup stops it (SIGTERM, then SIGKILL).
 func startProc(tb testing.TB, lb *logBuffer, args ...string) *proc {
 	tb.Helper()
+	args = append([]string{"-dns", ""}, args...) // agents of one test cannot share -dns's default port
 	p := &proc{cmd: exec.Command(discoverdBinary(tb), args...), Log: lb, done: make(chan struct{})}
 	p.cmd.Stdout, p.cmd.Stderr = lb, lb
 	from := lb.mark()

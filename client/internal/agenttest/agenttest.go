@@ -109,7 +109,7 @@ func start(root string) (_ *agent, err error) {
 	if out, err := build.CombinedOutput(); err != nil {
 		return nil, fmt.Errorf("build the agent: %v\n%s", err, out)
 	}
-	cmd := exec.Command(bin, "-bind", "127.0.0.1:0", "-data-dir", filepath.Join(dir, "data"),
+	cmd := exec.Command(bin, "-bind", "127.0.0.1:0", "-dns", "", "-data-dir", filepath.Join(dir, "data"),
 		"-ttl", "2s", "-log-level", "info")
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
