@@ -63,8 +63,10 @@ func TestSmoke(t *testing.T) {
 		t.Errorf("failure: %+v, want 2 client kills and 1 agent kill", rep.Failure)
 	case rep.Start == nil || rep.Start.Start.N != 1 || len(rep.Start.IdleRSS) != 1:
 		t.Errorf("start: %+v, want 1 start", rep.Start)
+	case rep.DNS == nil || rep.DNS.VisibleSameAgent.N != 10 || rep.DNS.VisibleOtherAgent.N != 10:
+		t.Errorf("dns: %+v, want 10 samples of each visibility", rep.DNS)
 	}
-	for _, s := range []string{"1 throughput", "2 latency", "3 heartbeat", "4 fan-out", "5 failure", "6 start"} {
+	for _, s := range []string{"1 throughput", "2 latency", "3 heartbeat", "4 fan-out", "5 failure", "6 start", "8 dns"} {
 		if !strings.Contains(stdout.String(), s) {
 			t.Errorf("table lacks %q:\n%s", s, &stdout)
 		}

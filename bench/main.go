@@ -48,7 +48,7 @@ func main() {
 }
 
 // scenarios in the order they run.
-var scenarios = []string{"throughput", "latency", "heartbeat", "fanout", "failure", "start", "conns"}
+var scenarios = []string{"throughput", "latency", "heartbeat", "fanout", "failure", "start", "conns", "dns"}
 
 // config is the sizes of a run.
 type config struct {
@@ -72,8 +72,10 @@ type config struct {
 	ClientKills      int
 	AgentKills       []killSpec
 	Starts           int
-	StartMode        string // "binary" or "child"
-	ConnsNofile      int    // the agent's descriptor limit in scenario 7
+	StartMode        string        // "binary" or "child"
+	ConnsNofile      int           // the agent's descriptor limit in scenario 7
+	DNSDuration      time.Duration // each dnsperf run (scenario 8)
+	DNSVisible       int           // register→DNS visible samples per case
 }
 
 // fullConfig is make bench's run; quickConfig a smoke run.
@@ -87,6 +89,7 @@ func fullConfig() config {
 		AgentKills:  []killSpec{{10 * time.Second, 4}, {3 * time.Second, 6}},
 		Starts:      3, StartMode: "binary",
 		ConnsNofile: 4096,
+		DNSDuration: 5 * time.Second, DNSVisible: 200,
 	}
 }
 
@@ -100,6 +103,7 @@ func quickConfig() config {
 		AgentKills:  []killSpec{{time.Second, 2}},
 		Starts:      1, StartMode: "child",
 		ConnsNofile: 256,
+		DNSDuration: time.Second, DNSVisible: 10,
 	}
 }
 
@@ -127,6 +131,7 @@ func parseFlags(args []string, stderr io.Writer) (*config, error) {
 	fs.IntVar(&cfg.ClientKills, "client-kills", cfg.ClientKills, "client processes SIGKILLed")
 	agentKills := fs.String("agent-kills", formatKills(cfg.AgentKills), "agent processes SIGKILLed, as `ttl:count,...`")
 	fs.IntVar(&cfg.Starts, "starts", cfg.Starts, "agent starts timed")
+	fs.DurationVar(&cfg.DNSDuration, "dns-duration", cfg.DNSDuration, "length of each dnsperf run (whole seconds)")
 	fs.StringVar(&cfg.StartMode, "start-mode", cfg.StartMode, "binary: go build the discoverd binary and time it; child: time this tool re-executed as an agent")
 	fs.IntVar(&cfg.ConnsNofile, "conns-nofile", cfg.ConnsNofile, "descriptor limit (ulimit -n) of the agent flooded with connections")
 	if err := fs.Parse(args); err != nil {
@@ -155,6 +160,7 @@ func parseFlags(args []string, stderr io.Writer) (*config, error) {
 			"starts":             func() { cfg.Starts = keep.Starts },
 			"start-mode":         func() { cfg.StartMode = keep.StartMode },
 			"conns-nofile":       func() { cfg.ConnsNofile = keep.ConnsNofile },
+			"dns-duration":       func() { cfg.DNSDuration = keep.DNSDuration },
 		} {
 			if set[name] {
 				v()
@@ -183,8 +189,8 @@ func parseFlags(args []string, stderr io.Writer) (*config, error) {
 	case cfg.Duration <= 0, cfg.LatencyEvents <= 0, cfg.LatencyBudget <= 0,
 		cfg.HeartbeatConns <= 0, cfg.HeartbeatPerConn <= 0, cfg.HeartbeatTTL < time.Second,
 		cfg.FanoutSubs <= 0, cfg.FanoutConns <= 0, cfg.FanoutRounds <= 0,
-		cfg.ClientKills < 0, cfg.Starts <= 0:
-		return nil, errors.New("sizes must be positive (and -heartbeat-ttl at least 1s)")
+		cfg.ClientKills < 0, cfg.Starts <= 0, cfg.DNSDuration < time.Second:
+		return nil, errors.New("sizes must be positive (and -heartbeat-ttl and -dns-duration at least 1s)")
 	case cfg.StartMode != "binary" && cfg.StartMode != "child":
 		return nil, fmt.Errorf("-start-mode %q: want binary or child", cfg.StartMode)
 	case cfg.FanoutSubs > cfg.FanoutConns*250:
@@ -243,6 +249,7 @@ type Report struct {
 	Failure    *FailureResult    `json:"failure,omitempty"`
 	Start      *StartResult      `json:"start,omitempty"`
 	Conns      *ConnsResult      `json:"conns,omitempty"`
+	DNS        *DNSResult        `json:"dns,omitempty"`
 }
 
 // Machine describes where the figures were taken.
@@ -409,6 +416,7 @@ func runScenarios(ctx context.Context, cfg *config, rep *Report, stderr io.Write
 	step("failure", func() (err error) { rep.Failure, err = benchFailure(ctx, e, cfg); return })
 	step("start", func() (err error) { rep.Start, err = benchStart(ctx, e, cfg); return })
 	step("conns", func() (err error) { rep.Conns, err = benchConns(ctx, e, cfg); return })
+	step("dns", func() (err error) { rep.DNS, err = benchDNS(ctx, e, cfg); return })
 	rep.Rows = e.rows
 	return ctx.Err()
 }
