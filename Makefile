@@ -38,6 +38,11 @@ mod:
 bench:
 	$(GO) run ./bench -json bench-results.json
 
+# The DNS scenario alone: dnsperf against the agent and Unbound (Debian
+# packages dnsperf and unbound; skipped with a note when missing).
+bench-dns:
+	$(GO) run ./bench -run dns -json bench-results-dns.json
+
 # The fault suite alone (it also runs in make test).
 faults:
 	$(GO) test -race -count=1 -v -timeout 10m ./faults/...
@@ -59,4 +64,4 @@ fuzz:
 	  done; \
 	done
 
-.PHONY: test build run lint mod fuzz bench faults soak
+.PHONY: test build run lint mod fuzz bench bench-dns faults soak
