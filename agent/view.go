@@ -23,10 +23,10 @@ type ViewConfig struct {
 	// Config.WatchLinger unless something else uses it). Default
 	// DefaultViewSize.
 	Size int
-	// Probe is how often the view pings the store, while it holds at least
-	// one name, to tell whether its answers are current (Get's stale
-	// result). Each probe is a store read, never a write. Default
-	// DefaultViewProbe.
+	// Probe is how often the view pings the store, while it is asked, to
+	// tell whether its answers are current (Get's stale result): a period
+	// without a Get has no probe. Each probe is a store read, never a
+	// write. Default DefaultViewProbe.
 	Probe time.Duration
 }
 
@@ -59,6 +59,7 @@ type View[T any] struct {
 	evictions uint64
 
 	storeDown atomic.Bool // the last probe failed
+	asked     atomic.Bool // Get was called since the last probe
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -116,6 +117,9 @@ func NewView[T any](a *Agent, cfg ViewConfig, compile func(name string, instance
 // not given a first snapshot of name, or the view or agent is closed;
 // ctx.Err().
 func (v *View[T]) Get(ctx context.Context, name string) (val T, stale bool, err error) {
+	if !v.asked.Load() {
+		v.asked.Store(true)
+	}
 	e, err := v.entry(name)
 	if err != nil {
 		return val, false, err
@@ -227,8 +231,10 @@ func isClosed(c chan struct{}) bool {
 	}
 }
 
-// probeLoop pings the store every v.probe while the view holds a name,
-// and records whether the last ping failed.
+// probeLoop pings the store every v.probe while the view is asked, and
+// records whether the last ping failed. A period without a Get has no
+// ping (an idle agent costs the store nothing); the state of the last
+// ping stands until the next.
 func (v *View[T]) probeLoop() {
 	defer close(v.done)
 	t := time.NewTicker(v.probe)
@@ -239,8 +245,7 @@ func (v *View[T]) probeLoop() {
 			return
 		case <-t.C:
 		}
-		if v.Len() == 0 {
-			v.storeDown.Store(false)
+		if !v.asked.Swap(false) {
 			continue
 		}
 		ctx, cancel := context.WithTimeout(v.ctx, max(v.probe, time.Second))
