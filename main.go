@@ -411,8 +411,8 @@ func (m *Main) Run(ctx context.Context) error {
 	return serveErr
 }
 
-// Close stops the agent in reverse order of Start: the DNS server and its
-// view of the agent, the agent (its
+// Close stops the agent in reverse order of Start: the DNS server (and its
+// view of the agent), the agent (its
 // subscriptions end with "unavailable"), the front ends (RPC connections
 // and SSE streams close), the HTTP server (in-flight requests get up to
 // shutdownTimeout), the backend (which revokes the agent's lease or

@@ -112,9 +112,9 @@ type Server struct {
 	log       *slog.Logger
 	metrics   *metrics
 
-	udp, tcp *dns.Server
-	udpAddr  net.Addr
-	tcpAddr  net.Addr
+	servers []*dns.Server // one per UDP socket, then TCP
+	udpAddr net.Addr
+	tcpAddr net.Addr
 
 	ctx    context.Context // cancelled by Close: ends lookups in flight
 	cancel context.CancelFunc
@@ -153,7 +153,7 @@ func Listen(cfg Config) (*Server, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	pc, ln, err := listen(cfg.Addr)
+	pcs, ln, err := listen(cfg.Addr, udpSockets())
 	if err != nil {
 		return nil, fmt.Errorf("dns listen: %w", err)
 	}
@@ -167,17 +167,23 @@ func Listen(cfg Config) (*Server, error) {
 		lookup:    cfg.LookupTimeout,
 		log:       cfg.Logger,
 		metrics:   newMetrics(cfg.Cache),
-		udpAddr:   pc.LocalAddr(),
+		udpAddr:   pcs[0].LocalAddr(),
 		tcpAddr:   ln.Addr(),
 		ctx:       ctx,
 		cancel:    cancel,
 	}
-	started := make(chan struct{}, 2)
+	n := len(pcs) + 1
+	started := make(chan struct{}, n)
 	notify := func() { started <- struct{}{} }
-	s.udp = &dns.Server{PacketConn: pc, Handler: s, UDPSize: advertisedUDPSize, NotifyStartedFunc: notify}
-	s.tcp = &dns.Server{Listener: ln, Handler: s, NotifyStartedFunc: notify}
-	served := make(chan error, 2)
-	for _, srv := range []*dns.Server{s.udp, s.tcp} {
+	for _, pc := range pcs {
+		s.servers = append(s.servers, &dns.Server{PacketConn: pc, Handler: s, UDPSize: advertisedUDPSize, NotifyStartedFunc: notify})
+	}
+	// Unlimited queries per TCP connection: miekg/dns closes a connection
+	// after 128 by default, dropping the queries a client has pipelined
+	// beyond them (they time out at the client).
+	s.servers = append(s.servers, &dns.Server{Listener: ln, Handler: s, NotifyStartedFunc: notify, MaxTCPQueries: -1})
+	served := make(chan error, n)
+	for _, srv := range s.servers {
 		s.wg.Add(1)
 		go func() { // stopped by Close
 			defer s.wg.Done()
@@ -190,12 +196,14 @@ func Listen(cfg Config) (*Server, error) {
 	}
 	timer := time.NewTimer(10 * time.Second)
 	defer timer.Stop()
-	for range 2 {
+	for range n {
 		select {
 		case <-started:
 		case err := <-served:
 			cancel()
-			pc.Close()
+			for _, pc := range pcs {
+				pc.Close()
+			}
 			ln.Close()
 			s.wg.Wait()
 			return nil, fmt.Errorf("dns serve: %w", err)
@@ -208,23 +216,42 @@ func Listen(cfg Config) (*Server, error) {
 	return s, nil
 }
 
-// listen binds UDP and TCP on the same address; with port 0, on the same
-// free port (retrying if the UDP port's TCP twin is taken).
-func listen(addr string) (net.PacketConn, net.Listener, error) {
+// listen binds n UDP sockets (n > 1 needs SO_REUSEPORT: the kernel then
+// spreads clients over them, each read by its own goroutine) and one TCP
+// listener on the same address; with port 0, on the same free port
+// (retrying if the UDP port's TCP twin is taken).
+func listen(addr string, n int) ([]net.PacketConn, net.Listener, error) {
 	_, port, err := net.SplitHostPort(addr)
 	if err != nil {
 		return nil, nil, err
 	}
+	lc := net.ListenConfig{}
+	if n > 1 {
+		lc.Control = reusePort
+	}
+	ctx := context.Background()
 	for attempt := 1; ; attempt++ {
-		pc, err := net.ListenPacket("udp", addr)
+		pc, err := lc.ListenPacket(ctx, "udp", addr)
 		if err != nil {
 			return nil, nil, err
 		}
-		ln, err := net.Listen("tcp", pc.LocalAddr().String())
-		if err == nil {
-			return pc, ln, nil
+		pcs := []net.PacketConn{pc}
+		bound := pc.LocalAddr().String()
+		for len(pcs) < n && err == nil {
+			if pc, err = lc.ListenPacket(ctx, "udp", bound); err == nil {
+				pcs = append(pcs, pc)
+			}
 		}
-		pc.Close()
+		var ln net.Listener
+		if err == nil {
+			ln, err = net.Listen("tcp", bound)
+		}
+		if err == nil {
+			return pcs, ln, nil
+		}
+		for _, pc := range pcs {
+			pc.Close()
+		}
 		if port != "0" || attempt == 10 {
 			return nil, nil, err
 		}
@@ -249,7 +276,7 @@ func (s *Server) Close() error {
 		ctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
 		defer cancel()
 		var errs []error
-		for _, srv := range []*dns.Server{s.udp, s.tcp} {
+		for _, srv := range s.servers {
 			if err := srv.ShutdownContext(ctx); err != nil {
 				errs = append(errs, err)
 			}

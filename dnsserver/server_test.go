@@ -60,7 +60,9 @@ func mustEnv(tb testing.TB, endpoints []string, probe time.Duration) *env {
 		tb.Fatalf("etcd.Open: %v", err)
 	}
 	tb.Cleanup(func() { b.Close() })
-	a, err := agent.New(agent.Config{Backend: b, Logger: quiet()})
+	// A TTL longer than any test: the session's registrations get no
+	// heartbeat, and must not expire while a loaded machine registers 300.
+	a, err := agent.New(agent.Config{Backend: b, TTL: time.Hour, Logger: quiet()})
 	if err != nil {
 		tb.Fatalf("agent.New: %v", err)
 	}
