@@ -451,47 +451,98 @@ func addrRR(owner string, ip netip.Addr, ttl uint32) dns.RR {
 // addresses of the targets in the zone follow in the additional section,
 // as many as fit (leaving one out does not set TC: the client can ask for
 // the target). It reports false when idx is empty (no data).
+//
+// Sizes are counted exactly rather than by packing: m holds only the
+// question (and OPT) so far, every owner name is the question's and packs
+// as a 2-byte pointer to it, and an SRV target packs uncompressed
+// (RFC 2782); a glue record is counted with its owner uncompressed (an
+// upper bound: it packs as a pointer to the SRV target).
 func (s *Server) fill(m *dns.Msg, owner string, svc *Service, idx []int, typ uint16, ttl uint32, maxSize int) bool {
-	if len(idx) == 0 {
+	n := len(idx)
+	if n == 0 {
 		return false
 	}
-	k := min(len(idx), (maxSize-12)/minRRSize+1)
-	order := pick(len(idx), k)
-	m.Answer = make([]dns.RR, 0, k)
+	m.Compress = true
+	opt := m.IsEdns0()
+	room := maxSize - m.Len()
 	hdr := dns.RR_Header{Name: owner, Rrtype: typ, Class: dns.ClassINET, Ttl: ttl}
-	for _, j := range order {
-		in := &svc.instances[idx[j]]
+	fits := min(n, room/minRRSize+1)
+	m.Answer = make([]dns.RR, 0, fits)
+	var (
+		as   []dns.A
+		aaaa []dns.AAAA
+		srvs []dns.SRV
+	)
+	switch typ {
+	case dns.TypeA:
+		as = make([]dns.A, 0, fits)
+	case dns.TypeAAAA:
+		aaaa = make([]dns.AAAA, 0, fits)
+	case dns.TypeSRV:
+		srvs = make([]dns.SRV, 0, fits)
+	}
+	perm := make([]int, n)
+	for i := range perm {
+		perm[i] = i
+	}
+	k := 0
+	for ; k < n; k++ {
+		j := k + rand.IntN(n-k) // a Fisher-Yates step: perm[k] is a random one of the rest
+		perm[k], perm[j] = perm[j], perm[k]
+		in := &svc.instances[idx[perm[k]]]
+		var rr dns.RR
 		switch typ {
 		case dns.TypeA:
-			m.Answer = append(m.Answer, &dns.A{Hdr: hdr, A: in.ip.AsSlice()})
+			room -= 2 + 10 + 4
+			as = append(as, dns.A{Hdr: hdr, A: in.ipBytes})
+			rr = &as[len(as)-1]
 		case dns.TypeAAAA:
-			m.Answer = append(m.Answer, &dns.AAAA{Hdr: hdr, AAAA: in.ip.AsSlice()})
+			room -= 2 + 10 + 16
+			aaaa = append(aaaa, dns.AAAA{Hdr: hdr, AAAA: in.ipBytes})
+			rr = &aaaa[len(aaaa)-1]
 		case dns.TypeSRV:
-			m.Answer = append(m.Answer, &dns.SRV{Hdr: hdr, Priority: 0, Weight: 1, Port: in.port, Target: s.target(in)})
+			t := s.target(in)
+			room -= 2 + 10 + 6 + len(t) + 1
+			srvs = append(srvs, dns.SRV{Hdr: hdr, Priority: 0, Weight: 1, Port: in.port, Target: t})
+			rr = &srvs[len(srvs)-1]
 		}
+		if room < 0 {
+			break
+		}
+		m.Answer = append(m.Answer, rr)
 	}
-	m.Truncate(maxSize)
-	tc := m.Truncated || k < len(idx)
-	if typ == dns.TypeSRV && !tc {
-		opt := m.IsEdns0()
-		m.Extra = m.Extra[:0]
-		seen := make(map[string]bool)
-		for _, rr := range m.Answer {
-			t := rr.(*dns.SRV).Target
-			if seen[t] || !strings.HasSuffix(t, s.addrZone) {
-				continue
-			}
-			seen[t] = true
-			if ip, ok := parseAddrLabel(t[:len(t)-len(s.addrZone)]); ok {
-				m.Extra = append(m.Extra, addrRR(t, ip, s.ttl))
-			}
+	m.Truncated = k < n
+	if typ != dns.TypeSRV || m.Truncated {
+		return true
+	}
+	var glue []dns.RR
+	seen := make(map[string]bool, len(m.Answer))
+	for _, rr := range m.Answer {
+		t := rr.(*dns.SRV).Target
+		if seen[t] || !strings.HasSuffix(t, s.addrZone) {
+			continue
 		}
+		seen[t] = true
+		ip, ok := parseAddrLabel(t[:len(t)-len(s.addrZone)])
+		if !ok {
+			continue
+		}
+		size := len(t) + 1 + 10 + 4
+		if ip.Is6() {
+			size += 12
+		}
+		if size > room {
+			continue
+		}
+		room -= size
+		glue = append(glue, addrRR(t, ip, s.ttl))
+	}
+	if len(glue) > 0 {
 		if opt != nil {
-			m.Extra = append(m.Extra, opt)
+			glue = append(glue, opt)
 		}
-		m.Truncate(maxSize)
+		m.Extra = glue
 	}
-	m.Truncated = tc
 	return true
 }
 
@@ -500,17 +551,4 @@ func (s *Server) target(in *instance) string {
 		return in.target + s.addrZone
 	}
 	return in.target
-}
-
-// pick returns k distinct positions in [0, n) in a random order.
-func pick(n, k int) []int {
-	p := make([]int, n)
-	for i := range p {
-		p[i] = i
-	}
-	for i := range k {
-		j := i + rand.IntN(n-i)
-		p[i], p[j] = p[j], p[i]
-	}
-	return p[:k]
 }

@@ -27,6 +27,7 @@ type Service struct {
 type instance struct {
 	addr    string     // host:port as registered
 	ip      netip.Addr // the host, when it is an IP address (IPv4 unmapped)
+	ipBytes net.IP     // ip as 4 or 16 bytes, shared by every answer
 	port    uint16
 	target  string // SRV target: the host name (FQDN), or a label of the zone's addr names for an IP
 	inZone  bool   // target is a label to complete with ".addr.<zone>"
@@ -73,6 +74,7 @@ func parseInstance(u api.ServiceUpdate) (instance, bool) {
 	in := instance{addr: u.Addr, port: uint16(p), created: u.Created}
 	if ip, err := netip.ParseAddr(host); err == nil {
 		in.ip = ip.Unmap()
+		in.ipBytes = in.ip.AsSlice()
 		in.target, in.inZone = addrLabel(in.ip), true
 		return in, true
 	}
