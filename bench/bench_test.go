@@ -33,7 +33,7 @@ func TestSmoke(t *testing.T) {
 	var stdout, stderr bytes.Buffer
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	args := []string{"-quick", "-json", out, "-run", "throughput,latency,heartbeat,fanout,failure,start",
+	args := []string{"-quick", "-json", out, "-run", "throughput,latency,heartbeat,fanout,failure,start,dns",
 		"-duration", "100ms", "-latency-events", "20", "-heartbeat-ttl", "1s",
 		"-fanout-subs", "20", "-fanout-rounds", "1", "-agent-kills", "1s:1"}
 	if code := run(ctx, args, &stdout, &stderr); code != 0 {
