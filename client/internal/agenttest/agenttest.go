@@ -109,7 +109,11 @@ func start(root string) (_ *agent, err error) {
 	if out, err := build.CombinedOutput(); err != nil {
 		return nil, fmt.Errorf("build the agent: %v\n%s", err, out)
 	}
-	cmd := exec.Command(bin, "-bind", "127.0.0.1:0", "-dns", "", "-data-dir", filepath.Join(dir, "data"),
+	// Free ports for everything: the client packages' tests run at once,
+	// each with its own agent (the embedded etcd's defaults, 2379 and
+	// 2380, made one of them fail to start).
+	cmd := exec.Command(bin, "-bind", "127.0.0.1:0", "-dns", "", "-etcd-client-addr", "", "-etcd-peer-addr", "",
+		"-data-dir", filepath.Join(dir, "data"),
 		"-ttl", "2s", "-log-level", "info")
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
