@@ -739,3 +739,45 @@ func TestReclaimAfterRestart(t *testing.T) {
 		time.Sleep(20 * time.Millisecond) // polling the store: nothing to wait on
 	}
 }
+
+// TestRestoreSkipsTakenOver: a backend that loses its lease before its
+// anti-entropy noticed a takeover (through another backend, then removed
+// there) does not write that registration back when it restores the rest.
+func TestRestoreSkipsTakenOver(t *testing.T) {
+	t.Parallel()
+	srv := etcdtest.NewServer(t)
+	former, owner := mustOpen(t, srv.Endpoints(), 30*time.Second), mustOpen(t, srv.Endpoints(), 30*time.Second)
+	cli := mustClient(t, srv.Endpoints())
+	ctx := ctxT(t)
+	for i := range 2 {
+		if err := former.Register(ctx, "restored", addr(i), nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := owner.Register(ctx, "restored", addr(0), nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := owner.Unregister(ctx, "restored", addr(0)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cli.Revoke(ctx, etcd.LeaseOf(former)); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(waitTimeout)
+	for st := former.SessionState(); st.Established < 2 || !st.Live; st = former.SessionState() {
+		if time.Now().After(deadline) {
+			t.Fatalf("no restore within %v: %+v", waitTimeout, st)
+		}
+		time.Sleep(20 * time.Millisecond) // polling SessionState: it has no change notification
+	}
+	resp, err := cli.Get(ctx, etcd.DefaultPrefix+"restored/", clientv3.WithPrefix())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(resp.Kvs) != 1 || string(resp.Kvs[0].Key) != etcd.DefaultPrefix+"restored/"+addr(1) {
+		t.Fatalf("after the restore the store holds %d keys (%v), want only %s", len(resp.Kvs), resp.Kvs, addr(1))
+	}
+	if st := former.SessionState(); st.Lost != 1 {
+		t.Errorf("SessionState %+v, want Lost 1", st)
+	}
+}

@@ -8,6 +8,7 @@ import (
 	"maps"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
@@ -297,6 +298,28 @@ func (b *Backend) restore(lease clientv3.LeaseID, done map[string]*reg) error {
 			return nil
 		}
 		b.mu.Unlock()
+		taken := make([]bool, len(items))
+		var wg sync.WaitGroup
+		sem := make(chan struct{}, restoreChecks)
+		for i, it := range items {
+			if it.r == nil {
+				continue
+			}
+			sem <- struct{}{}
+			wg.Go(func() {
+				defer func() { <-sem }()
+				taken[i] = b.takenMeanwhile(it.key, it.r)
+			})
+		}
+		wg.Wait()
+		n := 0
+		for i, it := range items {
+			if !taken[i] {
+				items[n] = it
+				n++
+			}
+		}
+		items = items[:n]
 		for chunk := range slices.Chunk(items, restoreBatch) {
 			ops := make([]clientv3.Op, len(chunk))
 			for i, it := range chunk {
@@ -340,6 +363,25 @@ func (b *Backend) restore(lease clientv3.LeaseID, done map[string]*reg) error {
 			}
 		}
 	}
+}
+
+// takenMeanwhile reports, for a registration about to be restored with
+// its token, whether another session wrote its key after b's own last
+// write (a takeover through another agent that b had not noticed yet); it
+// then drops it (dropLost). Writing it back would resurrect a registration
+// whose new owner removed it, with an old token. When the history cannot
+// tell, the registration is restored. restore runs restoreChecks of these
+// checks at a time.
+func (b *Backend) takenMeanwhile(key string, r *reg) bool {
+	b.mu.Lock()
+	modRev := r.modRev
+	b.mu.Unlock()
+	taken, known, err := b.changedByOther(key, modRev)
+	if err != nil || !known || !taken {
+		return false
+	}
+	b.dropLost(key, r)
+	return true
 }
 
 // dropLost stops holding r at key, which another session took over.

@@ -163,31 +163,30 @@ func (b *Backend) remove(ctx context.Context, key string, prev *reg) error {
 
 // changedByOther reports whether the first change of key after revision
 // modRev (b's own last write of it) was a put by another session, rather
-// than a deletion. When the history is unknown (modRev 0, or compacted),
-// it reports true: the registration is then dropped, and its client,
-// whose heartbeats fail from then on, registers it again afresh.
-func (b *Backend) changedByOther(key string, modRev int64) (bool, error) {
+// than a deletion; known is false when the history cannot tell (modRev 0,
+// or compacted away).
+func (b *Backend) changedByOther(key string, modRev int64) (taken, known bool, err error) {
 	if modRev == 0 {
-		return true, nil
+		return false, false, nil
 	}
 	ctx, cancel := context.WithTimeout(b.ctx, b.attempt)
 	defer cancel()
 	for resp := range b.client.Watch(ctx, key, clientv3.WithRev(modRev+1)) {
 		if resp.CompactRevision != 0 {
-			return true, nil
+			return false, false, nil
 		}
 		if err := resp.Err(); err != nil {
-			return false, err
+			return false, false, err
 		}
 		if len(resp.Events) > 0 {
 			ev := resp.Events[0]
-			return ev.Type == clientv3.EventTypePut && !b.ours(clientv3.LeaseID(ev.Kv.Lease)), nil
+			return ev.Type == clientv3.EventTypePut && !b.ours(clientv3.LeaseID(ev.Kv.Lease)), true, nil
 		}
 	}
 	if err := ctx.Err(); err != nil {
-		return false, err
+		return false, false, err
 	}
-	return false, errors.New("watch of the key's history ended")
+	return false, false, errors.New("watch of the key's history ended")
 }
 
 // ours reports whether lease was granted to this backend.
@@ -328,11 +327,14 @@ func (b *Backend) repairMissing(key string, lease clientv3.LeaseID) error {
 		// Missing: erased (write it again), or taken over through another
 		// agent and then removed there (its owner is gone: it must not come
 		// back). The key's first change after b's own last write tells.
-		taken, err := b.changedByOther(key, r.modRev)
+		// When the history cannot tell, the registration is dropped all
+		// the same: its client, whose heartbeats fail from then on,
+		// registers it again afresh.
+		taken, known, err := b.changedByOther(key, r.modRev)
 		if err != nil {
 			return err
 		}
-		if taken {
+		if taken || !known {
 			b.dropLost(key, r)
 			return nil
 		}
