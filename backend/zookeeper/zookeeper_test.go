@@ -640,8 +640,8 @@ func TestRegisterReplacesForeignZnode(t *testing.T) {
 		t.Errorf("update after the takeover: %+v, want v=2 and Created %d", ev.Instance, first.Instance.Created)
 	}
 	// The former owner can no longer remove it.
-	if err := other.Unregister(ctxT(t), name, "10.0.0.1:80"); err != nil {
-		t.Fatal(err)
+	if err := other.Unregister(ctxT(t), name, "10.0.0.1:80"); !errors.Is(err, backend.ErrNotOwner) {
+		t.Fatalf("former owner's Unregister: %v, want backend.ErrNotOwner", err)
 	}
 	if ok, _, err := raw.Exists(p); err != nil || !ok {
 		t.Errorf("after the former owner's Unregister: exists=%v err=%v, want kept", ok, err)
@@ -708,8 +708,8 @@ func TestRestoreDoesNotSteal(t *testing.T) {
 	}
 	// b forgot the lost one: its Unregister leaves it, and so does its
 	// anti-entropy.
-	if err := b.Unregister(ctxT(t), name, "10.0.0.1:80"); err != nil {
-		t.Fatal(err)
+	if err := b.Unregister(ctxT(t), name, "10.0.0.1:80"); !errors.Is(err, backend.ErrNotOwner) {
+		t.Fatalf("former owner's Unregister: %v, want backend.ErrNotOwner", err)
 	}
 	if ok, _, err := raw.Exists(p); err != nil || !ok {
 		t.Errorf("after the former owner's Unregister: exists=%v err=%v, want kept", ok, err)
