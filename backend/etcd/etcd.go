@@ -331,8 +331,10 @@ func (b *Backend) Register(ctx context.Context, name, addr string, attrs map[str
 			b.mu.Unlock()
 			return nil
 		}
-		if err == nil && next.token == 0 {
-			next.token = w.token
+		if err == nil {
+			// Written, on a lease since replaced: the key's history after
+			// this write is what a restore looks at (takenMeanwhile).
+			next.token, next.modRev = w.token, w.modRev
 		}
 		replaced := b.lease != lease
 		next.stored = false
