@@ -326,8 +326,12 @@ func (b *Backend) Register(ctx context.Context, name, addr string, attrs map[str
 		b.mu.Lock()
 		if err == nil && b.lease == lease {
 			// The lease was current from before the write to after it: a
-			// renewal, if one follows, restores next after this write.
+			// renewal, if one follows, restores next after this write. A
+			// restore that ran meanwhile may have dropped next (it took
+			// this very write for another session's): this Register is a
+			// takeover, so the backend holds it again.
 			next.stored, next.token, next.modRev = true, w.token, w.modRev
+			b.regs[key] = next
 			b.mu.Unlock()
 			return nil
 		}
