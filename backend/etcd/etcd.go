@@ -318,11 +318,12 @@ func (b *Backend) Register(ctx context.Context, name, addr string, attrs map[str
 	}
 	b.regs[key] = next
 	owned := prev != nil && prev.stored
+	mode := putTakeover
 	for {
 		tok := next.token
 		b.mu.Unlock()
 		var w written
-		w, err = b.put(ctx, key, val, tok, lease, owned, true)
+		w, err = b.put(ctx, key, val, tok, lease, owned, mode)
 		b.mu.Lock()
 		if err == nil && b.lease == lease {
 			// The lease was current from before the write to after it: a
@@ -357,7 +358,7 @@ func (b *Backend) Register(ctx context.Context, name, addr string, attrs map[str
 		if lease, err = b.lockLease(ctx); err != nil {
 			break
 		}
-		owned = false
+		owned, mode = false, putRetake
 	}
 	b.mu.Lock()
 	if b.regs[key] == next { // always, under the key lock; for clarity

@@ -347,7 +347,7 @@ func (b *Backend) restore(lease clientv3.LeaseID, done map[string]*reg) error {
 				if !succeeded(resp, i) {
 					// The key exists: on an old lease of b's (still alive),
 					// or another session's.
-					w, err = b.putSlow(it.key, it.val, it.tok, lease, false)
+					w, err = b.putSlow(it.key, it.val, it.tok, lease, putRestore)
 					if errors.Is(err, errTakenOver) {
 						b.dropLost(it.key, it.r)
 						continue

@@ -45,15 +45,10 @@ type written struct {
 // its creating put). owned says the backend believes the key is on lease
 // now.
 //
-// With takeover (a client's Register), a key of another session is taken
-// over with the store's token, and a missing key is created with a fresh
-// token, never tok: it was deleted, subscribers saw it go, and an old
-// token coming back could make a leader's token go down. Without takeover
-// (a restore or a repair of the backend's own registration), a missing
-// key is created with tok, and put returns errTakenOver for another
-// session's key. The caller holds key's lock.
-func (b *Backend) put(ctx context.Context, key, val string, tok uint64, lease clientv3.LeaseID, owned, takeover bool) (written, error) {
-	if takeover && !owned {
+// mode says what to do with another session's key and a missing one (see
+// putMode). The caller holds key's lock.
+func (b *Backend) put(ctx context.Context, key, val string, tok uint64, lease clientv3.LeaseID, owned bool, mode putMode) (written, error) {
+	if mode == putTakeover && !owned {
 		tok = 0
 	}
 	cmp := clientv3.Compare(clientv3.CreateRevision(key), "=", 0)
@@ -72,8 +67,29 @@ func (b *Backend) put(ctx context.Context, key, val string, tok uint64, lease cl
 		}
 		return written{tok, out.rev}, nil
 	}
-	return b.putSlow(key, val, tok, lease, takeover)
+	return b.putSlow(key, val, tok, lease, mode)
 }
+
+// putMode is what a put does with a key of another session and with a
+// missing key.
+type putMode int
+
+const (
+	// putTakeover: a client's Register. Another session's key is taken
+	// over with the store's token; a missing key is created with a fresh
+	// token, never the one the backend knew: it was deleted, subscribers
+	// saw it go, and an old token coming back could make a leader's token
+	// go down.
+	putTakeover putMode = iota
+	// putRetake: the same Register writing again after its lease was
+	// replaced during its first write. As putTakeover, but a missing key
+	// (deleted with the old lease) keeps the token of that first write.
+	putRetake
+	// putRestore: the backend's own registration (a restore, a repair).
+	// A missing key is created with the known token; another session's
+	// key is left alone (errTakenOver).
+	putRestore
+)
 
 // putSlow is put after its condition failed: it reads the key and writes
 // it conditionally on what it read, until the write applies. The store's
@@ -81,7 +97,7 @@ func (b *Backend) put(ctx context.Context, key, val string, tok uint64, lease cl
 // fresh token, as in put. It is bounded by the backend's
 // own timeouts, not by the caller's ctx: a request sent may be applied
 // after its caller gave up.
-func (b *Backend) putSlow(key, val string, tok uint64, lease clientv3.LeaseID, takeover bool) (written, error) {
+func (b *Backend) putSlow(key, val string, tok uint64, lease clientv3.LeaseID, mode putMode) (written, error) {
 	for range maxWriteAttempts {
 		ctx, cancel := context.WithTimeout(b.ctx, b.attempt)
 		resp, err := b.client.Get(ctx, key)
@@ -90,13 +106,13 @@ func (b *Backend) putSlow(key, val string, tok uint64, lease clientv3.LeaseID, t
 			return written{}, err
 		}
 		t := tok
-		if takeover {
-			t = 0 // see put
+		if mode == putTakeover {
+			t = 0 // see putMode
 		}
 		cmp := clientv3.Compare(clientv3.CreateRevision(key), "=", 0)
 		if len(resp.Kvs) > 0 {
 			kv := resp.Kvs[0]
-			if !takeover && !b.ours(clientv3.LeaseID(kv.Lease)) {
+			if mode == putRestore && !b.ours(clientv3.LeaseID(kv.Lease)) {
 				return written{}, errTakenOver
 			}
 			if _, stored, err := decodeValue(kv); err == nil {
@@ -339,7 +355,7 @@ func (b *Backend) repairMissing(key string, lease clientv3.LeaseID) error {
 			return nil
 		}
 	}
-	w, err := b.putSlow(key, r.val, r.token, lease, false)
+	w, err := b.putSlow(key, r.val, r.token, lease, putRestore)
 	switch {
 	case errors.Is(err, errTakenOver):
 		b.dropLost(key, r)
