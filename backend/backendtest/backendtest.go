@@ -233,19 +233,29 @@ func mustSubscribe(tb testing.TB, b backend.Backend, name string) *recorder {
 // the stream ends.
 func (r *recorder) next() backend.Event {
 	r.tb.Helper()
-	timer := time.NewTimer(waitTimeout)
+	ev, ok := r.nextWithin(waitTimeout)
+	if !ok {
+		r.tb.Fatalf("stream %s: no event within %v; view %s", r.name, waitTimeout, r.describe())
+	}
+	return ev
+}
+
+// nextWithin reads and applies one event if one comes within d (ok),
+// failing tb if the stream ends.
+func (r *recorder) nextWithin(d time.Duration) (ev backend.Event, ok bool) {
+	r.tb.Helper()
+	timer := time.NewTimer(max(d, time.Millisecond))
 	defer timer.Stop()
 	select {
-	case ev, ok := <-r.s.Events():
-		if !ok {
+	case ev, open := <-r.s.Events():
+		if !open {
 			r.tb.Fatalf("stream %s ended unexpectedly: %v", r.name, r.s.Err())
 		}
 		r.apply(ev)
-		return ev
+		return ev, true
 	case <-timer.C:
-		r.tb.Fatalf("stream %s: no event within %v; view %s", r.name, waitTimeout, r.describe())
+		return backend.Event{}, false
 	}
-	return backend.Event{} // not reached: Fatalf stops the goroutine
 }
 
 func (r *recorder) apply(ev backend.Event) {
@@ -312,17 +322,7 @@ func (r *recorder) until(what string, stop func(backend.Event) bool) backend.Eve
 // addrs.
 func (r *recorder) waitView(addrs ...string) {
 	r.tb.Helper()
-	want := map[string]bool{}
-	for _, a := range addrs {
-		want[a] = true
-	}
-	deadline := time.Now().Add(waitTimeout)
-	for !r.viewIs(want) {
-		if time.Now().After(deadline) {
-			r.tb.Fatalf("stream %s: view %s, want %v", r.name, r.describe(), slices.Sorted(maps.Keys(want)))
-		}
-		r.next()
-	}
+	r.waitViewWithin(waitTimeout, addrs...)
 }
 
 func (r *recorder) viewIs(want map[string]bool) bool {

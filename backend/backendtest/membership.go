@@ -175,21 +175,6 @@ func (r *recorder) waitViewWithin(d time.Duration, addrs ...string) {
 	}
 }
 
-// nextWithin is next with its own bound.
-func (r *recorder) nextWithin(d time.Duration) {
-	r.tb.Helper()
-	timer := time.NewTimer(max(d, time.Millisecond))
-	defer timer.Stop()
-	select {
-	case ev, ok := <-r.s.Events():
-		if !ok {
-			r.tb.Fatalf("stream %s ended unexpectedly: %v", r.name, r.s.Err())
-		}
-		r.apply(ev)
-	case <-timer.C:
-	}
-}
-
 func waitRepairs(tb testing.TB, b backend.Backend, n uint64) {
 	tb.Helper()
 	sr, ok := b.(backend.SessionReporter)
