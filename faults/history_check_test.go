@@ -183,6 +183,8 @@ func TestCheckOwnership(t *testing.T) {
 	elsewhere := probe(opProbeUnregister, "not_found: unknown")
 	elsewhere.Agent = owner.Agent + "-other"
 	wantViolations(t, checkOwnership(&history{Ops: []op{owner, elsewhere}}), 0)
+	// A probe whose connection died with its agent got no answer.
+	wantViolations(t, checkOwnership(&history{Ops: []op{owner, probe(opProbeUnregister, "rpc: connection is shut down")}}), 0)
 	for _, bad := range []op{probe(opProbeHeartbeat, ""), probe(opProbeUnregister, ""), probe(opProbeHeartbeat, "not_found: unknown")} {
 		h := &history{Ops: []op{reg(1, "s1", kA, 0, 5, ""), bad}}
 		wantViolations(t, checkOwnership(h), 1, "does not own web/10.0.0.1:80", "want permission_denied")

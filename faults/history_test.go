@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/flynn/discoverd/api"
+	"github.com/flynn/discoverd/rpc"
 )
 
 // permissionDenied is the error code of a call by a session that does not
@@ -666,6 +667,11 @@ func checkOwnership(h *history) []string {
 	var out []string
 	for _, o := range h.Ops {
 		if o.Kind != opProbeHeartbeat && o.Kind != opProbeUnregister {
+			continue
+		}
+		// The probe's connection died (its agent was killed): no answer
+		// to judge.
+		if strings.HasPrefix(o.Err, rpc.ErrShutdown.Error()) {
 			continue
 		}
 		// An agent that does not hold the key at all (its owner registered
