@@ -132,3 +132,37 @@ func TestOwnershipAcrossAgents(t *testing.T) {
 		t.Errorf("former owner's store stats %+v, want Lost >= 1", st.Store)
 	}
 }
+
+// TestTakeoverBackThroughFormerAgent: a registration taken over through
+// another agent, then registered again (same attributes) by a new session
+// of the first agent, is written back to the store on the first agent's
+// session, although that agent believed it still held it unchanged.
+func TestTakeoverBackThroughFormerAgent(t *testing.T) {
+	srv := etcdtest.NewServer(t)
+	a1 := mustAgent(t, mustBackend(t, srv, time.Minute), agent.Config{TTL: time.Minute})
+	a2 := mustAgent(t, mustBackend(t, srv, time.Minute), agent.Config{TTL: time.Minute})
+	first, second, other := a1.NewSession(0), a1.NewSession(0), a2.NewSession(0)
+	defer first.Close()
+	attrs := map[string]string{"v": "1"}
+	mustRegister(t, first, "web", "10.0.0.1:80", attrs)
+	mustRegister(t, other, "web", "10.0.0.1:80", attrs) // through a2
+	mustRegister(t, second, "web", "10.0.0.1:80", attrs) // back through a1
+	// a2's session no longer owns it in the store: closing it leaves it.
+	other.Close()
+	list, err := a1.Instances(ctxT(t), "web")
+	if err != nil || len(list) != 1 {
+		t.Fatalf("after the takeover back and the other owner's Close: %v, %v; want the registration kept", list, err)
+	}
+	second.Close()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		list, err := a2.Instances(ctxT(t), "web")
+		if err == nil && len(list) == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("after its owner's Close the registration is still listed: %v, %v", list, err)
+		}
+		time.Sleep(20 * time.Millisecond) // polling another agent's cache: nothing to wait on
+	}
+}

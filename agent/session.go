@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/flynn/discoverd/api"
+	"github.com/flynn/discoverd/backend"
 )
 
 // regKey identifies a registration: a service name and an expanded address.
@@ -106,9 +107,11 @@ func (s *Session) usableLocked() error {
 // Register registers args as online and returns its address, with a
 // ":port" address expanded to Config.ExternalIP. Registering a name/addr
 // the agent already holds is a heartbeat plus an attribute update: the
-// registration keeps its Created, the store is written only when the
-// attributes changed, and the registration moves to this session if
-// another one held it.
+// registration keeps its Created and the store is written only when the
+// attributes changed. A Register from another session than the owner is
+// a takeover: the registration moves to this session, and the store is
+// written to make sure it is this agent's there (backend.Claimer), since
+// it may have been taken over through another agent meanwhile.
 //
 // It blocks until the store acknowledged the write and, when the agent
 // watches name, until its cache shows the write (at most a second), so that
@@ -166,7 +169,11 @@ func (s *Session) Register(ctx context.Context, args api.Args) (string, error) {
 	a.mu.Unlock()
 
 	attrs := maps.Clone(args.Attrs)
-	err = a.backend.Register(ctx, k.name, k.addr, attrs)
+	if c, ok := a.backend.(backend.Claimer); ok && r != nil && r.owner != s {
+		err = c.Claim(ctx, k.name, k.addr, attrs)
+	} else {
+		err = a.backend.Register(ctx, k.name, k.addr, attrs)
+	}
 
 	a.mu.Lock()
 	if reserved {
@@ -225,10 +232,10 @@ func (s *Session) Register(ctx context.Context, args api.Args) (string, error) {
 	return k.addr, nil
 }
 
-// refreshLocked handles a Register that needs no store write: the agent
-// holds k with the same attributes. It refreshes the heartbeat and takes
-// the registration over if another session owned it. done reports whether
-// the Register is complete (successfully or with err).
+// refreshLocked handles a Register that needs no store write: s holds k
+// with the same attributes. It refreshes the heartbeat. It refuses (done,
+// with an error) a Register the ownership rules refuse. done reports
+// whether the Register is complete (successfully or with err).
 func (s *Session) refreshLocked(k regKey, attrs map[string]string) (done bool, err error) {
 	if err := s.usableLocked(); err != nil {
 		return true, err
@@ -239,17 +246,11 @@ func (s *Session) refreshLocked(k regKey, attrs map[string]string) (done bool, e
 			return true, err
 		}
 	}
-	if r == nil || r.dirty || !maps.Equal(r.attrs, attrs) {
+	// A takeover goes to the store even with the same attributes: the
+	// registration may have been taken over through another agent since
+	// the former owner registered it (backend.Claimer).
+	if r == nil || r.dirty || r.owner != s || !maps.Equal(r.attrs, attrs) {
 		return false, nil
-	}
-	if r.owner != s {
-		if err := s.reserveLocked(); err != nil {
-			return true, err
-		}
-		s.pending--
-		delete(r.owner.regs, k)
-		r.owner = s
-		s.regs[k] = struct{}{}
 	}
 	r.beat = time.Now()
 	return true, nil

@@ -139,6 +139,17 @@ var ErrClosed = errors.New("backend: closed")
 // session owns in the store: nothing was deleted.
 var ErrNotOwner = errors.New("backend: registration owned by another session")
 
+// Claimer is implemented by a backend that can make sure a registration
+// is its own in the store now, taking it over if another session wrote it
+// meanwhile, even when Register would write nothing (same attributes as
+// it last stored). It is optional; the agent calls it when one of its
+// sessions takes over a registration another of its sessions held, since
+// that registration may have been taken over through another agent in
+// the meantime. It blocks and fails as Register does.
+type Claimer interface {
+	Claim(ctx context.Context, name, addr string, attrs map[string]string) error
+}
+
 // Forgetter is implemented by a backend that can stop holding a
 // registration without a store call, so that it does not write it again
 // when it restores its session. It is optional; the agent uses it when it

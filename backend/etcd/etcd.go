@@ -128,6 +128,7 @@ var (
 	_ backend.SessionReporter = (*Backend)(nil)
 	_ backend.LossNotifier    = (*Backend)(nil)
 	_ backend.Forgetter       = (*Backend)(nil)
+	_ backend.Claimer         = (*Backend)(nil)
 )
 
 // Forget drops name/addr from what b holds, without a store call
@@ -284,6 +285,18 @@ func Open(ctx context.Context, cfg Config) (*Backend, error) {
 // outcome is unknown, the anti-entropy deletes the key within a TTL). It
 // returns backend.ErrClosed after Close.
 func (b *Backend) Register(ctx context.Context, name, addr string, attrs map[string]string) error {
+	return b.register(ctx, name, addr, attrs, false)
+}
+
+// Claim is Register that writes even when b already stored these
+// attributes, so that a key another session took over meanwhile is taken
+// back (backend.Claimer). When the key is still on b's lease, the write
+// changes nothing but its ModRevision.
+func (b *Backend) Claim(ctx context.Context, name, addr string, attrs map[string]string) error {
+	return b.register(ctx, name, addr, attrs, true)
+}
+
+func (b *Backend) register(ctx context.Context, name, addr string, attrs map[string]string, claim bool) error {
 	key, err := b.key(name, addr)
 	if err != nil {
 		return err
@@ -305,7 +318,7 @@ func (b *Backend) Register(ctx context.Context, name, addr string, attrs map[str
 		return b.opError("register", name, addr, err)
 	}
 	prev := b.regs[key]
-	if prev != nil && prev.stored && prev.val == val {
+	if prev != nil && prev.stored && prev.val == val && !claim {
 		b.mu.Unlock()
 		return nil
 	}

@@ -473,6 +473,7 @@ func (b *Backend) Forget(name, addr string) {
 var (
 	_ backend.LossNotifier = (*Backend)(nil)
 	_ backend.Forgetter    = (*Backend)(nil)
+	_ backend.Claimer      = (*Backend)(nil)
 )
 
 // Register stores name/addr with attrs as an ephemeral znode of the
@@ -488,6 +489,17 @@ var (
 // Unregister and Close still remove it. Errors: backend.ErrClosed, ctx's
 // error, or the ZooKeeper error wrapped with the operation.
 func (b *Backend) Register(ctx context.Context, name, addr string, attrs map[string]string) error {
+	return b.register(ctx, name, addr, attrs, false)
+}
+
+// Claim is Register that looks at the znode even when b already stored
+// these attributes, so that a znode another session took over meanwhile
+// is taken back (backend.Claimer).
+func (b *Backend) Claim(ctx context.Context, name, addr string, attrs map[string]string) error {
+	return b.register(ctx, name, addr, attrs, true)
+}
+
+func (b *Backend) register(ctx context.Context, name, addr string, attrs map[string]string, claim bool) error {
 	p, err := b.nodePath(name, addr)
 	if err != nil {
 		return err
@@ -501,7 +513,7 @@ func (b *Backend) Register(ctx context.Context, name, addr string, attrs map[str
 		b.mu.Lock()
 		old, known := b.regs[p]
 		b.mu.Unlock()
-		if known && bytes.Equal(old.enc, enc) {
+		if known && bytes.Equal(old.enc, enc) && !claim {
 			return nil // a heartbeat: nothing to write
 		}
 		// Before and after the write, so that anti-entropy keeps
