@@ -685,7 +685,10 @@ func checkOwnership(h *history) []string {
 		// answered by its own agent, which learns of the takeover only at
 		// its next anti-entropy pass; its Unregister deletes nothing
 		// (the store write is conditional), but reports success.
-		if o.Err == "" && ownerAgent(h, o) != o.Agent && formerOwner(h, o) {
+		// (Under a store outage its agent answers unavailable and retries
+		// the conditional delete, which deletes nothing either.)
+		answered := o.Err == "" || strings.HasPrefix(o.Err, string(api.CodeUnavailable))
+		if answered && ownerAgent(h, o) != o.Agent && formerOwner(h, o) {
 			h.KnownGaps = append(h.KnownGaps, fmt.Sprintf("%s: answered by the former owner's agent after a takeover through another agent", o))
 			continue
 		}
