@@ -183,6 +183,10 @@ func TestCheckOwnership(t *testing.T) {
 	elsewhere := probe(opProbeUnregister, "not_found: unknown")
 	elsewhere.Agent = owner.Agent + "-other"
 	wantViolations(t, checkOwnership(&history{Ops: []op{owner, elsewhere}}), 0)
+	// After a close-at-once of unknown outcome on the key, no agent may
+	// hold it: not_found is right.
+	closeAtOnce := op{ID: 3, Kind: opCloseAtOnce, Session: "x3", Agent: "a2", Key: kA, Start: at(6), End: at(7), Err: "unknown"}
+	wantViolations(t, checkOwnership(&history{Ops: []op{owner, closeAtOnce, probe(opProbeUnregister, "not_found: unknown")}}), 0)
 	// A probe whose connection died with its agent got no answer.
 	wantViolations(t, checkOwnership(&history{Ops: []op{owner, probe(opProbeUnregister, "rpc: connection is shut down")}}), 0)
 	for _, bad := range []op{probe(opProbeHeartbeat, ""), probe(opProbeUnregister, ""), probe(opProbeHeartbeat, "not_found: unknown")} {

@@ -652,6 +652,29 @@ func ownerAgent(h *history, probe op) string {
 	return agent
 }
 
+// uncertainSince reports whether an operation of unknown outcome on
+// probe's key (a close-at-once, a failed register) ran between the last
+// successful register of the key and the probe: it may have taken the key
+// over through another agent and ended, so that no agent holds it and
+// not_found is a right answer.
+func uncertainSince(h *history, probe op) bool {
+	var last time.Time
+	for _, o := range h.Ops {
+		if o.Kind == opRegister && o.Err == "" && o.Key == probe.Key && o.End.Before(probe.Start) && o.End.After(last) {
+			last = o.End
+		}
+	}
+	for _, o := range h.Ops {
+		if o.Key != probe.Key || o.Err == "" || o.Start.Before(last) || !o.Start.Before(probe.Start) {
+			continue
+		}
+		if o.Kind == opRegister || o.Kind == opCloseAtOnce {
+			return true
+		}
+	}
+	return false
+}
+
 // formerOwner reports whether probe's session registered probe's key
 // successfully before the probe.
 func formerOwner(h *history, probe op) bool {
@@ -677,7 +700,7 @@ func checkOwnership(h *history) []string {
 		// An agent that does not hold the key at all (its owner registered
 		// through another agent) answers not_found and changes nothing:
 		// the store is not asked on a Heartbeat or Unregister.
-		if strings.HasPrefix(o.Err, notFound) && ownerAgent(h, o) != o.Agent {
+		if strings.HasPrefix(o.Err, notFound) && (ownerAgent(h, o) != o.Agent || uncertainSince(h, o)) {
 			continue
 		}
 		// Known gap (issue 11 stays open on it): a former owner whose
