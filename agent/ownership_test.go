@@ -145,7 +145,7 @@ func TestTakeoverBackThroughFormerAgent(t *testing.T) {
 	defer first.Close()
 	attrs := map[string]string{"v": "1"}
 	mustRegister(t, first, "web", "10.0.0.1:80", attrs)
-	mustRegister(t, other, "web", "10.0.0.1:80", attrs) // through a2
+	mustRegister(t, other, "web", "10.0.0.1:80", attrs)  // through a2
 	mustRegister(t, second, "web", "10.0.0.1:80", attrs) // back through a1
 	// a2's session no longer owns it in the store: closing it leaves it.
 	other.Close()
