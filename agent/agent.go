@@ -12,6 +12,7 @@ import (
 	"github.com/flynn/discoverd/api"
 	"github.com/flynn/discoverd/backend"
 	"github.com/flynn/discoverd/internal/keylock"
+	"github.com/jonboulle/clockwork"
 )
 
 // Args is the argument of the agent's methods (go-discoverd applications
@@ -84,6 +85,11 @@ type Agent struct {
 
 	// backendTimeout is the constant backendTimeout, shortened by tests.
 	backendTimeout time.Duration
+	// clock is the time of expiry: heartbeats, the janitor's period, the
+	// orphans' backoff and the watches' linger. The real clock, or a fake
+	// one in tests (export_test.go). Timeouts of store calls and the
+	// watch's retries stay on real time: they bound I/O with a real store.
+	clock clockwork.Clock
 
 	ctx    context.Context // cancelled by Close: stops every goroutine
 	cancel context.CancelFunc
@@ -112,10 +118,10 @@ type Agent struct {
 // New validates cfg, applies its defaults and starts the agent's expiry
 // loop. The caller must call Close.
 func New(cfg Config) (*Agent, error) {
-	return newAgent(cfg, backendTimeout)
+	return newAgent(cfg, backendTimeout, clockwork.NewRealClock())
 }
 
-func newAgent(cfg Config, timeout time.Duration) (*Agent, error) {
+func newAgent(cfg Config, timeout time.Duration, clock clockwork.Clock) (*Agent, error) {
 	if cfg.Backend == nil {
 		return nil, errors.New("agent: Config.Backend is required")
 	}
@@ -143,6 +149,7 @@ func newAgent(cfg Config, timeout time.Duration) (*Agent, error) {
 		backend:        cfg.Backend,
 		log:            cfg.Logger,
 		backendTimeout: timeout,
+		clock:          clock,
 		ctx:            ctx,
 		cancel:         cancel,
 		wake:           make(chan struct{}, 1),
@@ -277,16 +284,16 @@ func (a *Agent) backendError(ctx context.Context, op string, err error, attrs ..
 // runs until Close.
 func (a *Agent) janitor() {
 	defer a.wg.Done()
-	t := time.NewTicker(a.sweepPeriod())
+	t := a.clock.NewTicker(a.sweepPeriod())
 	defer t.Stop()
 	for {
 		select {
 		case <-a.ctx.Done():
 			return
-		case now := <-t.C:
-			a.sweep(now)
+		case <-t.Chan():
+			a.sweep(a.clock.Now())
 		case <-a.wake:
-			a.sweep(time.Now())
+			a.sweep(a.clock.Now())
 		}
 	}
 }
@@ -345,7 +352,7 @@ func (a *Agent) prepareSweep(k regKey) bool {
 	}
 	if r := a.regs[k]; r != nil {
 		delete(a.orphans, k)
-		if time.Since(r.beat) <= a.cfg.TTL {
+		if a.clock.Since(r.beat) <= a.cfg.TTL {
 			a.mu.Unlock()
 			return false
 		}
@@ -453,7 +460,7 @@ func (a *Agent) removeBatch(op string, keys []regKey, prepare func(regKey) bool,
 	case failed > 0:
 		a.orphanFails++
 		delay := min(a.sweepPeriod()<<min(a.orphanFails-1, 16), max(maxOrphanBackoff, a.sweepPeriod()))
-		a.orphanNext = time.Now().Add(delay)
+		a.orphanNext = a.clock.Now().Add(delay)
 		a.mu.Unlock()
 		a.stats.backendErrors.Add(1)
 		a.log.Warn("agent: backend unregister failed; removals left to retry",

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jonboulle/clockwork"
 	"go.uber.org/goleak"
 
 	"github.com/flynn/discoverd/agent"
@@ -63,6 +64,31 @@ func mustAgent(tb testing.TB, b backend.Backend, cfg agent.Config) *agent.Agent 
 	}
 	tb.Cleanup(func() { a.Close() })
 	return a
+}
+
+// mustAgentClock is mustAgent with the agent's clock of expiry set to c.
+func mustAgentClock(tb testing.TB, b backend.Backend, cfg agent.Config, c clockwork.Clock) *agent.Agent {
+	tb.Helper()
+	cfg.Backend = b
+	if cfg.Logger == nil {
+		cfg.Logger = quiet()
+	}
+	a, err := agent.NewWithClock(cfg, c)
+	if err != nil {
+		tb.Fatalf("agent.NewWithClock: %v", err)
+	}
+	tb.Cleanup(func() { a.Close() })
+	return a
+}
+
+// mustAdvance moves c forward by d once the agent's janitor waits on it
+// (its ticker is c's one waiter), so that the move reaches the janitor.
+func mustAdvance(tb testing.TB, c *clockwork.FakeClock, d time.Duration) {
+	tb.Helper()
+	if err := c.BlockUntilContext(ctxT(tb), 1); err != nil {
+		tb.Fatalf("the janitor never waited on the fake clock: %v", err)
+	}
+	c.Advance(d)
 }
 
 // pair is two agents, each on its own backend, sharing one etcd.
@@ -176,6 +202,19 @@ func eventually(tb testing.TB, what string, cond func() bool) {
 		case <-tick.C:
 		}
 	}
+}
+
+// eventuallyAdvancing is eventually in fake time: it moves c forward by
+// step between two checks of cond.
+func eventuallyAdvancing(tb testing.TB, c *clockwork.FakeClock, step time.Duration, what string, cond func() bool) {
+	tb.Helper()
+	eventually(tb, what, func() bool {
+		if cond() {
+			return true
+		}
+		mustAdvance(tb, c, step)
+		return false
+	})
 }
 
 func TestRegisterSeenByOtherAgent(t *testing.T) {
@@ -354,13 +393,18 @@ func TestSessionCloseUnregisters(t *testing.T) {
 	}
 }
 
+// TestExpiry runs in fake time: a registration whose heartbeats stop
+// expires after the TTL, one that keeps beating stays.
 func TestExpiry(t *testing.T) {
 	t.Parallel()
-	const ttl = 2 * time.Second
-	p := mustPair(t, agent.Config{TTL: ttl})
-	sub := mustSubscribe(t, p.a2, "web")
+	const ttl = 10 * time.Second
+	clock := clockwork.NewFakeClock()
+	srv := etcdtest.NewServer(t)
+	a1 := mustAgentClock(t, mustBackend(t, srv, 10*time.Second), agent.Config{TTL: ttl}, clock)
+	a2 := mustAgent(t, mustBackend(t, srv, 10*time.Second), agent.Config{TTL: ttl})
+	sub := mustSubscribe(t, a2, "web")
 	mustSnapshot(t, sub)
-	sess := p.a1.NewSession(0)
+	sess := a1.NewSession(0)
 	defer sess.Close()
 
 	kept := agent.Args{Name: "web", Addr: "10.0.0.1:80"}
@@ -369,41 +413,25 @@ func TestExpiry(t *testing.T) {
 	mustNextIs(t, sub, kept.Addr, true)
 	mustNextIs(t, sub, "10.0.0.2:80", true)
 
-	// Keep one registration alive; let the other's heartbeats stop.
-	stop := make(chan struct{})
-	beating := make(chan error, 1)
-	go func() {
-		tick := time.NewTicker(ttl / 10)
-		defer tick.Stop()
-		for {
-			select {
-			case <-stop:
-				beating <- nil
-				return
-			case <-tick.C:
-				if err := sess.Heartbeat(context.Background(), kept); err != nil {
-					beating <- err
-					return
-				}
-			}
-		}
-	}()
+	// Keep one registration alive; let the other's heartbeats stop. After
+	// the second step 10.0.0.2 is 1.3 TTLs old, 10.0.0.1 0.7.
+	mustAdvance(t, clock, ttl*6/10)
+	if err := sess.Heartbeat(ctxT(t), kept); err != nil {
+		t.Fatalf("Heartbeat: %v", err)
+	}
+	mustAdvance(t, clock, ttl*7/10)
 	mustNextIs(t, sub, "10.0.0.2:80", false)
-	// Had the heartbeats not counted, 10.0.0.1 (older) would have expired
+	// Had the heartbeat not counted, 10.0.0.1 (older) would have expired
 	// first; the marker proves nothing came before it.
 	mustRegister(t, sess, "web", "10.0.0.3:80", nil)
 	mustNextIs(t, sub, "10.0.0.3:80", true)
-	close(stop)
-	if err := <-beating; err != nil {
-		t.Fatalf("Heartbeat: %v", err)
-	}
 
 	err := sess.Heartbeat(ctxT(t), agent.Args{Name: "web", Addr: "10.0.0.2:80"})
 	wantCode(t, err, api.CodeNotFound)
 	if !strings.Contains(err.Error(), "register it again") {
 		t.Fatalf("NotFound error %q does not say what to do", err)
 	}
-	if st := p.a1.Stats(); st.Expired != 1 {
+	if st := a1.Stats(); st.Expired != 1 {
 		t.Fatalf("stats %+v: want 1 expired", st)
 	}
 }
@@ -779,11 +807,17 @@ func TestWatchStopsWhenUnused(t *testing.T) {
 		}
 	})
 	t.Run("after the linger", func(t *testing.T) {
-		a := mustAgent(t, b, agent.Config{TTL: time.Second, WatchLinger: 100 * time.Millisecond})
+		const linger = 5 * time.Second
+		clock := clockwork.NewFakeClock()
+		a := mustAgentClock(t, b, agent.Config{TTL: 10 * time.Second, WatchLinger: linger}, clock)
+		start := clock.Now()
 		if _, err := a.Instances(ctxT(t), "web"); err != nil {
 			t.Fatalf("Instances: %v", err)
 		}
-		eventually(t, "the idle watch to stop", func() bool { return a.Stats().Watches == 0 })
+		eventuallyAdvancing(t, clock, time.Second, "the idle watch to stop", func() bool { return a.Stats().Watches == 0 })
+		if idle := clock.Since(start); idle < linger {
+			t.Fatalf("the idle watch stopped after %v, before the linger of %v", idle, linger)
+		}
 	})
 }
 

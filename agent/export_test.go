@@ -3,12 +3,21 @@ package agent
 import (
 	"slices"
 	"time"
+
+	"github.com/jonboulle/clockwork"
 )
 
 // NewWithBackendTimeout is New with the internal backend timeout set to d,
 // so that tests of an unreachable store need not wait seconds.
 func NewWithBackendTimeout(cfg Config, d time.Duration) (*Agent, error) {
-	return newAgent(cfg, d)
+	return newAgent(cfg, d, clockwork.NewRealClock())
+}
+
+// NewWithClock is New with the clock of expiry set to c (a
+// clockwork.FakeClock in tests): heartbeats, the janitor's period, the
+// orphans' backoff and the watches' linger follow c.
+func NewWithClock(cfg Config, c clockwork.Clock) (*Agent, error) {
+	return newAgent(cfg, backendTimeout, c)
 }
 
 // RemoveParallelism is how many store removals a batch runs at once.

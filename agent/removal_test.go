@@ -15,6 +15,7 @@ import (
 	"github.com/flynn/discoverd/agent"
 	"github.com/flynn/discoverd/backend"
 	"github.com/flynn/discoverd/backend/etcd/etcdtest"
+	"github.com/jonboulle/clockwork"
 )
 
 // logCounter is a slog handler that counts the warnings (and worse) whose
@@ -180,16 +181,16 @@ func (g *gatedBackend) Register(ctx context.Context, name, addr string, attrs ma
 // TestStoreDownRemovals: when the store fails, a batch of removals
 // (Session.Close, the janitor's retries) stops at the first failure and
 // logs it once, the remaining keys are left to the janitor, whose retries
-// back off and succeed once the store is back.
+// back off and succeed once the store is back. It runs in fake time.
 func TestStoreDownRemovals(t *testing.T) {
 	const n = 40
+	const ttl = 10 * time.Second // the janitor sweeps every TTL/4
 	srv := etcdtest.NewServer(t)
 	real := mustBackend(t, srv, 10*time.Second)
 	faulty := &faultyBackend{Backend: real}
 	logs := &logCounter{}
-	// The TTL leaves ample time to register n keys before any expires;
-	// the janitor sweeps every TTL/4.
-	a := mustAgent(t, faulty, agent.Config{TTL: 2 * time.Second, Logger: logs.logger()})
+	clock := clockwork.NewFakeClock()
+	a := mustAgentClock(t, faulty, agent.Config{TTL: ttl, Logger: logs.logger()}, clock)
 	sess := a.NewSession(0)
 	for i := range n {
 		mustRegister(t, sess, "web", fmt.Sprintf("10.0.0.%d:80", i+1), nil)
@@ -214,7 +215,7 @@ func TestStoreDownRemovals(t *testing.T) {
 	}
 
 	// The janitor's retry fails too: one warning per failed batch.
-	eventually(t, "a failed retry batch", func() bool {
+	eventuallyAdvancing(t, clock, ttl/4, "a failed retry batch", func() bool {
 		_, failed := agent.Orphans(a)
 		return failed >= 2
 	})
@@ -229,7 +230,7 @@ func TestStoreDownRemovals(t *testing.T) {
 	}
 
 	faulty.failUnregister.Store(false)
-	eventually(t, "the orphans removed once the store is back", func() bool {
+	eventuallyAdvancing(t, clock, ttl/4, "the orphans removed once the store is back", func() bool {
 		orphans, failed := agent.Orphans(a)
 		return orphans == 0 && failed == 0
 	})

@@ -222,7 +222,7 @@ func (s *Session) Register(ctx context.Context, args api.Args) (string, error) {
 	// meanwhile keeps the attributes just written.
 	r.attrs = attrs
 	r.dirty = false
-	r.beat = time.Now()
+	r.beat = a.clock.Now()
 	closed := s.closed
 	a.mu.Unlock()
 	if closed {
@@ -252,7 +252,7 @@ func (s *Session) refreshLocked(k regKey, attrs map[string]string) (done bool, e
 	if r == nil || r.dirty || r.owner != s || !maps.Equal(r.attrs, attrs) {
 		return false, nil
 	}
-	r.beat = time.Now()
+	r.beat = s.a.clock.Now()
 	return true, nil
 }
 
@@ -304,7 +304,7 @@ func (s *Session) Heartbeat(ctx context.Context, args api.Args) error {
 	if err := s.ownerErrLocked(k, r, false); err != nil {
 		return err
 	}
-	r.beat = time.Now()
+	r.beat = a.clock.Now()
 	return nil
 }
 

@@ -101,7 +101,7 @@ func (a *Agent) releaseWatch(w *watch) {
 	if w.refs--; w.refs > 0 {
 		return
 	}
-	w.idleSince = time.Now()
+	w.idleSince = a.clock.Now()
 	if a.cfg.WatchLinger < 0 && a.watches[w.name] == w {
 		delete(a.watches, w.name)
 		w.cancel()
