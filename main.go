@@ -32,6 +32,7 @@ import (
 
 	"github.com/flynn/discoverd/agent"
 	"github.com/flynn/discoverd/api"
+	"github.com/flynn/discoverd/api/retry"
 	"github.com/flynn/discoverd/backend"
 	"github.com/flynn/discoverd/backend/etcd"
 	"github.com/flynn/discoverd/backend/zookeeper"
@@ -516,12 +517,12 @@ func (m *Main) openBackend(ctx context.Context) (backend.Backend, error) {
 
 // retry calls open until it succeeds, ctx is done, or StoreTimeout has
 // passed; each attempt is bounded by attemptTimeout. Between attempts it
-// backs off from 100 ms to 2 s.
+// backs off from 100 ms to 2 s (retry.Backoff, without jitter).
 func (m *Main) retry(ctx context.Context, store string, open func(context.Context) (backend.Backend, error)) (backend.Backend, error) {
 	const attemptTimeout = 5 * time.Second
 	ctx, cancel := context.WithTimeout(ctx, m.StoreTimeout)
 	defer cancel()
-	wait := 100 * time.Millisecond
+	bo := retry.Backoff{Min: 100 * time.Millisecond, Max: 2 * time.Second}
 	for attempt := 1; ; attempt++ {
 		actx, acancel := context.WithTimeout(ctx, attemptTimeout)
 		b, err := open(actx)
@@ -530,13 +531,12 @@ func (m *Main) retry(ctx context.Context, store string, open func(context.Contex
 			return b, nil
 		}
 		m.Logger.Warn("store unreachable; retrying", "store", store, "attempt", attempt, "err", err)
-		t := time.NewTimer(wait)
+		t := time.NewTimer(bo.Next())
 		select {
 		case <-ctx.Done():
 			t.Stop()
 			return nil, fmt.Errorf("%s unreachable after %d attempts in %v: %w", store, attempt, m.StoreTimeout, err)
 		case <-t.C:
 		}
-		wait = min(2*wait, 2*time.Second)
 	}
 }

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/flynn/discoverd/api"
+	"github.com/flynn/discoverd/api/retry"
 	"github.com/flynn/discoverd/backend"
 	"github.com/flynn/discoverd/internal/keylock"
 	"github.com/jonboulle/clockwork"
@@ -459,7 +460,7 @@ func (a *Agent) removeBatch(op string, keys []regKey, prepare func(regKey) bool,
 	switch {
 	case failed > 0:
 		a.orphanFails++
-		delay := min(a.sweepPeriod()<<min(a.orphanFails-1, 16), max(maxOrphanBackoff, a.sweepPeriod()))
+		delay := retry.Delay(a.sweepPeriod(), max(maxOrphanBackoff, a.sweepPeriod()), a.orphanFails-1)
 		a.orphanNext = a.clock.Now().Add(delay)
 		a.mu.Unlock()
 		a.stats.backendErrors.Add(1)

@@ -4,16 +4,16 @@ import (
 	"context"
 	"errors"
 	"maps"
-	"math/rand/v2"
 	"slices"
 	"sync"
 	"time"
 
 	"github.com/flynn/discoverd/api"
+	"github.com/flynn/discoverd/api/retry"
 	"github.com/flynn/discoverd/backend"
 )
 
-// Backoff of a watch whose backend stream broke.
+// Backoff of a watch whose backend stream broke (retry.Backoff, jittered).
 const (
 	minRetry = 100 * time.Millisecond
 	maxRetry = 5 * time.Second
@@ -148,7 +148,7 @@ func (w *watch) run() {
 	defer close(w.done)
 	defer w.shutdown()
 	defer w.unlist()
-	delay := minRetry
+	bo := retry.Backoff{Min: minRetry, Max: maxRetry}
 	for {
 		stream, err := w.a.backend.Subscribe(w.ctx, w.name)
 		current := false
@@ -156,7 +156,7 @@ func (w *watch) run() {
 			current, err = w.consume(stream)
 			_ = stream.Close()
 			if current {
-				delay = minRetry
+				bo.Reset()
 			}
 		}
 		if w.ctx.Err() != nil {
@@ -172,16 +172,16 @@ func (w *watch) run() {
 			return
 		}
 		w.a.stats.backendErrors.Add(1)
+		delay := bo.Next()
 		w.a.log.Warn("agent: backend watch broken; serving the last known state and resubscribing",
 			"name", w.name, "err", err, "retry_in", delay)
-		t := time.NewTimer(delay/2 + rand.N(delay/2+1))
+		t := time.NewTimer(retry.Jitter(delay))
 		select {
 		case <-w.ctx.Done():
 			t.Stop()
 			return
 		case <-t.C:
 		}
-		delay = min(2*delay, maxRetry)
 	}
 }
 

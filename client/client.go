@@ -4,13 +4,13 @@ import (
 	"context"
 	"errors"
 	"log/slog"
-	"math/rand/v2"
 	"os"
 	"strings"
 	"sync"
 	"time"
 
 	"github.com/flynn/discoverd/api"
+	"github.com/flynn/discoverd/api/retry"
 	"github.com/flynn/discoverd/rpc"
 )
 
@@ -338,7 +338,7 @@ func (c *Client) supervise(conn *rpc.Client) {
 
 // reconnect dials until it succeeds or the client is closed (nil).
 func (c *Client) reconnect() *rpc.Client {
-	b := backoff{min: c.cfg.MinBackoff, max: c.cfg.MaxBackoff}
+	b := retry.Backoff{Min: c.cfg.MinBackoff, Max: c.cfg.MaxBackoff}
 	for {
 		conn, err := c.dial()
 		if err == nil {
@@ -356,29 +356,11 @@ func (c *Client) reconnect() *rpc.Client {
 		}
 		c.log.Warn("discoverd: reconnect failed", "err", err)
 		c.notify(ConnStatusConnectFailed)
-		if !sleep(c.ctx.Done(), b.next()) {
+		if !sleep(c.ctx.Done(), retry.Jitter(b.Next())) {
 			return nil
 		}
 	}
 }
-
-// backoff yields capped exponential delays with jitter: attempt n waits a
-// random duration in [d/2, d] where d = min(max, min·2ⁿ).
-type backoff struct {
-	min, max time.Duration
-	n        int
-}
-
-func (b *backoff) next() time.Duration {
-	d := b.min << min(b.n, 30)
-	if d > b.max || d <= 0 {
-		d = b.max
-	}
-	b.n++
-	return d/2 + rand.N(d/2+1)
-}
-
-func (b *backoff) reset() { b.n = 0 }
 
 // sleep waits for d or until stop is closed; it reports whether d elapsed.
 func sleep(stop <-chan struct{}, d time.Duration) bool {

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/flynn/discoverd/api"
+	"github.com/flynn/discoverd/api/retry"
 	"github.com/flynn/discoverd/rpc"
 )
 
@@ -204,7 +205,7 @@ func (s *serviceSet) run(conn *rpc.Client, sub *subscription) {
 	defer s.c.wg.Done()
 	defer s.Close()
 	first := true
-	b := backoff{min: s.c.cfg.MinBackoff, max: s.c.cfg.MaxBackoff}
+	b := retry.Backoff{Min: s.c.cfg.MinBackoff, Max: s.c.cfg.MaxBackoff}
 	for {
 		current, err := s.consume(sub, first)
 		if err == errStopped {
@@ -215,7 +216,7 @@ func (s *serviceSet) run(conn *rpc.Client, sub *subscription) {
 			return
 		}
 		if current {
-			b.reset()
+			b.Reset()
 		}
 		first = false
 		s.c.log.Warn("discoverd: subscription ended; resubscribing", "name", s.name, "err", err)
@@ -228,7 +229,7 @@ func (s *serviceSet) run(conn *rpc.Client, sub *subscription) {
 			default:
 				// The stream ended on a live connection (the agent cut us
 				// off, or is shutting down): retry after a pause.
-				if !sleep(s.ctx.Done(), b.next()) {
+				if !sleep(s.ctx.Done(), retry.Jitter(b.Next())) {
 					return
 				}
 			}

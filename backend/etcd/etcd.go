@@ -45,6 +45,7 @@ import (
 	grpcbackoff "google.golang.org/grpc/backoff"
 
 	"github.com/flynn/discoverd/api"
+	"github.com/flynn/discoverd/api/retry"
 	"github.com/flynn/discoverd/backend"
 	"github.com/flynn/discoverd/internal/keylock"
 )
@@ -567,19 +568,18 @@ func (b *Backend) lockLease(ctx context.Context) (clientv3.LeaseID, error) {
 
 func byCreated(a, b backend.Instance) int { return a.Age().Compare(b.Age()) }
 
-// backoff is an exponential delay from 50 ms up to a maximum.
-type backoff struct{ d, max time.Duration }
+// backoff is the retry delay of the one rule (retry.Backoff) from 50 ms up
+// to a maximum, without jitter.
+type backoff struct{ retry.Backoff }
 
 func newBackoff(limit time.Duration) *backoff {
-	return &backoff{d: min(50*time.Millisecond, limit), max: limit}
+	return &backoff{retry.Backoff{Min: 50 * time.Millisecond, Max: limit}}
 }
 
-// wait sleeps for the current delay and doubles it; it returns false if
-// ctx is done first.
+// wait sleeps for the next delay; it returns false if ctx is done first.
 func (b *backoff) wait(ctx context.Context) bool {
-	t := time.NewTimer(b.d)
+	t := time.NewTimer(b.Next())
 	defer t.Stop()
-	b.d = min(2*b.d, b.max)
 	select {
 	case <-t.C:
 		return true

@@ -222,7 +222,7 @@ func (s *stream) run() {
 			if s.ctx.Err() != nil {
 				return
 			}
-			d := bo.next()
+			d := bo.Next()
 			s.b.log.Debug("zookeeper: stream read failed; retrying", "service", s.name, "err", err, "in", d)
 			timer := time.NewTimer(d)
 			select {
@@ -235,7 +235,7 @@ func (s *stream) run() {
 			}
 			continue
 		}
-		bo.reset()
+		bo.Reset()
 		var ok bool
 		if first {
 			close(s.ready)

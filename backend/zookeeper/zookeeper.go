@@ -82,6 +82,7 @@ import (
 	"github.com/go-zookeeper/zk"
 
 	"github.com/flynn/discoverd/api"
+	"github.com/flynn/discoverd/api/retry"
 	"github.com/flynn/discoverd/backend"
 	"github.com/flynn/discoverd/internal/keylock"
 )
@@ -381,14 +382,14 @@ func (b *Backend) sessionLoop() {
 		}
 		if err := b.restore(); err != nil {
 			b.log.Warn("zookeeper: restoring registrations", "session", fmt.Sprintf("%#x", id), "err", err)
-			retry = time.After(backoff.next())
+			retry = time.After(backoff.Next())
 			continue
 		}
 		// Written on id, or on a later session whose kick is pending and
 		// brings us back here: either way id itself is restored.
 		b.restored.Store(id)
 		b.sessions.Add(1)
-		backoff.reset()
+		backoff.Reset()
 	}
 }
 
@@ -1031,18 +1032,8 @@ func (l zkLogger) Printf(format string, args ...any) {
 	l.log.Debug("zk: " + fmt.Sprintf(format, args...))
 }
 
-// backoff yields growing retry delays between 50 ms and 2 s.
-type backoffState struct{ d time.Duration }
-
-func newBackoff() *backoffState { return &backoffState{} }
-
-func (b *backoffState) next() time.Duration {
-	if b.d == 0 {
-		b.d = 50 * time.Millisecond
-	} else {
-		b.d = min(2*b.d, 2*time.Second)
-	}
-	return b.d
+// newBackoff yields the retry delays of the one rule (retry.Backoff)
+// between 50 ms and 2 s, without jitter.
+func newBackoff() *retry.Backoff {
+	return &retry.Backoff{Min: 50 * time.Millisecond, Max: 2 * time.Second}
 }
-
-func (b *backoffState) reset() { b.d = 0 }
