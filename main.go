@@ -35,6 +35,7 @@ import (
 	"github.com/flynn/discoverd/api/retry"
 	"github.com/flynn/discoverd/backend"
 	"github.com/flynn/discoverd/backend/etcd"
+	"github.com/flynn/discoverd/backend/etcd/embedded"
 	"github.com/flynn/discoverd/backend/zookeeper"
 	"github.com/flynn/discoverd/internal/buildinfo"
 	"github.com/flynn/discoverd/server"
@@ -149,7 +150,7 @@ type Main struct {
 	// client address ("-http-registrations-per-addr").
 	MaxHTTPRegistrationsPerAddr int
 	// OnStoreFatal is called when the embedded etcd meets a fatal error;
-	// it must not return (see etcd.EmbedConfig.OnFatal). run sets it to
+	// it must not return (see embedded.Config.OnFatal). run sets it to
 	// print "discoverd: <reason>" and exit 1.
 	OnStoreFatal func(error)
 
@@ -157,7 +158,7 @@ type Main struct {
 	conns     *server.ConnLimiter
 	front     swapHandler // the start-up handler, then server
 	starting  *server.Starting
-	embedded  *etcd.Embedded
+	embedded  *embedded.Server
 	backend   backend.Backend
 	agent     *agent.Agent
 	server    *server.Server
@@ -483,7 +484,7 @@ func (m *Main) openBackend(ctx context.Context) (backend.Backend, error) {
 			return nil, fmt.Errorf("embedded etcd: %w", err)
 		}
 		sctx, cancel := context.WithTimeout(ctx, m.StoreTimeout)
-		e, err := etcd.StartEmbedded(sctx, etcd.EmbedConfig{
+		e, err := embedded.Start(sctx, embedded.Config{
 			Dir:        m.DataDir,
 			ClientAddr: m.EtcdClientAddr,
 			PeerAddr:   m.EtcdPeerAddr,

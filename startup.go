@@ -97,7 +97,7 @@ func (s *swapHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	(*s.h.Load()).ServeHTTP(w, r)
 }
 
-// fatalExit returns the EmbedConfig.OnFatal of run: one line
+// fatalExit returns the embedded.Config.OnFatal of run: one line
 // "discoverd: <reason>" on stderr, then exit status 1.
 func fatalExit(log *slog.Logger, stderr interface{ Write([]byte) (int, error) }, exit func(int)) func(error) {
 	return func(err error) {

@@ -19,6 +19,7 @@ import (
 	"github.com/flynn/discoverd/api"
 	"github.com/flynn/discoverd/backend"
 	"github.com/flynn/discoverd/backend/etcd"
+	"github.com/flynn/discoverd/backend/etcd/embedded"
 	"github.com/flynn/discoverd/backend/etcd/etcdtest"
 )
 
@@ -39,7 +40,7 @@ type testWriter struct{}
 func (testWriter) Write(p []byte) (int, error) { return len(p), nil }
 
 // mustBackend opens an etcd backend on srv whose lease lives ttl.
-func mustBackend(tb testing.TB, srv *etcd.Embedded, ttl time.Duration) *etcd.Backend {
+func mustBackend(tb testing.TB, srv *embedded.Server, ttl time.Duration) *etcd.Backend {
 	tb.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), wait)
 	defer cancel()
@@ -93,7 +94,7 @@ func mustAdvance(tb testing.TB, c *clockwork.FakeClock, d time.Duration) {
 
 // pair is two agents, each on its own backend, sharing one etcd.
 type pair struct {
-	srv    *etcd.Embedded
+	srv    *embedded.Server
 	b1, b2 *etcd.Backend
 	a1, a2 *agent.Agent
 }

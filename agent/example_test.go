@@ -9,6 +9,7 @@ import (
 
 	"github.com/flynn/discoverd/agent"
 	"github.com/flynn/discoverd/backend/etcd"
+	"github.com/flynn/discoverd/backend/etcd/embedded"
 )
 
 // An agent on an embedded etcd: register through a session, watch the
@@ -21,7 +22,7 @@ func Example() {
 		log.Fatal(err)
 	}
 	defer os.RemoveAll(dir)
-	srv, err := etcd.StartEmbedded(ctx, etcd.EmbedConfig{Dir: dir, Logger: quiet()})
+	srv, err := embedded.Start(ctx, embedded.Config{Dir: dir, Logger: quiet()})
 	if err != nil {
 		log.Fatal(err)
 	}

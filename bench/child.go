@@ -27,7 +27,7 @@ import (
 
 	"github.com/flynn/discoverd/agent"
 	"github.com/flynn/discoverd/api"
-	"github.com/flynn/discoverd/backend/etcd"
+	"github.com/flynn/discoverd/backend/etcd/embedded"
 )
 
 // childFlag is the first argument that selects a child mode.
@@ -110,7 +110,7 @@ func childAgent(args []string, out *json.Encoder) error {
 			return err
 		}
 		defer os.RemoveAll(dir)
-		e, err := etcd.StartEmbedded(ctx, etcd.EmbedConfig{Dir: filepath.Join(dir, "etcd"), Logger: log})
+		e, err := embedded.Start(ctx, embedded.Config{Dir: filepath.Join(dir, "etcd"), Logger: log})
 		if err != nil {
 			return err
 		}

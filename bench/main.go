@@ -34,7 +34,7 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
-	"github.com/flynn/discoverd/backend/etcd"
+	"github.com/flynn/discoverd/backend/etcd/embedded"
 )
 
 func main() {
@@ -384,7 +384,7 @@ func runScenarios(ctx context.Context, cfg *config, rep *Report, stderr io.Write
 	}
 	defer os.RemoveAll(dir)
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelError}))
-	srv, err := etcd.StartEmbedded(ctx, etcd.EmbedConfig{Dir: filepath.Join(dir, "etcd"), Logger: log})
+	srv, err := embedded.Start(ctx, embedded.Config{Dir: filepath.Join(dir, "etcd"), Logger: log})
 	if err != nil {
 		return err
 	}

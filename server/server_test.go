@@ -12,6 +12,7 @@ import (
 	"github.com/flynn/discoverd/agent"
 	"github.com/flynn/discoverd/api"
 	"github.com/flynn/discoverd/backend/etcd"
+	"github.com/flynn/discoverd/backend/etcd/embedded"
 	"github.com/flynn/discoverd/backend/etcd/etcdtest"
 	"github.com/flynn/discoverd/rpc"
 	"github.com/flynn/discoverd/server"
@@ -28,7 +29,7 @@ const waitTimeout = 10 * time.Second
 // env is one agent with its front ends, served on a real listener, on a
 // real etcd.
 type env struct {
-	etcd      *etcd.Embedded // nil when the env shares another's etcd
+	etcd      *embedded.Server // nil when the env shares another's etcd
 	endpoints []string
 	agent     *agent.Agent
 	srv       *server.Server
@@ -52,7 +53,7 @@ func newEnv(t testing.TB, cfg envConfig) *env {
 		cfg.ttl = 30 * time.Second // longer than any wait: nothing expires by accident
 	}
 	eps := cfg.endpoints
-	var embedded *etcd.Embedded
+	var embedded *embedded.Server
 	if eps == nil {
 		embedded = etcdtest.NewServer(t)
 		eps = embedded.Endpoints()

@@ -1,7 +1,8 @@
-// Package etcd is discoverd's etcd v3 backend, and a helper to run etcd
-// inside the process (the agent's zero-setup mode and every test's store).
+// Package etcd is discoverd's etcd v3 backend. It links only etcd's
+// client; an etcd server run inside the process (the agent's zero-setup
+// mode and every test's store) is package embedded.
 //
-//	srv, err := etcd.StartEmbedded(ctx, etcd.EmbedConfig{Dir: dir})
+//	srv, err := embedded.Start(ctx, embedded.Config{Dir: dir})
 //	if err != nil {
 //		return err
 //	}
@@ -47,6 +48,7 @@ import (
 	"github.com/flynn/discoverd/api"
 	"github.com/flynn/discoverd/api/retry"
 	"github.com/flynn/discoverd/backend"
+	"github.com/flynn/discoverd/backend/etcd/internal/zapslog"
 	"github.com/flynn/discoverd/internal/keylock"
 )
 
@@ -224,7 +226,7 @@ func Open(ctx context.Context, cfg Config) (*Backend, error) {
 			},
 			MinConnectTimeout: cfg.DialTimeout,
 		})},
-		Logger: zapLogger(log, zapcore.ErrorLevel, nil),
+		Logger: zapslog.Logger(log, zapcore.ErrorLevel, nil),
 	})
 	if err != nil {
 		return nil, fmt.Errorf("etcd: connecting to %v: %w", cfg.Endpoints, err)

@@ -61,10 +61,3 @@ func (q *Batcher) Wait() { q.wait() }
 // LeaseOf returns b's current lease (0 while a lost one is being
 // replaced).
 func LeaseOf(b *Backend) clientv3.LeaseID { return b.currentLease() }
-
-// StopServer stops e's etcd server as a fatal error of its own would, not
-// through Close.
-func (e *Embedded) StopServer() { e.etcd.Server.Stop() }
-
-// ServerLogger is the embedded server's zap logger; see serverLogger.
-var ServerLogger = serverLogger

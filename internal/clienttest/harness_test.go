@@ -16,6 +16,7 @@ import (
 
 	"github.com/flynn/discoverd/agent"
 	"github.com/flynn/discoverd/backend/etcd"
+	"github.com/flynn/discoverd/backend/etcd/embedded"
 	discoverd "github.com/flynn/discoverd/client"
 	"github.com/flynn/discoverd/server"
 )
@@ -25,7 +26,7 @@ const wait = 15 * time.Second
 
 // store is the embedded etcd shared by the package's tests; each test
 // runs its own agent (its own lease) on it and uses its own service names.
-var store *etcd.Embedded
+var store *embedded.Server
 
 func TestMain(m *testing.M) {
 	os.Exit(run(m))
@@ -39,7 +40,7 @@ func run(m *testing.M) int {
 	}
 	defer os.RemoveAll(dir)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	store, err = etcd.StartEmbedded(ctx, etcd.EmbedConfig{Dir: dir, Logger: quiet()})
+	store, err = embedded.Start(ctx, embedded.Config{Dir: dir, Logger: quiet()})
 	cancel()
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)

@@ -26,7 +26,7 @@ import (
 	"go.uber.org/goleak"
 	"go.uber.org/zap"
 
-	"github.com/flynn/discoverd/backend/etcd"
+	"github.com/flynn/discoverd/backend/etcd/embedded"
 )
 
 // startTimeout bounds the start of a server or cluster (a loaded CI
@@ -35,11 +35,11 @@ const startTimeout = 60 * time.Second
 
 // NewServer starts a single-member etcd server and registers its Close
 // with tb.Cleanup. It fails tb if the server cannot start.
-func NewServer(tb testing.TB) *etcd.Embedded {
+func NewServer(tb testing.TB) *embedded.Server {
 	tb.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), startTimeout)
 	defer cancel()
-	srv, err := etcd.StartEmbedded(ctx, etcd.EmbedConfig{Dir: tb.TempDir()})
+	srv, err := embedded.Start(ctx, embedded.Config{Dir: tb.TempDir()})
 	if err != nil {
 		tb.Fatalf("etcdtest: %v", err)
 	}
@@ -56,10 +56,10 @@ type Cluster struct {
 // Member is one member of a Cluster. Stop and Restart keep its name,
 // addresses and data directory, as a real member's process restart would.
 type Member struct {
-	cfg etcd.EmbedConfig
+	cfg embedded.Config
 
 	mu  sync.Mutex
-	srv *etcd.Embedded // nil while stopped
+	srv *embedded.Server // nil while stopped
 }
 
 // NewCluster starts an n-member cluster and blocks until every member
@@ -73,7 +73,7 @@ func NewCluster(tb testing.TB, n int) *Cluster {
 	var peers []string
 	for i := range n {
 		clientAddr, peerAddr := freeAddr(tb), freeAddr(tb)
-		cfg := etcd.EmbedConfig{
+		cfg := embedded.Config{
 			Dir:        tb.TempDir(),
 			ClientAddr: clientAddr,
 			PeerAddr:   peerAddr,
@@ -185,7 +185,7 @@ func (m *Member) Restart() error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), startTimeout)
 	defer cancel()
-	srv, err := etcd.StartEmbedded(ctx, m.cfg)
+	srv, err := embedded.Start(ctx, m.cfg)
 	if err != nil {
 		return fmt.Errorf("etcdtest: member %s: %w", m.cfg.Name, err)
 	}

@@ -1,4 +1,4 @@
-package etcd_test
+package embedded_test
 
 import (
 	"context"
@@ -6,7 +6,7 @@ import (
 	"path/filepath"
 	"testing"
 
-	"github.com/flynn/discoverd/backend/etcd"
+	"github.com/flynn/discoverd/backend/etcd/embedded"
 )
 
 // TestEmbeddedDiskFootprint: a fresh embedded etcd preallocates small WAL
@@ -16,7 +16,7 @@ func TestEmbeddedDiskFootprint(t *testing.T) {
 	dir := t.TempDir()
 	ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
 	defer cancel()
-	srv, err := etcd.StartEmbedded(ctx, etcd.EmbedConfig{Dir: dir})
+	srv, err := embedded.Start(ctx, embedded.Config{Dir: dir})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,4 +1,14 @@
-package etcd
+// Package embedded runs an etcd server inside this process: the agent's
+// zero-setup store and every test's. It is a package of its own so that
+// importing the etcd backend links only etcd's client.
+//
+//	srv, err := embedded.Start(ctx, embedded.Config{Dir: dir})
+//	if err != nil {
+//		return err
+//	}
+//	defer srv.Close()
+//	b, err := etcd.Open(ctx, etcd.Config{Endpoints: srv.Endpoints(), TTL: 10 * time.Second})
+package embedded
 
 import (
 	"context"
@@ -17,8 +27,8 @@ import (
 	"google.golang.org/grpc"
 )
 
-// EmbedConfig configures an etcd server run inside this process.
-type EmbedConfig struct {
+// Config configures an etcd server run inside this process.
+type Config struct {
 	// Dir is the data directory (created if missing, mode 0700). Required.
 	// Restarting on the same Dir resumes the member with its data.
 	Dir string
@@ -49,9 +59,9 @@ type EmbedConfig struct {
 	OnFatal func(error)
 }
 
-// Embedded is an etcd server running in this process. Its methods are safe
+// Server is an etcd server running in this process. Its methods are safe
 // for concurrent use.
-type Embedded struct {
+type Server struct {
 	etcd       *embed.Etcd
 	endpoints  []string
 	closing    context.CancelFunc // ends client streams, so that Close need not wait for them
@@ -68,7 +78,7 @@ type Embedded struct {
 // by someone else before etcd bound it.
 const startAttempts = 3
 
-// StartEmbedded starts an etcd server and blocks until it serves clients
+// Start starts an etcd server and blocks until it serves clients
 // (for a cluster member: until it has joined the cluster), ctx is done, or
 // it fails. On error nothing is left running. The caller must Close the
 // server.
@@ -76,16 +86,16 @@ const startAttempts = 3
 // The server compacts its history every 5 minutes, keeping 5 minutes of
 // it (watchers further behind recover by re-reading, see Subscribe), and
 // bounds its disk use (see wal.go).
-func StartEmbedded(ctx context.Context, cfg EmbedConfig) (*Embedded, error) {
+func Start(ctx context.Context, cfg Config) (*Server, error) {
 	if cfg.Dir == "" {
-		return nil, errors.New("etcd: embedded server: EmbedConfig.Dir is required")
+		return nil, errors.New("etcd: embedded server: Config.Dir is required")
 	}
 	if err := checkDataDir(cfg.Dir); err != nil {
 		return nil, fmt.Errorf("etcd: embedded server: %w", err)
 	}
 	picked := cfg.ClientAddr == "" || cfg.PeerAddr == ""
 	for attempt := 1; ; attempt++ {
-		e, err := startEmbedded(ctx, cfg)
+		e, err := start(ctx, cfg)
 		if err == nil {
 			return e, nil
 		}
@@ -95,7 +105,7 @@ func StartEmbedded(ctx context.Context, cfg EmbedConfig) (*Embedded, error) {
 	}
 }
 
-func startEmbedded(ctx context.Context, cfg EmbedConfig) (*Embedded, error) {
+func start(ctx context.Context, cfg Config) (*Server, error) {
 	var err error
 	clientAddr, peerAddr := cfg.ClientAddr, cfg.PeerAddr
 	if clientAddr == "" {
@@ -186,7 +196,7 @@ func startEmbedded(ctx context.Context, cfg EmbedConfig) (*Embedded, error) {
 		stop()
 		return nil, fmt.Errorf("waiting for the server to be ready: %w%s", ctx.Err(), lastWarning(lastWarn))
 	}
-	em := &Embedded{etcd: e, endpoints: []string{clientURL.String()}, closing: closing, closingCtx: closingCtx,
+	em := &Server{etcd: e, endpoints: []string{clientURL.String()}, closing: closing, closingCtx: closingCtx,
 		quiet: quiet, done: make(chan struct{}), watchEnd: make(chan struct{})}
 	go em.watch() // stopped by Close
 	return em, nil
@@ -248,7 +258,7 @@ func lastWarning(p *atomic.Pointer[string]) string {
 
 // watch waits until the server stops by itself or fails to serve, and
 // then records why and closes done; or until Close.
-func (e *Embedded) watch() {
+func (e *Server) watch() {
 	defer close(e.watchEnd)
 	var err error
 	select {
@@ -271,11 +281,11 @@ func (e *Embedded) watch() {
 // Done is closed when the server has stopped by itself (a fatal error, or
 // a listener that failed), not when Close stops it; Err then says why. The
 // embedding program should stop: its store is gone.
-func (e *Embedded) Done() <-chan struct{} { return e.done }
+func (e *Server) Done() <-chan struct{} { return e.done }
 
 // Err returns why the server stopped by itself, once Done is closed, and
 // nil before.
-func (e *Embedded) Err() error {
+func (e *Server) Err() error {
 	select {
 	case <-e.done:
 		return e.err
@@ -304,14 +314,14 @@ type ctxStream struct {
 func (s *ctxStream) Context() context.Context { return s.ctx }
 
 // Endpoints returns the client URLs of the server, for Config.Endpoints.
-func (e *Embedded) Endpoints() []string { return append([]string(nil), e.endpoints...) }
+func (e *Server) Endpoints() []string { return append([]string(nil), e.endpoints...) }
 
 // Close stops the server and waits for it to stop. Clients still connected
 // are cut off. A cluster member that leads first hands raft leadership to
 // a peer (which takes up to etcd's request timeout, over 5 s, when no peer
 // takes it). Close and CloseNow are idempotent and return nil; only the
 // first call of either has an effect.
-func (e *Embedded) Close() error {
+func (e *Server) Close() error {
 	e.closeOnce.Do(func() { e.stop(false) })
 	return nil
 }
@@ -320,12 +330,12 @@ func (e *Embedded) Close() error {
 // leadership: to its peers it is a crash, but its data on disk is intact
 // and a restart on the same Dir resumes it. Use it to stop a whole
 // cluster quickly or to inject a member failure in tests.
-func (e *Embedded) CloseNow() error {
+func (e *Server) CloseNow() error {
 	e.closeOnce.Do(func() { e.stop(true) })
 	return nil
 }
 
-func (e *Embedded) stop(now bool) {
+func (e *Server) stop(now bool) {
 	e.quiet.Store(true)
 	e.closing()
 	<-e.watchEnd
@@ -337,7 +347,7 @@ func (e *Embedded) stop(now bool) {
 
 // freeLoopbackAddr returns a 127.0.0.1 address whose port was free a
 // moment ago. Another process may take it before etcd binds it;
-// StartEmbedded retries then.
+// Start retries then.
 func freeLoopbackAddr() (string, error) {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

@@ -1,4 +1,4 @@
-package etcd
+package embedded
 
 import (
 	"bufio"
@@ -11,7 +11,7 @@ import (
 	"syscall"
 )
 
-// ErrDataDirLocked is wrapped by the error StartEmbedded returns when
+// ErrDataDirLocked is wrapped by the error Start returns when
 // another etcd (another agent, or this process) uses the data directory.
 var ErrDataDirLocked = errors.New("data dir is in use by another etcd")
 

@@ -1,4 +1,8 @@
-package etcd
+// Package zapslog forwards the zap logs of etcd's client and embedded
+// server to a slog.Logger, so that both log through the agent's logger
+// instead of their own stderr output. It is shared by backend/etcd (the
+// client) and backend/etcd/embedded (the server).
+package zapslog
 
 import (
 	"context"
@@ -11,55 +15,66 @@ import (
 	"go.uber.org/zap/zapcore"
 )
 
-// zapLogger returns a zap logger that forwards entries at minLevel and
-// above to l, so that the etcd client and server log through the agent's
-// slog logger instead of their own stderr output. Once quiet is set (if
-// not nil), entries are logged at debug level: a server shutting down
-// reports its closed listeners as errors.
-func zapLogger(l *slog.Logger, minLevel zapcore.Level, quiet *atomic.Bool) *zap.Logger {
+// Logger returns a zap logger that forwards entries at minLevel and
+// above to l (slog.Default() if nil). Once quiet is set (if not nil),
+// entries are logged at debug level: a server shutting down reports its
+// closed listeners as errors.
+func Logger(l *slog.Logger, minLevel zapcore.Level, quiet *atomic.Bool) *zap.Logger {
+	return zap.New(NewCore(l, minLevel, quiet))
+}
+
+// NewCore returns the zapcore.Core of Logger, for a core that wraps it.
+func NewCore(l *slog.Logger, minLevel zapcore.Level, quiet *atomic.Bool) *Core {
 	if l == nil {
 		l = slog.Default()
 	}
-	return zap.New(&slogCore{l: l, min: minLevel, quiet: quiet})
+	return &Core{l: l, min: minLevel, quiet: quiet}
 }
 
-// slogCore is a zapcore.Core writing to a slog.Logger.
-type slogCore struct {
+// Core is a zapcore.Core writing to a slog.Logger.
+type Core struct {
 	l     *slog.Logger
 	min   zapcore.Level
 	quiet *atomic.Bool
 	attrs []slog.Attr // from With
 }
 
-func (c *slogCore) Enabled(l zapcore.Level) bool { return l >= c.min }
+func (c *Core) Enabled(l zapcore.Level) bool { return l >= c.min }
 
-func (c *slogCore) With(fields []zapcore.Field) zapcore.Core {
+func (c *Core) With(fields []zapcore.Field) zapcore.Core {
 	clone := *c
 	clone.attrs = append(slices.Clip(c.attrs), fieldAttrs(fields)...)
 	return &clone
 }
 
-func (c *slogCore) Check(e zapcore.Entry, ce *zapcore.CheckedEntry) *zapcore.CheckedEntry {
+func (c *Core) Check(e zapcore.Entry, ce *zapcore.CheckedEntry) *zapcore.CheckedEntry {
 	if c.Enabled(e.Level) {
 		return ce.AddCore(e, c)
 	}
 	return ce
 }
 
-func (c *slogCore) Write(e zapcore.Entry, fields []zapcore.Field) error {
+func (c *Core) Write(e zapcore.Entry, fields []zapcore.Field) error {
 	attrs := append(slices.Clip(c.attrs), fieldAttrs(fields)...)
 	if e.LoggerName != "" {
 		attrs = append(attrs, slog.String("logger", e.LoggerName))
 	}
 	level := slogLevel(e.Level)
-	if c.quiet != nil && c.quiet.Load() || benign[e.Message] {
+	if c.Quiet() || Benign(e.Message) {
 		level = slog.LevelDebug
 	}
 	c.l.LogAttrs(context.Background(), level, e.Message, attrs...)
 	return nil
 }
 
-func (c *slogCore) Sync() error { return nil }
+func (c *Core) Sync() error { return nil }
+
+// Quiet reports whether quiet was set: entries go to debug level.
+func (c *Core) Quiet() bool { return c.quiet != nil && c.quiet.Load() }
+
+// Benign reports whether msg is one of the errors etcd logs that are
+// expected and need no action (logged at debug level).
+func Benign(msg string) bool { return benign[msg] }
 
 // benign lists messages etcd logs as errors that are expected and need no
 // action; they are logged at debug level.

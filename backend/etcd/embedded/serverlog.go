@@ -1,4 +1,4 @@
-package etcd
+package embedded
 
 import (
 	"errors"
@@ -10,6 +10,8 @@ import (
 
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
+
+	"github.com/flynn/discoverd/backend/etcd/internal/zapslog"
 )
 
 // serverLogger returns the zap logger of an embedded etcd server: its
@@ -17,12 +19,9 @@ import (
 // once quiet is set, at debug), and so do the info lines that explain a
 // wait (explainsWait), raised to warn. The last warning is kept in
 // lastWarn, for the error of a start that times out. A fatal entry calls
-// onFatal (see EmbedConfig.OnFatal) and then exits with status 1.
+// onFatal (see Config.OnFatal) and then exits with status 1.
 func serverLogger(l *slog.Logger, quiet *atomic.Bool, lastWarn *atomic.Pointer[string], onFatal func(error)) *zap.Logger {
-	if l == nil {
-		l = slog.Default()
-	}
-	core := &serverCore{slogCore: &slogCore{l: l, min: zapcore.InfoLevel, quiet: quiet}, lastWarn: lastWarn}
+	core := &serverCore{Core: zapslog.NewCore(l, zapcore.InfoLevel, quiet), lastWarn: lastWarn}
 	return zap.New(core, zap.WithFatalHook(fatalHook{onFatal}))
 }
 
@@ -39,12 +38,12 @@ var explainsWait = map[string]bool{
 
 // serverCore is the zapcore.Core of serverLogger.
 type serverCore struct {
-	*slogCore
+	*zapslog.Core
 	lastWarn *atomic.Pointer[string]
 }
 
 func (c *serverCore) With(fields []zapcore.Field) zapcore.Core {
-	return &serverCore{slogCore: c.slogCore.With(fields).(*slogCore), lastWarn: c.lastWarn}
+	return &serverCore{Core: c.Core.With(fields).(*zapslog.Core), lastWarn: c.lastWarn}
 }
 
 func (c *serverCore) Check(e zapcore.Entry, ce *zapcore.CheckedEntry) *zapcore.CheckedEntry {
@@ -58,11 +57,11 @@ func (c *serverCore) Write(e zapcore.Entry, fields []zapcore.Field) error {
 	if e.Level < zapcore.WarnLevel {
 		e.Level = zapcore.WarnLevel // explains a wait
 	}
-	if c.lastWarn != nil && !benign[e.Message] && (c.quiet == nil || !c.quiet.Load()) {
+	if c.lastWarn != nil && !zapslog.Benign(e.Message) && !c.Quiet() {
 		msg := e.Message
 		c.lastWarn.Store(&msg)
 	}
-	return c.slogCore.Write(e, shortFields(fields))
+	return c.Core.Write(e, shortFields(fields))
 }
 
 // maxFieldLen bounds a string field of a forwarded entry: etcd's slow

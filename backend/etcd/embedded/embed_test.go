@@ -1,4 +1,4 @@
-package etcd_test
+package embedded_test
 
 import (
 	"context"
@@ -16,14 +16,21 @@ import (
 
 	"go.uber.org/zap"
 
-	"github.com/flynn/discoverd/backend/etcd"
+	"github.com/flynn/discoverd/backend/etcd/embedded"
+	"github.com/flynn/discoverd/backend/etcd/etcdtest"
 )
 
-func startEmbedded(t *testing.T, dir string) (*etcd.Embedded, error) {
+func TestMain(m *testing.M) {
+	etcdtest.VerifyTestMain(m)
+}
+
+const waitTimeout = 15 * time.Second // bound on waits for events; not a speed assertion
+
+func startEmbedded(t *testing.T, dir string) (*embedded.Server, error) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	e, err := etcd.StartEmbedded(ctx, etcd.EmbedConfig{Dir: dir})
+	e, err := embedded.Start(ctx, embedded.Config{Dir: dir})
 	if err == nil {
 		t.Cleanup(func() { e.Close() })
 	}
@@ -38,7 +45,7 @@ func TestEmbeddedDataDirInUse(t *testing.T) {
 		t.Fatal(err)
 	}
 	_, err := startEmbedded(t, dir)
-	if !errors.Is(err, etcd.ErrDataDirLocked) {
+	if !errors.Is(err, embedded.ErrDataDirLocked) {
 		t.Fatalf("second server on the same dir: %v, want ErrDataDirLocked", err)
 	}
 	if !strings.Contains(err.Error(), "this process ("+strconv.Itoa(os.Getpid())+")") {
@@ -58,7 +65,7 @@ func TestEmbeddedUnusableDataDir(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := startEmbedded(t, tc.dir)
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
-				t.Fatalf("StartEmbedded(%s): %v, want an error with %q", tc.dir, err, tc.want)
+				t.Fatalf("Start(%s): %v, want an error with %q", tc.dir, err, tc.want)
 			}
 		})
 	}
@@ -101,7 +108,7 @@ func TestServerLogger(t *testing.T) {
 	var buf syncBuffer
 	log := slog.New(slog.NewTextHandler(&buf, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	fatal := make(chan error, 1)
-	lg := etcd.ServerLogger(log, new(atomic.Bool), new(atomic.Pointer[string]), func(err error) {
+	lg := embedded.ServerLogger(log, new(atomic.Bool), new(atomic.Pointer[string]), func(err error) {
 		fatal <- err
 		runtime.Goexit() // OnFatal must not return; this test's goroutine ends here instead of the process
 	})

@@ -1,4 +1,4 @@
-package etcd
+package embedded
 
 import (
 	"time"
@@ -6,7 +6,7 @@ import (
 	"go.etcd.io/etcd/server/v3/storage/wal"
 )
 
-// Disk bounds of the embedded etcd (StartEmbedded). The workload is small
+// Disk bounds of the embedded etcd (Start). The workload is small
 // keys under churn: the history, not the live data, is what grows, so it
 // is compacted often. Measured in docs/OPERATIONS.md: an hour of 100
 // registrations/s of churn stays well under 100 MB.
