@@ -134,67 +134,120 @@ func (s *Session) Register(ctx context.Context, args api.Args) (string, error) {
 	if err := api.ValidateAttrs(args.Attrs); err != nil {
 		return "", err
 	}
-	a := s.a
-
 	// Fast path: a known registration with unchanged attributes is a
 	// heartbeat, answered from memory. A store operation in flight on this
 	// key is ordered after this one: a removal takes the registration out
 	// of a.regs before it calls the store.
-	a.mu.Lock()
-	if done, err := s.refreshLocked(k, args.Attrs); done {
-		a.mu.Unlock()
+	if done, err := s.refresh(k, args.Attrs); done {
 		return k.addr, err
 	}
-	a.mu.Unlock()
 
-	unlock, err := a.lockKey(ctx, k)
+	unlock, err := s.a.lockKey(ctx, k)
 	if err != nil {
 		return "", err
 	}
 	defer unlock()
-
-	a.mu.Lock()
-	if done, err := s.refreshLocked(k, args.Attrs); done {
-		a.mu.Unlock()
+	w, done, err := s.beginWrite(k, args.Attrs)
+	switch {
+	case done:
 		return k.addr, err
+	case err != nil:
+		return "", err
 	}
-	r := a.regs[k] // stays in a.regs while we hold the key lock
-	reserved := r == nil || r.owner != s
-	if reserved {
+	w.attrs = maps.Clone(args.Attrs)
+	err = s.write(ctx, w)
+	if err := s.finishWrite(ctx, w, err); err != nil {
+		return "", err
+	}
+	s.a.awaitLocal(ctx, k, w.attrs, true)
+	return k.addr, nil
+}
+
+// regWrite is one Register's store write, from beginWrite to finishWrite,
+// made under the key's lock.
+type regWrite struct {
+	k        regKey
+	r        *registration     // held when the write began (stays in a.regs under the key lock), or nil: a new one
+	reserved bool              // counted in s.pending against the session's cap
+	attrs    map[string]string // written: the caller's, copied
+}
+
+// refresh is refreshLocked under the agent's lock.
+func (s *Session) refresh(k regKey, attrs map[string]string) (done bool, err error) {
+	s.a.mu.Lock()
+	defer s.a.mu.Unlock()
+	return s.refreshLocked(k, attrs)
+}
+
+// beginWrite runs under k's key lock, before the store write. It answers
+// from memory if s now holds k with the same attributes (a concurrent
+// Register of s wrote them: done, as refreshLocked); otherwise it reserves a place under the
+// session's cap for a registration s does not hold yet, and returns the
+// write to make (its attrs still to be set).
+func (s *Session) beginWrite(k regKey, attrs map[string]string) (w *regWrite, done bool, err error) {
+	a := s.a
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if done, err := s.refreshLocked(k, attrs); done {
+		return nil, true, err
+	}
+	r := a.regs[k]
+	w = &regWrite{k: k, r: r, reserved: r == nil || r.owner != s}
+	if w.reserved {
 		if err := s.reserveLocked(); err != nil {
-			a.mu.Unlock()
-			return "", err
+			return nil, false, err
 		}
 	}
-	a.mu.Unlock()
+	return w, false, nil
+}
 
-	attrs := maps.Clone(args.Attrs)
-	if c, ok := a.backend.(backend.Claimer); ok && r != nil && r.owner != s {
-		err = c.Claim(ctx, k.name, k.addr, attrs)
-	} else {
-		err = a.backend.Register(ctx, k.name, k.addr, attrs)
+// write sends w to the store. A takeover (s does not own the registration
+// the agent holds) claims it when the backend can (backend.Claimer): it
+// may have been taken over through another agent since its former owner
+// registered it. Anything else is a Register.
+func (s *Session) write(ctx context.Context, w *regWrite) error {
+	b := s.a.backend
+	if c, ok := b.(backend.Claimer); ok && w.r != nil && w.reserved {
+		return c.Claim(ctx, w.k.name, w.k.addr, w.attrs)
 	}
+	return b.Register(ctx, w.k.name, w.k.addr, w.attrs)
+}
 
+// finishWrite records the outcome of w's store write, err. After a failure
+// the registration held is marked dirty (its next Register writes), and a
+// new one, which the store may or may not hold, is left to the janitor as
+// an orphan. After a success s holds the registration (keepWrite).
+func (s *Session) finishWrite(ctx context.Context, w *regWrite, err error) error {
+	a := s.a
 	a.mu.Lock()
-	if reserved {
+	if w.reserved {
 		s.pending--
 	}
-	if err != nil {
-		if r != nil {
-			r.dirty = true
-		}
-		a.mu.Unlock()
-		if r == nil {
-			// The write may have happened. When the caller gave up, the
-			// store is probably fine: retry the removal at once.
-			a.addOrphan(k, ctx.Err() != nil)
-		}
-		return "", a.backendError(ctx, "register", err, "name", k.name, "addr", k.addr)
+	if err == nil {
+		return s.keepWrite(ctx, w) // unlocks a.mu
 	}
+	if w.r != nil {
+		w.r.dirty = true
+	}
+	a.mu.Unlock()
+	if w.r == nil {
+		// The write may have happened. When the caller gave up, the
+		// store is probably fine: retry the removal at once.
+		a.addOrphan(w.k, ctx.Err() != nil)
+	}
+	return a.backendError(ctx, "register", err, "name", w.k.name, "addr", w.k.addr)
+}
+
+// keepWrite makes s the holder of w's registration after a successful
+// store write, with the attributes written and a fresh heartbeat; it
+// withdraws the write instead if s was closed meanwhile and never held
+// it. It is called with a.mu held and unlocks it.
+func (s *Session) keepWrite(ctx context.Context, w *regWrite) error {
+	a, k, r := s.a, w.k, w.r
 	delete(a.orphans, k)
 	if a.closed {
 		a.mu.Unlock()
-		return "", errShutdown
+		return errShutdown
 	}
 	if r != nil && a.regs[k] != r {
 		// Forgotten during the write (lostToAnother): this write took it
@@ -207,7 +260,7 @@ func (s *Session) Register(ctx context.Context, args api.Args) (string, error) {
 		// though ctx has most likely ended with the connection.
 		a.mu.Unlock()
 		_ = a.removeNow(ctx, k)
-		return "", errSessionClosed
+		return errSessionClosed
 	}
 	if r == nil {
 		r = &registration{owner: s}
@@ -220,16 +273,15 @@ func (s *Session) Register(ctx context.Context, args api.Args) (string, error) {
 	}
 	// A registration that stays with its owner because s was closed
 	// meanwhile keeps the attributes just written.
-	r.attrs = attrs
+	r.attrs = w.attrs
 	r.dirty = false
 	r.beat = a.clock.Now()
 	closed := s.closed
 	a.mu.Unlock()
 	if closed {
-		return "", errSessionClosed
+		return errSessionClosed
 	}
-	a.awaitLocal(ctx, k, attrs, true)
-	return k.addr, nil
+	return nil
 }
 
 // refreshLocked handles a Register that needs no store write: s holds k
