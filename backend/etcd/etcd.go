@@ -174,7 +174,6 @@ const (
 	minAttempt         = 500 * time.Millisecond // floor of the keeper's per-call bound (else TTL/2, ≤ DialTimeout)
 	restoreBatch       = 64                     // puts per transaction when restoring registrations (etcd allows 128)
 	restoreChecks      = 32                     // key histories read at once before a restore (takenMeanwhile)
-	historyProgress    = 20 * time.Millisecond  // how often a history read asks etcd whether it has it all (changedByOther)
 	writeTimeout       = 5 * time.Second        // floor of the bound on one batched transaction (else DialTimeout)
 	stallGrace         = 2 * time.Second        // streams hold deletions this long after a lease trouble ends
 	holdCheck          = 100 * time.Millisecond // how often a quiet stream looks whether its hold ended

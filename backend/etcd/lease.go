@@ -367,8 +367,7 @@ func (b *Backend) restore(lease clientv3.LeaseID, done map[string]*reg) error {
 
 // takenMeanwhile reports, for a registration about to be restored with
 // its token, whether another session wrote its key after b's own last
-// write (a takeover through another agent that b had not noticed yet,
-// even one gone again with its lease); it
+// write (a takeover through another agent that b had not noticed yet); it
 // then drops it (dropLost). Writing it back would resurrect a registration
 // whose new owner removed it, with an old token. When the history cannot
 // tell, the registration is restored. restore runs restoreChecks of these

@@ -177,67 +177,32 @@ func (b *Backend) remove(ctx context.Context, key string, prev *reg) error {
 	return fmt.Errorf("key %s: changed by other writers %d times in a row", key, maxWriteAttempts)
 }
 
-// changedByOther reports whether another session put key after revision
-// modRev (b's own last write of it), at any point up to now, even if that
-// put is gone again (a takeover that landed on a lease about to expire);
-// known is false when the history cannot tell (modRev 0, or compacted
-// away).
-//
-// It watches the key's history from modRev+1 and asks for a progress
-// notification until one comes at the revision of now or later: etcd
-// sends one only once the watch has delivered every earlier event.
+// changedByOther reports whether the first change of key after revision
+// modRev (b's own last write of it) was a put by another session, rather
+// than a deletion; known is false when the history cannot tell (modRev 0,
+// or compacted away).
 func (b *Backend) changedByOther(key string, modRev int64) (taken, known bool, err error) {
 	if modRev == 0 {
 		return false, false, nil
 	}
 	ctx, cancel := context.WithTimeout(b.ctx, b.attempt)
 	defer cancel()
-	now, err := b.client.Get(ctx, key)
-	if err != nil {
-		return false, false, err
-	}
-	end := now.Header.Revision
-	if end <= modRev {
-		return false, true, nil
-	}
-	wch := b.client.Watch(ctx, key, clientv3.WithRev(modRev+1))
-	tick := time.NewTicker(historyProgress)
-	defer tick.Stop()
-	for {
-		select {
-		case resp, ok := <-wch:
-			if !ok {
-				if err := ctx.Err(); err != nil {
-					return false, false, err
-				}
-				return false, false, errors.New("watch of the key's history ended")
-			}
-			if resp.CompactRevision != 0 {
-				return false, false, nil
-			}
-			if err := resp.Err(); err != nil {
-				return false, false, err
-			}
-			for _, ev := range resp.Events {
-				if ev.Kv.ModRevision > end {
-					return false, true, nil
-				}
-				if ev.Type == clientv3.EventTypePut && !b.ours(clientv3.LeaseID(ev.Kv.Lease)) {
-					return true, true, nil
-				}
-				if ev.Kv.ModRevision == end {
-					return false, true, nil
-				}
-			}
-			if resp.IsProgressNotify() && resp.Header.Revision >= end {
-				return false, true, nil
-			}
-		case <-tick.C:
-			if err := b.client.RequestProgress(ctx); err != nil {
-				return false, false, err
-			}
+	for resp := range b.client.Watch(ctx, key, clientv3.WithRev(modRev+1)) {
+		if resp.CompactRevision != 0 {
+			return false, false, nil
+		}
+		if err := resp.Err(); err != nil {
+			return false, false, err
+		}
+		if len(resp.Events) > 0 {
+			ev := resp.Events[0]
+			return ev.Type == clientv3.EventTypePut && !b.ours(clientv3.LeaseID(ev.Kv.Lease)), true, nil
 		}
 	}
+	if err := ctx.Err(); err != nil {
+		return false, false, err
+	}
+	return false, false, errors.New("watch of the key's history ended")
 }
 
 // ours reports whether lease was granted to this backend.
