@@ -694,7 +694,7 @@ func checkOwnership(h *history) []string {
 		}
 		// The probe's connection died (its agent was killed): no answer
 		// to judge.
-		if strings.HasPrefix(o.Err, rpc.ErrShutdown.Error()) {
+		if strings.HasPrefix(o.Err, rpc.ErrShutdown.Error()) || strings.HasPrefix(o.Err, "rpc: sending:") {
 			continue
 		}
 		// An agent that does not hold the key at all (its owner registered
