@@ -15,16 +15,16 @@
 //	err = b.Register(ctx, "web", "10.0.0.1:80", map[string]string{"v": "1"})
 //
 // Layout: each registration is the key <Prefix><name>/<addr> (Prefix is
-// "/discoverd/services/" by default) holding the attributes as a JSON
-// object. Every key a Backend writes is attached to its one lease, kept
-// alive by one goroutine, so a dead agent's registrations vanish after the
-// TTL and heartbeats cost the store one keepalive per TTL/3, whatever the
-// number of registrations. An instance's Created is the key's
-// CreateRevision: attribute updates (puts on an existing key) keep it, and
-// a later registration has a larger one. Concurrent writes share etcd
-// transactions (a Backend sends at most a few at once, each holding
-// whatever writes were waiting), so registrations made at the same time
-// may have equal Created.
+// "/discoverd/services/" by default) holding the attributes and the
+// fencing token as a JSON object (value.go). Every key a Backend writes is
+// attached to its one lease, kept alive by one goroutine, so a dead
+// agent's registrations vanish after the TTL and heartbeats cost the store
+// one keepalive per TTL/3, whatever the number of registrations. An
+// instance's Created is its fencing token: CreateRevision × 128 + the
+// place of its creating put in its transaction (concurrent writes share
+// etcd transactions), kept in the value when the key is written again
+// (value.go). Every write is conditional on ownership (write.go), and the
+// backend repairs drift on its lease once per TTL (anti-entropy).
 package etcd
 
 import (
