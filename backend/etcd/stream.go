@@ -166,9 +166,26 @@ func (s *stream) watch() error {
 	ctx, cancel := context.WithCancel(clientv3.WithRequireLeader(s.ctx))
 	defer cancel()
 	wch := s.b.client.Watch(ctx, s.prefix, clientv3.WithPrefix(), clientv3.WithRev(s.rev+1))
-	tick := time.NewTicker(holdCheck)
-	defer tick.Stop()
+	// A quiet stream looks whether its hold ended every holdCheck, and
+	// only while it holds deletions: no timer runs for the others.
+	var tick *time.Ticker
+	defer func() {
+		if tick != nil {
+			tick.Stop()
+		}
+	}()
 	for {
+		var tickC <-chan time.Time
+		switch {
+		case len(s.held) > 0 && tick == nil:
+			tick = time.NewTicker(holdCheck)
+		case len(s.held) == 0 && tick != nil:
+			tick.Stop()
+			tick = nil
+		}
+		if tick != nil {
+			tickC = tick.C
+		}
 		select {
 		case resp, ok := <-wch:
 			if !ok {
@@ -186,7 +203,7 @@ func (s *stream) watch() error {
 				}
 				s.rev = max(s.rev, ev.Kv.ModRevision)
 			}
-		case <-tick.C:
+		case <-tickC:
 		}
 		if !s.release() {
 			return s.ctx.Err()
