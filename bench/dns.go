@@ -48,6 +48,7 @@ type DNSCase struct {
 	EDNS      bool       `json:"edns"`
 	Discoverd DNSFigures `json:"discoverd"`
 	Unbound   DNSFigures `json:"unbound"`
+	Load      string     `json:"loadavg"` // /proc/loadavg as the case started
 }
 
 // DNSFigures are one server's figures for one case.
@@ -57,6 +58,10 @@ type DNSFigures struct {
 	ResponseSize float64 `json:"response_size"` // average, bytes
 	HalfQPS      float64 `json:"half_qps"`      // the rate of the latency run
 	HalfLatency  Dist    `json:"half_latency"`  // at half the saturation rate
+	// At the same offered rate for both servers: half the lower of their
+	// saturation rates (for the slower server, its HalfLatency run).
+	SameQPS     float64 `json:"same_qps"`
+	SameLatency Dist    `json:"same_latency"`
 }
 
 // dnsperfClients and dnsperfOutstanding are the load at saturation: a
@@ -149,24 +154,49 @@ func benchDNS(ctx context.Context, e *env, cfg *config) (*DNSResult, error) {
 		if err := os.WriteFile(qfile, []byte(c.Query+"\n"), 0o644); err != nil {
 			return nil, err
 		}
+		c.Load = readTrim("/proc/loadavg")
 		// Alternate which server goes first, so that neither always
 		// gets the quieter moment of a shared machine.
-		servers := []struct {
+		type server struct {
 			addr string
 			figs *DNSFigures
-		}{{dnsAddr, &c.Discoverd}, {unboundAddr, &c.Unbound}}
-		if i%2 == 1 {
-			servers[0], servers[1] = servers[1], servers[0]
 		}
-		for _, s := range servers {
-			if s.addr == "" {
-				continue
+		servers := []server{{dnsAddr, &c.Discoverd}}
+		if unboundAddr != "" {
+			servers = append(servers, server{unboundAddr, &c.Unbound})
+			if i%2 == 1 {
+				servers[0], servers[1] = servers[1], servers[0]
 			}
+		}
+		// Saturation, then latency at half of it, for each; then the
+		// faster one again at the slower one's half rate.
+		for _, s := range servers {
 			args := dnsperfArgs(s.addr, qfile, c)
 			res.Command = "dnsperf " + strings.Join(args, " ")
-			if err := runDnsperf(ctx, perf, s.figs, args, cfg.DNSDuration); err != nil {
+			if err := dnsperfSaturation(ctx, perf, s.figs, args, cfg.DNSDuration); err != nil {
 				return nil, fmt.Errorf("dnsperf %s on %s: %w", c.Name, s.addr, err)
 			}
+		}
+		for _, s := range servers {
+			s.figs.HalfQPS = s.figs.QPS / 2
+			d, err := dnsperfLatency(ctx, perf, dnsperfArgs(s.addr, qfile, c), s.figs.HalfQPS, cfg.DNSDuration)
+			if err != nil {
+				return nil, fmt.Errorf("dnsperf %s on %s: %w", c.Name, s.addr, err)
+			}
+			s.figs.HalfLatency = d
+		}
+		if len(servers) == 2 {
+			slow, fast := servers[0], servers[1]
+			if slow.figs.QPS > fast.figs.QPS {
+				slow, fast = fast, slow
+			}
+			slow.figs.SameQPS, slow.figs.SameLatency = slow.figs.HalfQPS, slow.figs.HalfLatency
+			fast.figs.SameQPS = slow.figs.HalfQPS
+			d, err := dnsperfLatency(ctx, perf, dnsperfArgs(fast.addr, qfile, c), fast.figs.SameQPS, cfg.DNSDuration)
+			if err != nil {
+				return nil, fmt.Errorf("dnsperf %s on %s: %w", c.Name, fast.addr, err)
+			}
+			fast.figs.SameLatency = d
 		}
 		row := Row{Scenario: "8 dns", Figure: "queries/s, " + c.Name, Value: fmt.Sprintf("%.0f", c.Discoverd.QPS)}
 		if c.Unbound.QPS > 0 {
@@ -183,6 +213,11 @@ func benchDNS(ctx context.Context, e *env, cfg *config) (*DNSResult, error) {
 			row.Ratio = diffMs(c.Discoverd.HalfLatency.P99, c.Unbound.HalfLatency.P99)
 		}
 		e.row(row)
+		if c.Unbound.QPS > 0 {
+			e.row(Row{Scenario: "8 dns", Figure: fmt.Sprintf("p99 at %.0f q/s (both), %s", c.Discoverd.SameQPS, c.Name),
+				Value: fmtMs(c.Discoverd.SameLatency.P99), Etcd: "unbound " + fmtMs(c.Unbound.SameLatency.P99),
+				Ratio: diffMs(c.Discoverd.SameLatency.P99, c.Unbound.SameLatency.P99)})
+		}
 	}
 	res.Cases = cases
 	return res, nil
@@ -204,11 +239,9 @@ var (
 	reQuery = regexp.MustCompile(`^> (\S+) \S+ \S+ ([0-9.]+)$`)
 )
 
-// runDnsperf measures one server: queries/s at saturation, then the
-// latency of every query at half that rate.
-func runDnsperf(ctx context.Context, perf string, figs *DNSFigures, args []string, d time.Duration) error {
-	secs := strconv.Itoa(max(1, int(d/time.Second)))
-	sat := append(clone(args), "-l", secs, "-c", strconv.Itoa(dnsperfClients), "-q", strconv.Itoa(dnsperfOutstanding))
+// dnsperfSaturation measures one server's queries/s at saturation.
+func dnsperfSaturation(ctx context.Context, perf string, figs *DNSFigures, args []string, d time.Duration) error {
+	sat := append(clone(args), "-l", seconds(d), "-c", strconv.Itoa(dnsperfClients), "-q", strconv.Itoa(dnsperfOutstanding))
 	out, err := exec.CommandContext(ctx, perf, sat...).CombinedOutput()
 	if err != nil {
 		return fmt.Errorf("%v: %s", err, lastLines(out, 3))
@@ -224,16 +257,20 @@ func runDnsperf(ctx context.Context, perf string, figs *DNSFigures, args []strin
 	if m := reSize.FindSubmatch(out); m != nil {
 		figs.ResponseSize, _ = strconv.ParseFloat(string(m[1]), 64)
 	}
+	return nil
+}
 
-	figs.HalfQPS = figs.QPS / 2
-	half := append(clone(args), "-l", secs, "-Q", strconv.Itoa(max(1, int(figs.HalfQPS))), "-v")
+// dnsperfLatency returns the latency of every query sent at qps queries/s
+// (dnsperf -Q, -v: one line per query).
+func dnsperfLatency(ctx context.Context, perf string, args []string, qps float64, d time.Duration) (Dist, error) {
+	half := append(clone(args), "-l", seconds(d), "-Q", strconv.Itoa(max(1, int(qps))), "-v")
 	cmd := exec.CommandContext(ctx, perf, half...)
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
-		return err
+		return Dist{}, err
 	}
 	if err := cmd.Start(); err != nil {
-		return err
+		return Dist{}, err
 	}
 	var lat []time.Duration
 	sc := bufio.NewScanner(stdout)
@@ -245,14 +282,15 @@ func runDnsperf(ctx context.Context, perf string, figs *DNSFigures, args []strin
 	}
 	_, _ = io.Copy(io.Discard, stdout)
 	if err := cmd.Wait(); err != nil {
-		return fmt.Errorf("dnsperf at half load: %w", err)
+		return Dist{}, fmt.Errorf("dnsperf at %.0f q/s: %w", qps, err)
 	}
 	if len(lat) == 0 {
-		return errors.New("dnsperf at half load: no query answered")
+		return Dist{}, fmt.Errorf("dnsperf at %.0f q/s: no query answered", qps)
 	}
-	figs.HalfLatency = summarize(lat)
-	return nil
+	return summarize(lat), nil
 }
+
+func seconds(d time.Duration) string { return strconv.Itoa(max(1, int(d/time.Second))) }
 
 func clone(s []string) []string { return append([]string(nil), s...) }
 

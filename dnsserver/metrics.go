@@ -1,6 +1,7 @@
 package dnsserver
 
 import (
+	"sync/atomic"
 	"time"
 
 	"github.com/miekg/dns"
@@ -16,6 +17,8 @@ type metrics struct {
 	stale     prometheus.Counter
 	names     prometheus.GaugeFunc
 	evictions prometheus.CounterFunc
+
+	byType [len(countedTypes) + 1][24]atomic.Pointer[prometheus.Counter] // of queries
 }
 
 func newMetrics(c Cache) *metrics {
@@ -55,24 +58,54 @@ func (s *Server) Collectors() []prometheus.Collector {
 	return []prometheus.Collector{m.queries, m.duration, m.truncated, m.stale, m.names, m.evictions}
 }
 
-func (m *metrics) observe(req, resp *dns.Msg, stale bool, d time.Duration) {
-	typ := "other"
-	if len(req.Question) == 1 {
-		switch t := req.Question[0].Qtype; t {
-		case dns.TypeA, dns.TypeAAAA, dns.TypeSRV, dns.TypeTXT, dns.TypeSOA, dns.TypeANY:
-			typ = dns.TypeToString[t]
+// counter returns the queries counter of (typ, rcode), caching the common
+// ones: WithLabelValues hashes its labels on each call.
+func (m *metrics) counter(qtype, rcode int) prometheus.Counter {
+	t := len(countedTypes) // other
+	for i, ct := range countedTypes {
+		if int(ct) == qtype {
+			t = i
+			break
 		}
 	}
-	rcode, ok := dns.RcodeToString[resp.Rcode]
-	if !ok {
-		rcode = "other"
+	if rcode < 0 || rcode >= len(m.byType[t]) {
+		return m.queries.WithLabelValues(typeLabel(t), rcodeLabel(rcode))
 	}
-	m.queries.WithLabelValues(typ, rcode).Inc()
+	if c := m.byType[t][rcode].Load(); c != nil {
+		return *c
+	}
+	c := m.queries.WithLabelValues(typeLabel(t), rcodeLabel(rcode))
+	m.byType[t][rcode].Store(&c)
+	return c
+}
+
+// countedTypes are the question types counted by name; others count as
+// "other".
+var countedTypes = [...]uint16{dns.TypeA, dns.TypeAAAA, dns.TypeSRV, dns.TypeTXT, dns.TypeSOA, dns.TypeANY}
+
+func typeLabel(t int) string {
+	if t < len(countedTypes) {
+		return dns.TypeToString[countedTypes[t]]
+	}
+	return "other"
+}
+
+func rcodeLabel(rcode int) string {
+	if s, ok := dns.RcodeToString[rcode]; ok {
+		return s
+	}
+	return "other"
+}
+
+// observe counts one reply to a question of type qtype (-1: no single
+// question) that took d.
+func (m *metrics) observe(qtype int, oc outcome, d time.Duration) {
+	m.counter(qtype, oc.rcode).Inc()
 	m.duration.Observe(d.Seconds())
-	if resp.Truncated {
+	if oc.truncated {
 		m.truncated.Inc()
 	}
-	if stale {
+	if oc.stale {
 		m.stale.Inc()
 	}
 }

@@ -20,6 +20,14 @@
 // docs/API.md describes the answers in full: TTLs, negative answers,
 // truncation, and how stale answers are served while the store is
 // unreachable.
+//
+// How it is fast: a positive answer is copied from the records of its
+// name packed once per change of the name (packed.go), in one of a few
+// shuffled orders at a random rotation; UDP sockets (one per CPU) and
+// TCP connections are read by loops of this package that parse a plain
+// query in place and reuse their buffers (udp.go, tcp.go), so a query of
+// a cached name is a parse, a map lookup, a copy and a write. Anything
+// unusual goes through miekg/dns's parser and message types.
 package dnsserver
 
 import (
@@ -27,10 +35,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math/rand/v2"
 	"net"
 	"net/netip"
-	"strings"
 	"sync"
 	"time"
 
@@ -112,13 +118,20 @@ type Server struct {
 	log       *slog.Logger
 	metrics   *metrics
 
-	servers []*dns.Server // one per UDP socket, then TCP
+	servers  []*dns.Server  // one per UDP socket on a wildcard address
+	udpConns []*net.UDPConn // the UDP sockets of an address: serveUDP
+	slow     chan struct{}  // a semaphore: queries waiting for a first lookup
+	ln       net.Listener   // TCP: serveTCP
+
+	mu      sync.Mutex
+	conns   map[net.Conn]struct{} // TCP connections open
 	udpAddr net.Addr
 	tcpAddr net.Addr
 
 	ctx    context.Context // cancelled by Close: ends lookups in flight
+	noWait context.Context // cancelled from the start: a lookup that must not block
 	cancel context.CancelFunc
-	wg     sync.WaitGroup // the two serve goroutines
+	wg     sync.WaitGroup // the read loops, TCP connections, waiting UDP queries
 
 	closeOnce sync.Once
 	closeErr  error
@@ -158,7 +171,13 @@ func Listen(cfg Config) (*Server, error) {
 		return nil, fmt.Errorf("dns listen: %w", err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
+	noWait, stop := context.WithCancel(context.Background())
+	stop()
 	s := &Server{
+		noWait:    noWait,
+		slow:      make(chan struct{}, maxSlow),
+		ln:        ln,
+		conns:     make(map[net.Conn]struct{}),
 		cache:     cfg.Cache,
 		zone:      zone,
 		addrZone:  ".addr." + zone,
@@ -172,16 +191,18 @@ func Listen(cfg Config) (*Server, error) {
 		ctx:       ctx,
 		cancel:    cancel,
 	}
-	n := len(pcs) + 1
-	started := make(chan struct{}, n)
+	started := make(chan struct{}, len(pcs))
 	notify := func() { started <- struct{}{} }
-	for _, pc := range pcs {
-		s.servers = append(s.servers, &dns.Server{PacketConn: pc, Handler: s, UDPSize: advertisedUDPSize, NotifyStartedFunc: notify})
+	if s.udpAddr.(*net.UDPAddr).IP.IsUnspecified() {
+		for _, pc := range pcs {
+			s.servers = append(s.servers, &dns.Server{PacketConn: pc, Handler: s, UDPSize: advertisedUDPSize, NotifyStartedFunc: notify})
+		}
+	} else {
+		for _, pc := range pcs {
+			s.udpConns = append(s.udpConns, pc.(*net.UDPConn))
+		}
 	}
-	// Unlimited queries per TCP connection: miekg/dns closes a connection
-	// after 128 by default, dropping the queries a client has pipelined
-	// beyond them (they time out at the client).
-	s.servers = append(s.servers, &dns.Server{Listener: ln, Handler: s, NotifyStartedFunc: notify, MaxTCPQueries: -1})
+	n := len(s.servers)
 	served := make(chan error, n)
 	for _, srv := range s.servers {
 		s.wg.Add(1)
@@ -200,18 +221,25 @@ func Listen(cfg Config) (*Server, error) {
 		select {
 		case <-started:
 		case err := <-served:
-			cancel()
 			for _, pc := range pcs {
 				pc.Close()
 			}
-			ln.Close()
-			s.wg.Wait()
+			s.Close()
 			return nil, fmt.Errorf("dns serve: %w", err)
 		case <-timer.C:
+			for _, pc := range pcs {
+				pc.Close()
+			}
 			s.Close()
 			return nil, errors.New("dns serve: not started after 10s")
 		}
 	}
+	for _, pc := range s.udpConns {
+		s.wg.Add(1)
+		go s.serveUDP(pc) // stopped by Close
+	}
+	s.wg.Add(1)
+	go s.serveTCP(ln) // stopped by Close
 	s.log.Info("dns serving", "addr", s.udpAddr.String(), "zone", zone, "ttl", cfg.TTL)
 	return s, nil
 }
@@ -276,6 +304,19 @@ func (s *Server) Close() error {
 		ctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
 		defer cancel()
 		var errs []error
+		for _, pc := range s.udpConns {
+			if err := pc.Close(); err != nil {
+				errs = append(errs, err)
+			}
+		}
+		if err := s.ln.Close(); err != nil {
+			errs = append(errs, err)
+		}
+		s.mu.Lock()
+		for c := range s.conns {
+			c.Close()
+		}
+		s.mu.Unlock()
 		for _, srv := range s.servers {
 			if err := srv.ShutdownContext(ctx); err != nil {
 				errs = append(errs, err)
@@ -287,16 +328,41 @@ func (s *Server) Close() error {
 	return s.closeErr
 }
 
+// outcome is what the metrics record of a reply.
+type outcome struct {
+	rcode     int
+	truncated bool
+	stale     bool
+}
+
+// errWouldBlock: answering needs a lookup that blocks (a name not cached
+// yet), and the caller asked not to block.
+var errWouldBlock = errors.New("dnsserver: the lookup would block")
+
+// bufPool holds reply buffers of the largest message size.
+var bufPool = sync.Pool{New: func() any { b := make([]byte, 0, dns.MaxMsgSize); return &b }}
+
 // ServeDNS answers one query; the dns.Server calls it in a goroutine per
-// UDP packet or TCP connection.
+// TCP connection (and per UDP packet when the server listens on a
+// wildcard address: see Listen).
 func (s *Server) ServeDNS(w dns.ResponseWriter, req *dns.Msg) {
 	start := time.Now()
 	_, tcp := w.RemoteAddr().(*net.TCPAddr)
-	resp, stale := s.Reply(s.ctx, req, tcp)
-	if err := w.WriteMsg(resp); err != nil {
+	bp := bufPool.Get().(*[]byte)
+	out, oc, _ := s.replyMsg(s.ctx, req, tcp, true, (*bp)[:0])
+	if _, err := w.Write(out); err != nil {
 		s.log.Debug("dns: reply not sent", "err", err, "client", w.RemoteAddr().String())
 	}
-	s.metrics.observe(req, resp, stale, time.Since(start))
+	*bp = out[:0]
+	bufPool.Put(bp)
+	s.metrics.observe(qtypeOf(req), oc, time.Since(start))
+}
+
+func qtypeOf(req *dns.Msg) int {
+	if len(req.Question) != 1 {
+		return -1
+	}
+	return int(req.Question[0].Qtype)
 }
 
 // Reply returns the answer to req for a client over TCP (tcp) or UDP,
@@ -304,125 +370,213 @@ func (s *Server) ServeDNS(w dns.ResponseWriter, req *dns.Msg) {
 // while a name not cached yet is looked up, at most until ctx is done or
 // the lookup timeout. The reply always packs within the transport's size
 // (the client's EDNS0 size over UDP, 512 bytes without, 64 KiB over TCP).
+// It is the reply the server sends, unpacked.
 func (s *Server) Reply(ctx context.Context, req *dns.Msg, tcp bool) (resp *dns.Msg, stale bool) {
+	out, oc, _ := s.replyMsg(ctx, req, tcp, true, make([]byte, 0, 512))
+	resp = new(dns.Msg)
+	if err := resp.Unpack(out); err != nil {
+		panic("dnsserver: a reply does not unpack: " + err.Error()) // a bug: FuzzReply looks for it
+	}
+	resp.Compress = true // as sent: it packs no larger than the reply sent
+	return resp, oc.stale
+}
+
+// replyMsg appends to b the reply to req, a query miekg/dns parsed. With
+// wait false, it returns errWouldBlock rather than wait for a lookup.
+func (s *Server) replyMsg(ctx context.Context, req *dns.Msg, tcp, wait bool, b []byte) ([]byte, outcome, error) {
 	m := new(dns.Msg)
 	m.SetReply(req)
-	m.RecursionAvailable = false
-	m.Compress = true
-	if req.Opcode != dns.OpcodeQuery {
+	switch {
+	case req.Opcode != dns.OpcodeQuery:
 		m.Rcode = dns.RcodeNotImplemented
-		return m, false
-	}
-	if len(req.Question) != 1 {
+		return s.pack(m, b)
+	case len(req.Question) != 1:
 		m.Question = nil
 		m.Rcode = dns.RcodeFormatError
-		return m, false
+		return s.pack(m, b)
 	}
-	maxSize := dns.MinMsgSize
-	if opt := req.IsEdns0(); opt != nil {
+	if opt := req.IsEdns0(); opt != nil && opt.Version() != 0 {
 		m.SetEdns0(advertisedUDPSize, false)
-		if opt.Version() != 0 {
-			m.Rcode = dns.RcodeBadVers
-			return m, false
-		}
-		maxSize = min(max(int(opt.UDPSize()), dns.MinMsgSize), maxUDPSize)
+		m.Rcode = dns.RcodeBadVers
+		return s.pack(m, b)
 	}
-	if tcp {
-		maxSize = dns.MaxMsgSize
+	q, ok := queryOf(req)
+	if !ok { // a name too long to pack
+		m.Question = nil
+		m.Rcode = dns.RcodeFormatError
+		return s.pack(m, b)
 	}
-	q := req.Question[0]
-	if q.Qclass != dns.ClassINET && q.Qclass != dns.ClassANY {
-		m.Rcode = dns.RcodeRefused
-		return m, false
+	return s.reply(ctx, &q, tcp, wait, b)
+}
+
+// pack appends m to b; m is one of the server's own small replies, which
+// always pack.
+func (s *Server) pack(m *dns.Msg, b []byte) ([]byte, outcome, error) {
+	out, err := m.PackBuffer(b[len(b):cap(b)])
+	if err != nil {
+		panic("dnsserver: a reply does not pack: " + err.Error())
 	}
-	n, ok := s.parseName(q.Name)
+	return append(b, out...), outcome{rcode: m.Rcode, truncated: m.Truncated}, nil
+}
+
+// reply appends to b the reply to q over TCP (tcp) or UDP. A positive
+// answer is copied from the packed records of its name (rrset); the rest
+// (negative answers, errors, the apex and the addr names) is built as a
+// dns.Msg. With wait false, it returns errWouldBlock rather than wait for
+// the lookup of a name not cached yet.
+func (s *Server) reply(ctx context.Context, q *query, tcp, wait bool, b []byte) ([]byte, outcome, error) {
+	if q.class != dns.ClassINET && q.class != dns.ClassANY {
+		return s.replyRcode(q, dns.RcodeRefused, b)
+	}
+	n, ok := s.parseName(q.name)
 	if !ok {
-		m.Rcode = dns.RcodeRefused
-		return m, false
+		return s.replyRcode(q, dns.RcodeRefused, b)
 	}
-	m.Authoritative = true
 	ttl := s.ttl
 	if n.form == formLeader {
 		ttl = s.leaderTTL
 	}
-	var svc *Service
 	switch n.form {
 	case formInvalid:
-		return s.negative(m, dns.RcodeNameError, ttl), false
+		return s.negative(q, dns.RcodeNameError, ttl, false, b)
 	case formApex:
-		if q.Qtype == dns.TypeSOA || q.Qtype == dns.TypeANY {
+		if q.qtype == dns.TypeSOA || q.qtype == dns.TypeANY {
+			m := s.msg(q, dns.RcodeSuccess)
 			m.Answer = append(m.Answer, s.soa(ttl))
-			return m, false
+			return s.pack(m, b)
 		}
-		return s.negative(m, dns.RcodeSuccess, ttl), false
+		return s.negative(q, dns.RcodeSuccess, ttl, false, b)
 	case formAddr:
-		a := addrRR(q.Name, n.ip, ttl)
-		if q.Qtype == a.Header().Rrtype || q.Qtype == dns.TypeANY {
+		a := addrRR(q.name, n.ip, ttl)
+		if q.qtype == a.Header().Rrtype || q.qtype == dns.TypeANY {
+			m := s.msg(q, dns.RcodeSuccess)
 			m.Answer = append(m.Answer, a)
-			return m, false
+			return s.pack(m, b)
 		}
-		return s.negative(m, dns.RcodeSuccess, ttl), false
+		return s.negative(q, dns.RcodeSuccess, ttl, false, b)
 	}
-	lctx, cancel := context.WithTimeout(ctx, s.lookup)
-	svc, stale, err := s.cache.Get(lctx, n.service)
-	cancel()
+	// A name held is answered without blocking; a name not held yet
+	// starts its watch, and this first Get returns at once.
+	svc, stale, err := s.cache.Get(s.noWait, n.service)
+	if err != nil && api.ErrorCode(err) != api.CodeInvalidArgument {
+		if !wait {
+			return b, outcome{}, errWouldBlock
+		}
+		lctx, cancel := context.WithTimeout(ctx, s.lookup)
+		svc, stale, err = s.cache.Get(lctx, n.service)
+		cancel()
+	}
 	if err != nil {
 		if api.ErrorCode(err) == api.CodeInvalidArgument {
-			return s.negative(m, dns.RcodeNameError, ttl), false
+			return s.negative(q, dns.RcodeNameError, ttl, false, b)
 		}
 		s.log.Debug("dns: lookup failed", "name", n.service, "err", err)
+		m := s.msg(q, dns.RcodeServerFailure)
 		m.Authoritative = false
-		m.Rcode = dns.RcodeServerFailure
-		return m, false
+		return s.pack(m, b)
 	}
-	answered := false
-	switch n.form {
+	k := kindOf(n.form, q.qtype, svc)
+	var set *rrset
+	if k != kindNone {
+		set = s.rrset(svc, k)
+	}
+	if set == nil || set.n == 0 {
+		return s.negative(q, dns.RcodeSuccess, ttl, stale, b)
+	}
+	start := len(b)
+	b = q.appendQuestion(b)
+	room := q.maxSize(tcp) - (len(b) - start)
+	if q.edns {
+		room -= optSize
+	}
+	an, recs := set.pick(room)
+	b = append(b, recs...)
+	room -= len(recs)
+	tc := an < set.n
+	ar := 0
+	if !tc && set.glue != nil {
+		b, ar = set.appendGlue(b, room)
+	}
+	if q.edns {
+		b = appendOPT(b)
+		ar++
+	}
+	q.setHeader(b[start:], dns.RcodeSuccess, tc, an, 0, ar)
+	return b, outcome{rcode: dns.RcodeSuccess, truncated: tc, stale: stale}, nil
+}
+
+// kindOf is the RRset that answers qtype for a name of form f, or
+// kindNone (no data).
+func kindOf(f form, qtype uint16, svc *Service) kind {
+	switch f {
 	case formService:
-		switch q.Qtype {
+		switch qtype {
 		case dns.TypeA:
-			answered = s.fill(m, q.Name, svc, svc.v4, dns.TypeA, ttl, maxSize)
+			return kindA
 		case dns.TypeAAAA:
-			answered = s.fill(m, q.Name, svc, svc.v6, dns.TypeAAAA, ttl, maxSize)
+			return kindAAAA
 		case dns.TypeSRV, dns.TypeANY:
-			answered = s.fill(m, q.Name, svc, svc.srv, dns.TypeSRV, ttl, maxSize)
+			return kindSRV
 		}
 	case formSRV:
-		if q.Qtype == dns.TypeSRV || q.Qtype == dns.TypeANY {
-			answered = s.fill(m, q.Name, svc, svc.srv, dns.TypeSRV, ttl, maxSize)
+		if qtype == dns.TypeSRV || qtype == dns.TypeANY {
+			return kindSRV
 		}
 	case formLeader:
 		if svc.leader < 0 {
-			break
+			return kindNone
 		}
-		one := []int{svc.leader}
-		in := &svc.instances[svc.leader]
+		ip := svc.instances[svc.leader].ip
 		switch {
-		case q.Qtype == dns.TypeA && in.ip.Is4(), q.Qtype == dns.TypeAAAA && in.ip.Is6():
-			answered = s.fill(m, q.Name, svc, one, q.Qtype, ttl, maxSize)
-		case q.Qtype == dns.TypeSRV || q.Qtype == dns.TypeANY:
-			answered = s.fill(m, q.Name, svc, one, dns.TypeSRV, ttl, maxSize)
-		case q.Qtype == dns.TypeTXT:
-			m.Answer = append(m.Answer, &dns.TXT{
-				Hdr: dns.RR_Header{Name: q.Name, Rrtype: dns.TypeTXT, Class: dns.ClassINET, Ttl: ttl},
-				Txt: []string{fmt.Sprintf("created=%d", in.created), "addr=" + in.addr},
-			})
-			m.Truncate(maxSize)
-			answered = true
+		case qtype == dns.TypeA && ip.Is4():
+			return kindLeaderA
+		case qtype == dns.TypeAAAA && ip.Is6():
+			return kindLeaderAAAA
+		case qtype == dns.TypeSRV || qtype == dns.TypeANY:
+			return kindLeaderSRV
+		case qtype == dns.TypeTXT:
+			return kindLeaderTXT
 		}
 	}
-	if !answered {
-		s.negative(m, dns.RcodeSuccess, ttl)
-	}
-	return m, stale
+	return kindNone
 }
 
-// negative turns m into a negative answer with rcode and the zone's SOA
-// in the authority section; its TTL is ttl, its minimum the zone's TTL.
-func (s *Server) negative(m *dns.Msg, rcode int, ttl uint32) *dns.Msg {
-	m.Rcode = rcode
-	m.Answer = nil
-	m.Ns = append(m.Ns[:0], s.soa(ttl))
+// msg returns a reply to q with rcode to build as a dns.Msg.
+func (s *Server) msg(q *query, rcode int) *dns.Msg {
+	m := &dns.Msg{
+		MsgHdr: dns.MsgHdr{
+			Id:               q.id,
+			Response:         true,
+			Authoritative:    true,
+			RecursionDesired: q.flags&bitRD != 0,
+			CheckingDisabled: q.flags&bitCD != 0,
+			Rcode:            rcode,
+		},
+		Compress: true,
+		Question: []dns.Question{{Name: q.name, Qtype: q.qtype, Qclass: q.class}},
+	}
+	if q.edns {
+		m.SetEdns0(advertisedUDPSize, false)
+	}
 	return m
+}
+
+// replyRcode appends a reply to q with rcode and nothing else, not
+// authoritative (REFUSED: a name we do not serve).
+func (s *Server) replyRcode(q *query, rcode int, b []byte) ([]byte, outcome, error) {
+	m := s.msg(q, rcode)
+	m.Authoritative = false
+	return s.pack(m, b)
+}
+
+// negative appends a negative answer to q with rcode and the zone's SOA
+// in the authority section; its TTL is ttl, its minimum the zone's TTL.
+func (s *Server) negative(q *query, rcode int, ttl uint32, stale bool, b []byte) ([]byte, outcome, error) {
+	m := s.msg(q, rcode)
+	m.Ns = append(m.Ns, s.soa(ttl))
+	out, oc, err := s.pack(m, b)
+	oc.stale = stale
+	return out, oc, err
 }
 
 func (s *Server) soa(ttl uint32) *dns.SOA {
@@ -443,107 +597,6 @@ func addrRR(owner string, ip netip.Addr, ttl uint32) dns.RR {
 		return &dns.A{Hdr: dns.RR_Header{Name: owner, Rrtype: dns.TypeA, Class: dns.ClassINET, Ttl: ttl}, A: ip.AsSlice()}
 	}
 	return &dns.AAAA{Hdr: dns.RR_Header{Name: owner, Rrtype: dns.TypeAAAA, Class: dns.ClassINET, Ttl: ttl}, AAAA: ip.AsSlice()}
-}
-
-// fill puts in m's answer section records of type typ (A, AAAA or SRV)
-// for the instances svc.instances[idx[...]], in a random order, as many
-// as fit in maxSize bytes, and sets TC if any was left out. For SRV, the
-// addresses of the targets in the zone follow in the additional section,
-// as many as fit (leaving one out does not set TC: the client can ask for
-// the target). It reports false when idx is empty (no data).
-//
-// Sizes are counted exactly rather than by packing: m holds only the
-// question (and OPT) so far, every owner name is the question's and packs
-// as a 2-byte pointer to it, and an SRV target packs uncompressed
-// (RFC 2782); a glue record is counted with its owner uncompressed (an
-// upper bound: it packs as a pointer to the SRV target).
-func (s *Server) fill(m *dns.Msg, owner string, svc *Service, idx []int, typ uint16, ttl uint32, maxSize int) bool {
-	n := len(idx)
-	if n == 0 {
-		return false
-	}
-	m.Compress = true
-	opt := m.IsEdns0()
-	room := maxSize - m.Len()
-	hdr := dns.RR_Header{Name: owner, Rrtype: typ, Class: dns.ClassINET, Ttl: ttl}
-	fits := min(n, room/minRRSize+1)
-	m.Answer = make([]dns.RR, 0, fits)
-	var (
-		as   []dns.A
-		aaaa []dns.AAAA
-		srvs []dns.SRV
-	)
-	switch typ {
-	case dns.TypeA:
-		as = make([]dns.A, 0, fits)
-	case dns.TypeAAAA:
-		aaaa = make([]dns.AAAA, 0, fits)
-	case dns.TypeSRV:
-		srvs = make([]dns.SRV, 0, fits)
-	}
-	perm := make([]int, n)
-	for i := range perm {
-		perm[i] = i
-	}
-	k := 0
-	for ; k < n; k++ {
-		j := k + rand.IntN(n-k) // a Fisher-Yates step: perm[k] is a random one of the rest
-		perm[k], perm[j] = perm[j], perm[k]
-		in := &svc.instances[idx[perm[k]]]
-		var rr dns.RR
-		switch typ {
-		case dns.TypeA:
-			room -= 2 + 10 + 4
-			as = append(as, dns.A{Hdr: hdr, A: in.ipBytes})
-			rr = &as[len(as)-1]
-		case dns.TypeAAAA:
-			room -= 2 + 10 + 16
-			aaaa = append(aaaa, dns.AAAA{Hdr: hdr, AAAA: in.ipBytes})
-			rr = &aaaa[len(aaaa)-1]
-		case dns.TypeSRV:
-			t := s.target(in)
-			room -= 2 + 10 + 6 + len(t) + 1
-			srvs = append(srvs, dns.SRV{Hdr: hdr, Priority: 0, Weight: 1, Port: in.port, Target: t})
-			rr = &srvs[len(srvs)-1]
-		}
-		if room < 0 {
-			break
-		}
-		m.Answer = append(m.Answer, rr)
-	}
-	m.Truncated = k < n
-	if typ != dns.TypeSRV || m.Truncated {
-		return true
-	}
-	var glue []dns.RR
-	seen := make(map[string]bool, len(m.Answer))
-	for _, rr := range m.Answer {
-		t := rr.(*dns.SRV).Target
-		if seen[t] || !strings.HasSuffix(t, s.addrZone) {
-			continue
-		}
-		seen[t] = true
-		ip, ok := parseAddrLabel(t[:len(t)-len(s.addrZone)])
-		if !ok {
-			continue
-		}
-		size := len(t) + 1 + 10 + 4
-		if ip.Is6() {
-			size += 12
-		}
-		if size > room {
-			continue
-		}
-		room -= size
-		glue = append(glue, addrRR(t, ip, s.ttl))
-	}
-	if len(glue) > 0 {
-		if opt != nil {
-			glue = append(glue, opt)
-		}
-		m.Extra = glue
-	}
-	return true
 }
 
 func (s *Server) target(in *instance) string {

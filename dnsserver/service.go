@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"strconv"
 	"strings"
+	"sync/atomic"
 
 	"github.com/miekg/dns"
 
@@ -14,13 +15,17 @@ import (
 
 // Service is the DNS form of one service name's online instances,
 // compiled once per change of the name (Compile) and shared, read-only,
-// by every query until the next change.
+// by every query until the next change. The wire form of each answer is
+// packed on the first query that needs it and kept with the Service, so
+// a change of the name (a new Service) is what invalidates it.
 type Service struct {
 	name      string
 	instances []instance // oldest first
 	v4, v6    []int      // indexes of the instances with an IPv4 / IPv6 host
 	srv       []int      // indexes of the instances that can be an SRV target
 	leader    int        // index of the leader; -1 when there is none
+
+	packed [numKinds]atomic.Pointer[rrset] // by kind, built by Server.rrset
 }
 
 // instance is one online instance, parsed.
