@@ -179,7 +179,7 @@ func benchDNS(ctx context.Context, e *env, cfg *config) (*DNSResult, error) {
 		}
 		for _, s := range servers {
 			s.figs.HalfQPS = s.figs.QPS / 2
-			d, err := dnsperfLatency(ctx, perf, dnsperfArgs(s.addr, qfile, c), s.figs.HalfQPS, cfg.DNSDuration)
+			d, err := dnsperfLatency(ctx, perf, dnsperfArgs(s.addr, qfile, c), s.figs.HalfQPS, cfg.DNSDuration, e.dir)
 			if err != nil {
 				return nil, fmt.Errorf("dnsperf %s on %s: %w", c.Name, s.addr, err)
 			}
@@ -192,7 +192,7 @@ func benchDNS(ctx context.Context, e *env, cfg *config) (*DNSResult, error) {
 			}
 			slow.figs.SameQPS, slow.figs.SameLatency = slow.figs.HalfQPS, slow.figs.HalfLatency
 			fast.figs.SameQPS = slow.figs.HalfQPS
-			d, err := dnsperfLatency(ctx, perf, dnsperfArgs(fast.addr, qfile, c), fast.figs.SameQPS, cfg.DNSDuration)
+			d, err := dnsperfLatency(ctx, perf, dnsperfArgs(fast.addr, qfile, c), fast.figs.SameQPS, cfg.DNSDuration, e.dir)
 			if err != nil {
 				return nil, fmt.Errorf("dnsperf %s on %s: %w", c.Name, fast.addr, err)
 			}
@@ -261,28 +261,35 @@ func dnsperfSaturation(ctx context.Context, perf string, figs *DNSFigures, args 
 }
 
 // dnsperfLatency returns the latency of every query sent at qps queries/s
-// (dnsperf -Q, -v: one line per query).
-func dnsperfLatency(ctx context.Context, perf string, args []string, qps float64, d time.Duration) (Dist, error) {
-	half := append(clone(args), "-l", seconds(d), "-Q", strconv.Itoa(max(1, int(qps))), "-v")
-	cmd := exec.CommandContext(ctx, perf, half...)
-	stdout, err := cmd.StdoutPipe()
+// (dnsperf -Q, -v: one line per query). dnsperf writes to a file, read
+// once it is done: parsing its lines as they come would compete for the
+// CPU (and, in this process, for the Go runtime) with the agent it
+// measures.
+func dnsperfLatency(ctx context.Context, perf string, args []string, qps float64, d time.Duration, dir string) (Dist, error) {
+	f, err := os.CreateTemp(dir, "dnsperf-*.out")
 	if err != nil {
 		return Dist{}, err
 	}
-	if err := cmd.Start(); err != nil {
+	defer os.Remove(f.Name())
+	defer f.Close()
+	cmd := exec.CommandContext(ctx, perf, append(clone(args), "-l", seconds(d), "-Q", strconv.Itoa(max(1, int(qps))), "-v")...)
+	cmd.Stdout = f
+	if err := cmd.Run(); err != nil {
+		return Dist{}, fmt.Errorf("dnsperf at %.0f q/s: %w", qps, err)
+	}
+	if _, err := f.Seek(0, io.SeekStart); err != nil {
 		return Dist{}, err
 	}
 	var lat []time.Duration
-	sc := bufio.NewScanner(stdout)
+	sc := bufio.NewScanner(f)
 	for sc.Scan() {
 		if m := reQuery.FindStringSubmatch(sc.Text()); m != nil {
 			s, _ := strconv.ParseFloat(m[2], 64)
 			lat = append(lat, time.Duration(s*float64(time.Second)))
 		}
 	}
-	_, _ = io.Copy(io.Discard, stdout)
-	if err := cmd.Wait(); err != nil {
-		return Dist{}, fmt.Errorf("dnsperf at %.0f q/s: %w", qps, err)
+	if err := sc.Err(); err != nil {
+		return Dist{}, err
 	}
 	if len(lat) == 0 {
 		return Dist{}, fmt.Errorf("dnsperf at %.0f q/s: no query answered", qps)
