@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"os"
 	"os/exec"
@@ -17,6 +18,8 @@ import (
 	"time"
 
 	"github.com/miekg/dns"
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
 
 	"github.com/flynn/discoverd/agent"
 	"github.com/flynn/discoverd/api"
@@ -49,6 +52,11 @@ type DNSCase struct {
 	Discoverd DNSFigures `json:"discoverd"`
 	Unbound   DNSFigures `json:"unbound"`
 	Load      string     `json:"loadavg"` // /proc/loadavg as the case started
+	// ServerP99 is discoverd's own time per query during its half-load
+	// run, from reading the query to sending the reply (its
+	// discoverd_dns_query_duration_seconds histogram): the upper bound
+	// of the bucket holding the 99th percentile, ms.
+	ServerP99 float64 `json:"server_p99_ms"`
 }
 
 // DNSFigures are one server's figures for one case.
@@ -179,11 +187,15 @@ func benchDNS(ctx context.Context, e *env, cfg *config) (*DNSResult, error) {
 		}
 		for _, s := range servers {
 			s.figs.HalfQPS = s.figs.QPS / 2
+			before := serverTimes(srv)
 			d, err := dnsperfLatency(ctx, perf, dnsperfArgs(s.addr, qfile, c), s.figs.HalfQPS, cfg.DNSDuration, e.dir)
 			if err != nil {
 				return nil, fmt.Errorf("dnsperf %s on %s: %w", c.Name, s.addr, err)
 			}
 			s.figs.HalfLatency = d
+			if s.figs == &c.Discoverd {
+				c.ServerP99 = p99Bound(before, serverTimes(srv))
+			}
 		}
 		if len(servers) == 2 {
 			slow, fast := servers[0], servers[1]
@@ -213,6 +225,7 @@ func benchDNS(ctx context.Context, e *env, cfg *config) (*DNSResult, error) {
 			row.Ratio = diffMs(c.Discoverd.HalfLatency.P99, c.Unbound.HalfLatency.P99)
 		}
 		e.row(row)
+		e.row(Row{Scenario: "8 dns", Figure: "server's own time p99 at half load, " + c.Name, Value: "≤ " + fmtMs(c.ServerP99)})
 		if c.Unbound.QPS > 0 {
 			e.row(Row{Scenario: "8 dns", Figure: fmt.Sprintf("p99 at %.0f q/s (both), %s", c.Discoverd.SameQPS, c.Name),
 				Value: fmtMs(c.Discoverd.SameLatency.P99), Etcd: "unbound " + fmtMs(c.Unbound.SameLatency.P99),
@@ -295,6 +308,46 @@ func dnsperfLatency(ctx context.Context, perf string, args []string, qps float64
 		return Dist{}, fmt.Errorf("dnsperf at %.0f q/s: no query answered", qps)
 	}
 	return summarize(lat), nil
+}
+
+// histogram is a snapshot of a Prometheus histogram: cumulative counts
+// by upper bound (seconds), and the count of all observations.
+type histogram struct {
+	bounds []float64
+	counts []uint64
+	total  uint64
+}
+
+// serverTimes snapshots srv's histogram of its time per query.
+func serverTimes(srv *dnsserver.Server) histogram {
+	ch := make(chan prometheus.Metric, 1)
+	srv.Collectors()[1].Collect(ch)
+	var m dto.Metric
+	if err := (<-ch).Write(&m); err != nil || m.Histogram == nil {
+		return histogram{}
+	}
+	h := histogram{total: m.Histogram.GetSampleCount()}
+	for _, b := range m.Histogram.Bucket {
+		h.bounds = append(h.bounds, b.GetUpperBound())
+		h.counts = append(h.counts, b.GetCumulativeCount())
+	}
+	return h
+}
+
+// p99Bound returns the upper bound (ms) of the bucket that holds the 99th
+// percentile of the observations made between two snapshots; +Inf beyond
+// the last bucket, 0 without observations.
+func p99Bound(before, after histogram) float64 {
+	n := after.total - before.total
+	if n == 0 || len(before.counts) != len(after.counts) {
+		return 0
+	}
+	for i, b := range after.bounds {
+		if float64(after.counts[i]-before.counts[i]) >= 0.99*float64(n) {
+			return b * 1000
+		}
+	}
+	return math.Inf(1)
 }
 
 func seconds(d time.Duration) string { return strconv.Itoa(max(1, int(d/time.Second))) }
