@@ -82,10 +82,6 @@ const (
 	// advertisedUDPSize is the EDNS0 payload size of our replies (how large
 	// a query we read).
 	advertisedUDPSize = 4096
-	// minRRSize is a lower bound of the packed size of an answer record
-	// (an A record whose owner name is compressed): more than
-	// (size-header)/minRRSize records never fit in size bytes.
-	minRRSize = 16
 )
 
 // Config configures a Server. Addr and Cache are required.
