@@ -135,7 +135,9 @@ type Server struct {
 
 // Listen binds the UDP and TCP listeners of cfg.Addr (so an address in use
 // is an error here), starts serving and returns once both serve. The
-// caller must call Close.
+// caller must call Close. On a wildcard address (0.0.0.0, ::), UDP is
+// served by miekg/dns's server, which replies from the address each query
+// was sent to; otherwise by this package's faster read loops.
 func Listen(cfg Config) (*Server, error) {
 	if cfg.Cache == nil {
 		return nil, errors.New("dnsserver: Config.Cache is required")
@@ -338,9 +340,9 @@ var errWouldBlock = errors.New("dnsserver: the lookup would block")
 // bufPool holds reply buffers of the largest message size.
 var bufPool = sync.Pool{New: func() any { b := make([]byte, 0, dns.MaxMsgSize); return &b }}
 
-// ServeDNS answers one query; the dns.Server calls it in a goroutine per
-// TCP connection (and per UDP packet when the server listens on a
-// wildcard address: see Listen).
+// ServeDNS answers one query; miekg/dns's server calls it in a goroutine
+// per UDP packet when the server listens on a wildcard address (see
+// Listen). Other sockets are read by serveUDP and serveConn.
 func (s *Server) ServeDNS(w dns.ResponseWriter, req *dns.Msg) {
 	start := time.Now()
 	_, tcp := w.RemoteAddr().(*net.TCPAddr)

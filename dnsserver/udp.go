@@ -16,10 +16,10 @@ import (
 // cannot pile up goroutines.
 const maxSlow = 256
 
-// serveUDP reads queries from pc and answers each in this goroutine,
-// without allocating for a query of a name already cached: a plain query
-// is parsed in place (parseQuery) and its reply built in a buffer reused
-// from query to query. A query that needs the first lookup of its name
+// serveUDP reads queries from pc and answers each in this goroutine; a
+// query of a name already cached allocates only its name as a string: a
+// plain query is parsed in place (parseQuery) and its reply built in a
+// buffer reused from query to query. A query that needs the first lookup of its name
 // goes to a goroutine of its own (at most maxSlow at once). It returns
 // when pc is closed.
 //
