@@ -354,6 +354,7 @@ func (m *Main) Start(ctx context.Context) (err error) {
 		BodyTimeout:                 m.BodyTimeout,
 		RPCIdleTimeout:              cmp.Or(m.RPCIdleTimeout, -1), // 0: never
 		MaxHTTPRegistrationsPerAddr: m.MaxHTTPRegistrationsPerAddr,
+		Store:                       m.storeName(),
 	}
 	if l, ok := m.backend.(backend.Lister); ok {
 		opts.Services = l

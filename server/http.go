@@ -49,6 +49,7 @@ func (s *Server) routes() {
 	s.handle("DELETE /services/{name}/instances/{addr}", "/services/{name}/instances/{addr}", s.deleteInstance)
 	s.handle("GET /health", "/health", s.health)
 	s.opsRoutes()
+	s.consoleRoutes() // GET /ui/ (web console), GET /agent
 	s.handle("GET /metrics", "/metrics", promhttp.HandlerFor(s.metrics.reg, promhttp.HandlerOpts{
 		ErrorLog: slogPrinter{s.log},
 	}).ServeHTTP)

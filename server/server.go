@@ -111,6 +111,9 @@ type Options struct {
 	// answers 501. Main sets it to the backend when it implements
 	// backend.Lister.
 	Services backend.Lister
+	// Store names the agent's store for GET /agent (the web console's
+	// agent panel), as main logs it; "" leaves it blank.
+	Store string
 	// RPC tunes the RPC server (message size, stream buffer, calls per
 	// connection); nil means rpc.NewServer() with its defaults, and its
 	// Logger then Logger. New sets its MaxStreamsPerConn and
