@@ -612,6 +612,19 @@ function start() {
     agentPoll.now();
     if (!page) servicesPoll.now();
   });
+  // Leaving the page closes its streams at once: a page kept in the
+  // back-forward cache must not hold the browser's few connections to the
+  // agent. Coming back reopens them.
+  window.addEventListener('pagehide', () => {
+    agentPoll.stop();
+    servicesPoll.stop();
+    if (page) page.close();
+  });
+  window.addEventListener('pageshow', (e) => {
+    if (!e.persisted) return;
+    agentPoll.start();
+    route(false);
+  });
   setInterval(tick, 1000);
   agentPoll.start();
   route(false);
