@@ -85,15 +85,18 @@ func newEnv(t *testing.T) *env {
 		t.Fatalf("agent.New: %v", err)
 	}
 	t.Cleanup(func() { a.Close() })
+	conns := &server.ConnLimiter{Max: 64}
 	srv, err := server.New(a, server.Options{
-		Services: b, TTL: ttl, Store: "etcd " + strings.Join(cluster.Endpoints(), ","),
+		Services: b, TTL: ttl, Conns: conns, Store: "etcd " + strings.Join(cluster.Endpoints(), ","),
 		HealthTimeout: 500 * time.Millisecond, Logger: log,
 	})
 	if err != nil {
 		t.Fatalf("server.New: %v", err)
 	}
 	e := &env{cluster: cluster}
-	e.http = httptest.NewServer(e.gate(srv))
+	e.http = httptest.NewUnstartedServer(e.gate(srv))
+	e.http.Listener = conns.Listen(e.http.Listener)
+	e.http.Start()
 	t.Cleanup(e.http.Close)
 	t.Cleanup(func() { srv.Close() })
 	e.url = e.http.URL
@@ -558,10 +561,12 @@ func takeScreenshot(t *testing.T, b *browser, e *env) {
 	e.mustPut(t, "api", "10.0.2.1:9000", `"version":"1.4.2"`)
 	e.mustPut(t, "api", "10.0.2.2:9000", `"version":"1.4.2"`)
 	e.mustPut(t, "cache", "10.0.3.1:6379", "")
-	e.mustPut(t, "web", "10.0.0.3:8080", `"version":"3"`)
 	b.open(t, e.url+"/ui/")
 	b.wait(t, "every service", `document.querySelectorAll("#services-table tbody tr").length === 4 &&
 		document.getElementById("a-health").textContent === "ok"`)
+	e.mustPut(t, "web", "10.0.0.3:8080", `"version":"3"`)
+	// A change seen live, and ages that have counted a little.
+	b.wait(t, "the change and a few seconds", rowText(`tr[data-service="web"]`)+`.match(/3 \/ 3.*\s[3-9] s ago$/)`)
 	var png []byte
 	b.run(t, "screenshot", chromedp.CaptureScreenshot(&png))
 	if err := os.WriteFile(*screenshot, png, 0o644); err != nil {
