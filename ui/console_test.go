@@ -297,6 +297,14 @@ func (b *browser) open(t *testing.T, url string) {
 	b.run(t, "open "+url, chromedp.Navigate(url))
 }
 
+// openService opens the page of service name and waits for its streams
+// to be live.
+func (b *browser) openService(t *testing.T, e *env, name string) {
+	t.Helper()
+	b.open(t, e.url+"/ui/#/services/"+name)
+	b.wait(t, "the stream to be live", `document.getElementById("stream-status").textContent === "Live."`)
+}
+
 // wait polls the page until the JavaScript expression cond is true.
 func (b *browser) wait(t *testing.T, what, cond string) {
 	t.Helper()
@@ -363,7 +371,7 @@ func TestConsole(t *testing.T) {
 		b.wait(t, "a new service to appear", rowText(`tr[data-service="api"]`)+`.includes("1 / 1")`)
 		e.mustPut(t, "web", "10.0.0.3:8080", "")
 		b.wait(t, "web's count to follow, with a change just now",
-			rowText(`tr[data-service="web"]`)+`.match(/3 \/ 3.*\s\d+ s ago$/)`)
+			rowText(`tr[data-service="web"]`)+`.match(/3 \/ 3.*\t\d+ s ago$/)`)
 		e.mustDelete(t, "api", "10.0.2.1:9000")
 		b.wait(t, "api to go", `!document.querySelector('tr[data-service="api"]')`)
 		b.wait(t, "no reload", unreloded)
@@ -372,8 +380,7 @@ func TestConsole(t *testing.T) {
 	})
 
 	t.Run("a registration shows on the service page without reload", func(t *testing.T) {
-		b.open(t, e.url+"/ui/#/services/web")
-		b.wait(t, "the stream to be live", `document.getElementById("stream-status").textContent === "Live."`)
+		b.openService(t, e, "web")
 		b.wait(t, "the snapshot", rowText(`tr[data-addr="10.0.0.2:8080"]`)+`.includes("version=2")`)
 		b.eval(t, markPage, nil)
 		e.mustPut(t, "web", "10.0.0.9:8080", `"zone":"b"`)
@@ -386,6 +393,10 @@ func TestConsole(t *testing.T) {
 	})
 
 	t.Run("an unregistration removes the instance", func(t *testing.T) {
+		e.mustPut(t, "web", "10.0.0.9:8080", `"zone":"b"`) // registered already, unless run alone
+		b.openService(t, e, "web")
+		b.wait(t, "the instance", rowText(`tr[data-addr="10.0.0.9:8080"]`)+`!== ""`)
+		b.eval(t, markPage, nil)
 		e.mustDelete(t, "web", "10.0.0.9:8080")
 		b.wait(t, "the row to go", `!document.querySelector('tr[data-addr="10.0.0.9:8080"]')`)
 		b.wait(t, "the change log", `document.getElementById("log").innerText.includes("10.0.0.9:8080 offline")`)
@@ -395,6 +406,8 @@ func TestConsole(t *testing.T) {
 
 	t.Run("a leader change moves the highlight and the token", func(t *testing.T) {
 		first, second := e.created(t, "web", "10.0.0.1:8080"), e.created(t, "web", "10.0.0.2:8080")
+		b.openService(t, e, "web")
+		b.eval(t, markPage, nil)
 		b.wait(t, "the first leader highlighted", fmt.Sprintf(`(() => {
 			const rows = document.querySelectorAll("#instances-table tr.leader");
 			return rows.length === 1 && rows[0].dataset.addr === "10.0.0.1:8080" &&
@@ -417,7 +430,8 @@ func TestConsole(t *testing.T) {
 	})
 
 	t.Run("a lost stream reconnects and says so", func(t *testing.T) {
-		b.wait(t, "the stream to be live", `document.getElementById("stream-status").textContent === "Live."`)
+		b.openService(t, e, "web")
+		b.eval(t, markPage, nil)
 		e.http.CloseClientConnections()
 		b.wait(t, "the page to say it reconnected", `document.getElementById("stream-status").textContent.startsWith("Live (reconnected at")`)
 		b.wait(t, "the change log", `document.getElementById("log").innerText.includes("Stream reconnected")`)
@@ -440,8 +454,7 @@ func TestConsole(t *testing.T) {
 	})
 
 	t.Run("leaving a service page closes its streams", func(t *testing.T) {
-		b.open(t, e.url+"/ui/#/services/db")
-		b.wait(t, "the stream to be live", `document.getElementById("stream-status").textContent === "Live."`)
+		b.openService(t, e, "db")
 		if n := e.sseStreams(t); n != 2 {
 			t.Fatalf("the agent serves %d SSE streams, want the page's 2", n)
 		}
@@ -461,7 +474,7 @@ func TestConsole(t *testing.T) {
 	t.Run("markup: headers, scopes and labels", func(t *testing.T) {
 		for _, page := range []string{"/ui/", "/ui/#/services/web"} {
 			b.open(t, e.url+page)
-			b.wait(t, "the page to fill", `document.querySelectorAll("tbody tr").length > 2`)
+			b.wait(t, "the page to fill", `document.querySelectorAll("tr[data-service], tr[data-addr]").length >= 2`)
 			var problems []string
 			b.eval(t, `(() => {
 				const p = [];
@@ -483,7 +496,7 @@ func TestConsole(t *testing.T) {
 		for _, page := range []string{"/ui/", "/ui/#/services/web"} {
 			b.run(t, "phone viewport", chromedp.EmulateViewport(375, 740))
 			b.open(t, e.url+page)
-			b.wait(t, "the page to fill", `document.querySelectorAll("tbody tr").length > 2`)
+			b.wait(t, "the page to fill", `document.querySelectorAll("tr[data-service], tr[data-addr]").length >= 2`)
 			var fits bool
 			b.eval(t, `document.documentElement.scrollWidth <= window.innerWidth`, &fits)
 			if !fits {
@@ -527,8 +540,7 @@ func TestConsole(t *testing.T) {
 			t.Errorf("no discoverd_token cookie among %d", len(cookies))
 		}
 		// A service page's streams carry the cookie too.
-		b.open(t, e.url+"/ui/#/services/web")
-		b.wait(t, "the stream to be live", `document.getElementById("stream-status").textContent === "Live."`)
+		b.openService(t, e, "web")
 		b.run(t, "forget the token", chromedp.Click("#token-clear", chromedp.ByQuery))
 		b.wait(t, "the cookie gone", `!document.cookie.includes("discoverd_token")`)
 		b.check(t, true) // the 401 and 403 answers are failed loads
@@ -566,7 +578,7 @@ func takeScreenshot(t *testing.T, b *browser, e *env) {
 		document.getElementById("a-health").textContent === "ok"`)
 	e.mustPut(t, "web", "10.0.0.3:8080", `"version":"3"`)
 	// A change seen live, and ages that have counted a little.
-	b.wait(t, "the change and a few seconds", rowText(`tr[data-service="web"]`)+`.match(/3 \/ 3.*\s[3-9] s ago$/)`)
+	b.wait(t, "the change and a few seconds", rowText(`tr[data-service="web"]`)+`.match(/3 \/ 3.*\t[3-9] s ago$/)`)
 	var png []byte
 	b.run(t, "screenshot", chromedp.CaptureScreenshot(&png))
 	if err := os.WriteFile(*screenshot, png, 0o644); err != nil {
