@@ -72,7 +72,7 @@ func newEnv(t *testing.T) *env {
 	t.Helper()
 	cluster := etcdtest.NewCluster(t, 1)
 	log := slog.New(slog.NewTextHandler(tbWriter{t}, &slog.HandlerOptions{Level: slog.LevelError}))
-	const ttl = 30 * time.Second // longer than the test: nothing expires
+	const ttl = 10 * time.Minute // longer than the test: HTTP registrations, which live a TTL after their PUT, do not expire
 	ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
 	defer cancel()
 	b, err := etcd.Open(ctx, etcd.Config{Endpoints: cluster.Endpoints(), TTL: ttl, Logger: log})
@@ -189,7 +189,8 @@ func (e *env) created(t *testing.T, name, addr string) uint {
 // browser is one headless Chromium tab, with what its pages reported as
 // errors.
 type browser struct {
-	ctx context.Context
+	ctx   context.Context
+	loads int // pages opened, for open's unique queries
 
 	mu      sync.Mutex
 	errs    []string // exceptions, console.error, other error entries
@@ -289,12 +290,18 @@ func (b *browser) run(t *testing.T, what string, actions ...chromedp.Action) {
 	}
 }
 
-// open loads url as a new document (never a same-document hash change,
-// which Navigate would wait on forever).
+// open loads url as a new document: a query of its own makes each load a
+// full navigation, never a same-document hash change, which Navigate
+// would wait on forever.
 func (b *browser) open(t *testing.T, url string) {
 	t.Helper()
-	b.run(t, "blank before "+url, chromedp.Navigate("about:blank"))
-	b.run(t, "open "+url, chromedp.Navigate(url))
+	b.loads++
+	path, frag, _ := strings.Cut(url, "#")
+	full := fmt.Sprintf("%s?load=%d", path, b.loads)
+	if frag != "" {
+		full += "#" + frag
+	}
+	b.run(t, "open "+full, chromedp.Navigate(full))
 }
 
 // openService opens the page of service name and waits for its streams
@@ -309,13 +316,36 @@ func (b *browser) openService(t *testing.T, e *env, name string) {
 func (b *browser) wait(t *testing.T, what, cond string) {
 	t.Helper()
 	var ok bool
-	b.run(t, "wait for "+what, chromedp.Poll("!!("+cond+")", &ok,
+	b.inPage(t, "wait for "+what, chromedp.Poll("!!("+cond+")", &ok,
 		chromedp.WithPollingInterval(20*time.Millisecond), chromedp.WithPollingTimeout(waitTimeout)))
 }
 
 func (b *browser) eval(t *testing.T, expr string, res any) {
 	t.Helper()
-	b.run(t, "evaluate "+expr, chromedp.Evaluate(expr, res))
+	b.inPage(t, "evaluate "+expr, chromedp.Evaluate(expr, res))
+}
+
+// inPage runs a in the page, again if it lost a race with the page's new
+// document (under load, chromedp may still name the execution context of
+// the document just replaced). a must be safe to repeat.
+func (b *browser) inPage(t *testing.T, what string, a chromedp.Action) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(b.ctx, waitTimeout)
+	defer cancel()
+	for {
+		err := chromedp.Run(ctx, a)
+		if err == nil {
+			return
+		}
+		if !strings.Contains(err.Error(), "Cannot find context with specified id") {
+			t.Fatalf("%s: %v\npage text:\n%s", what, err, b.text())
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("%s: %v\npage text:\n%s", what, err, b.text())
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
 }
 
 func (b *browser) text() string {
@@ -363,7 +393,7 @@ func TestConsole(t *testing.T) {
 		b.wait(t, "the agent panel", `document.getElementById("a-health").textContent === "ok" &&
 			document.getElementById("a-regs").textContent === "3" &&
 			document.getElementById("a-session").textContent.startsWith("live") &&
-			document.getElementById("a-ttl").textContent === "30 s" &&
+			document.getElementById("a-ttl").textContent === "600 s" &&
 			document.getElementById("a-store").textContent.startsWith("etcd http://")`)
 
 		b.eval(t, markPage, nil)
@@ -488,6 +518,26 @@ func TestConsole(t *testing.T) {
 			for _, p := range problems {
 				t.Errorf("%s: %s", page, p)
 			}
+		}
+		b.check(t, false)
+	})
+
+	t.Run("live regions announce changes, not every poll", func(t *testing.T) {
+		b.open(t, e.url+"/ui/")
+		b.wait(t, "the first poll", `document.getElementById("services-updated").textContent !== "" &&
+			document.getElementById("agent-updated").textContent !== ""`)
+		b.eval(t, `(() => {
+			window.__announced = [];
+			const o = new MutationObserver((ms) => { for (const m of ms) window.__announced.push(m.target.textContent || m.target.id); });
+			for (const n of document.querySelectorAll('[role="status"]')) o.observe(n, {childList: true, characterData: true, subtree: true, attributes: true});
+			window.__polls = 0;
+			new MutationObserver(() => window.__polls++).observe(document.getElementById("agent-updated"), {childList: true});
+		})()`, nil)
+		b.wait(t, "two more polls of the agent", `window.__polls >= 2`)
+		var announced []string
+		b.eval(t, `window.__announced`, &announced)
+		if len(announced) > 0 {
+			t.Errorf("status regions changed with nothing new to say: %q", announced)
 		}
 		b.check(t, false)
 	})

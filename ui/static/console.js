@@ -269,10 +269,12 @@ class Stream {
 
 // ---- the agent panel ----
 
+// setText changes a node only when its text or class differ, so that a
+// live region (role=status) announces changes, not every poll.
 function setText(id, text, cls) {
   const n = $(id);
-  n.textContent = text;
-  n.className = cls || '';
+  if (n.textContent !== text) n.textContent = text;
+  if (n.className !== (cls || '')) n.className = cls || '';
 }
 
 async function pollAgent() {
@@ -292,18 +294,11 @@ async function pollAgent() {
     setText('a-subs', String(a.subscribers));
     setText('a-sse', String(a.sse_streams));
     setText('a-conns', a.connections_limit ? `${a.connections} of ${a.connections_limit}` : String(a.connections));
-    const st = $('agent-status');
-    if (a.store_health === 'ok') {
-      st.textContent = `Updated ${clock(Date.now())}.`;
-      st.className = 'muted';
-    } else {
-      st.textContent = 'Store outage: the agent cannot reach its store.';
-      st.className = 'banner bad';
-    }
+    if (a.store_health === 'ok') setText('agent-status', 'Store reachable.', 'good');
+    else setText('agent-status', 'Store outage: the agent cannot reach its store.', 'banner bad');
+    setText('agent-updated', `Updated ${clock(Date.now())}.`, 'muted');
   } catch (err) {
-    const st = $('agent-status');
-    st.textContent = err.status ? `Cannot read the agent: ${err.message}.` : 'The agent does not answer.';
-    st.className = 'banner bad';
+    setText('agent-status', err.status ? `Cannot read the agent: ${err.message}.` : 'The agent does not answer.', 'banner bad');
   }
 }
 
@@ -313,13 +308,11 @@ const services = new Map(); // name -> {row, cells, key, leaderKey, changed, lea
 let servicesSeen = false; // a first listing arrived
 
 async function pollServices() {
-  const status = $('services-status');
   let list;
   try {
     list = await getJSON('/services', 'the list of services');
   } catch (err) {
-    status.textContent = `Cannot list the services: ${err.message} (retrying).`;
-    status.className = 'banner bad';
+    setText('services-status', `Cannot list the services: ${err.message} (retrying).`, 'banner bad');
     return;
   }
   const now = Date.now();
@@ -368,9 +361,9 @@ async function pollServices() {
     }
   }
   const n = list.services.length;
-  status.className = 'muted';
-  status.textContent = (n === 0 ? 'No service has an online instance.' : `${n} service${n === 1 ? '' : 's'}`)
-    + (list.next ? ' (the first page only).' : '.') + ` Updated ${clock(now)}.`;
+  setText('services-status', (n === 0 ? 'No service has an online instance.' : `${n} service${n === 1 ? '' : 's'}`)
+    + (list.next ? ' (the first page only).' : '.'));
+  setText('services-updated', `Updated ${clock(now)}.`, 'muted');
 }
 
 // ---- a service's page ----
@@ -423,9 +416,7 @@ class ServicePage {
   showState() {
     const all = [this.streams.sub, this.streams.lead];
     const [kind, text] = all.find(([k]) => k === 'denied') || all.find(([k]) => k === 'lost') || this.streams.sub;
-    const s = $('stream-status');
-    s.className = `stream ${kind}`;
-    s.textContent = text;
+    setText('stream-status', text, `stream ${kind}`);
   }
 
   log(text) {
