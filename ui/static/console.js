@@ -196,6 +196,8 @@ class Stream {
 
   open() {
     if (this.closed) return;
+    clearTimeout(this.timer);
+    if (this.es) this.es.close();
     const es = new EventSource(this.url, { withCredentials: true });
     this.es = es;
     let fresh = true;
@@ -245,7 +247,7 @@ class Stream {
         this.h.onState('denied', `Not allowed (${err.status}); retrying in ${Math.round(wait / 1000)} s.`);
       }
     }
-    if (this.closed) return;
+    if (this.closed || this.es) return; // closed, or reopened meanwhile
     clearTimeout(this.timer);
     this.timer = setTimeout(() => this.open(), wait);
   }
@@ -253,9 +255,6 @@ class Stream {
   // reopen starts over now (after a token change).
   reopen() {
     this.failures = 0;
-    clearTimeout(this.timer);
-    if (this.es) this.es.close();
-    this.es = null;
     this.open();
   }
 
