@@ -10,6 +10,11 @@
 // With an ACL file, the page sends the token the operator typed as a
 // cookie named discoverd_token (EventSource cannot set headers) and as an
 // Authorization: Bearer header on its other requests.
+//
+// The tests drive the page in a headless Chromium (they skip when none
+// is installed, unless CI=true). docs/console.png is their first page:
+//
+//	go test ./ui -run TestConsole/screenshot -args -ui.screenshot=$PWD/docs/console.png
 package ui
 
 import (
