@@ -278,18 +278,12 @@ func truncate(s string, n int) string {
 func (w *watch) resync(fresh map[string]api.ServiceUpdate) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	var gone []api.ServiceUpdate
-	for addr, u := range w.cache {
-		if _, ok := fresh[addr]; !ok {
-			gone = append(gone, u)
-		}
+	gone, put := api.Diff(w.cache, fresh)
+	for _, addr := range gone {
+		w.applyLocked(backend.Delete, w.cache[addr], false)
 	}
-	sortOldestFirst(gone)
-	for _, u := range gone {
-		w.applyLocked(backend.Delete, u, false)
-	}
-	for _, u := range sortOldestFirst(slices.Collect(maps.Values(fresh))) {
-		w.applyLocked(backend.Put, u, false)
+	for _, addr := range put {
+		w.applyLocked(backend.Put, fresh[addr], false)
 	}
 	old := w.leader
 	w.leader = w.oldestLocked()
@@ -330,11 +324,10 @@ func (w *watch) oldestLocked() api.ServiceUpdate {
 func (w *watch) applyLocked(typ backend.EventType, u api.ServiceUpdate, leaders bool) {
 	switch typ {
 	case backend.Put:
-		old, ok := w.cache[u.Addr]
-		if ok && old.Created == u.Created && maps.Equal(old.Attrs, u.Attrs) {
+		switch old, c := api.Classify(w.cache, u.Addr, u); c {
+		case api.Unchanged:
 			return
-		}
-		if ok && old.Created != u.Created {
+		case api.Replaced:
 			w.applyLocked(backend.Delete, old, leaders)
 		}
 		w.cache[u.Addr] = u

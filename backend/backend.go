@@ -110,6 +110,10 @@ type Instance struct {
 // Age returns in's place in the age order (api.Age).
 func (in Instance) Age() api.Age { return api.Age{Created: in.Created, Addr: in.Addr} }
 
+// Version returns in's registration and attributes (api.Versioned), by
+// which views of a service tell a change from none.
+func (in Instance) Version() api.Version { return api.Version{Created: in.Created, Attrs: in.Attrs} }
+
 // Event is one item of a Stream.
 type Event struct {
 	Type     EventType

@@ -283,13 +283,12 @@ func (s *serviceSet) consume(sub *subscription, first bool) (current bool, err e
 func (s *serviceSet) reconcile(snapshot map[string]*ServiceUpdate) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	for _, addr := range sortedKeys(s.all) {
-		if _, ok := snapshot[addr]; !ok {
-			s.changeLocked(s.all[addr], nil)
-		}
+	gone, put := api.Diff(s.all, snapshot)
+	for _, addr := range gone {
+		s.changeLocked(s.all[addr], nil)
 	}
-	for _, u := range byAge(snapshot) {
-		s.changeLocked(s.all[u.Addr], u)
+	for _, addr := range put {
+		s.putLocked(snapshot[addr])
 	}
 	s.leaderChangedLocked()
 }
@@ -298,13 +297,26 @@ func (s *serviceSet) reconcile(snapshot map[string]*ServiceUpdate) {
 func (s *serviceSet) apply(u *ServiceUpdate) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	old := s.all[u.Addr]
 	if u.Online {
-		s.changeLocked(old, u)
+		s.putLocked(u)
 	} else {
-		s.changeLocked(old, nil)
+		s.changeLocked(s.all[u.Addr], nil)
 	}
 	s.leaderChangedLocked()
+}
+
+// putLocked applies u, an online instance, by the rule of api.Classify:
+// nothing when unchanged, the old registration's removal first when
+// replaced.
+func (s *serviceSet) putLocked(u *ServiceUpdate) {
+	switch old, c := api.Classify(s.all, u.Addr, u); c {
+	case api.Unchanged:
+	case api.Replaced:
+		s.changeLocked(old, nil)
+		s.changeLocked(nil, u)
+	default:
+		s.changeLocked(old, u)
+	}
 }
 
 // changeLocked moves one instance from old to new (either may be nil)
@@ -312,9 +324,6 @@ func (s *serviceSet) apply(u *ServiceUpdate) {
 func (s *serviceSet) changeLocked(old, new *ServiceUpdate) {
 	switch {
 	case new != nil:
-		if old != nil && old.Created == new.Created && maps.Equal(old.Attrs, new.Attrs) {
-			return // nothing changed (a resubscription's snapshot)
-		}
 		s.all[new.Addr] = new
 		if new.Addr == s.selfAddr && !s.seenSelf {
 			s.seenSelf = true
@@ -438,10 +447,6 @@ func byAge(m map[string]*ServiceUpdate) []*ServiceUpdate {
 	us := slices.Collect(maps.Values(m))
 	sortByAge(us)
 	return us
-}
-
-func sortedKeys(m map[string]*ServiceUpdate) []string {
-	return slices.Sorted(maps.Keys(m))
 }
 
 func toService(u *ServiceUpdate) *Service {

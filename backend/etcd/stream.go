@@ -258,11 +258,10 @@ func (s *stream) apply(ev *clientv3.Event) bool {
 // a known address.
 func (s *stream) put(in backend.Instance) bool {
 	delete(s.held, in.Addr) // back: with the same token, nothing was lost
-	old, ok := s.view[in.Addr]
-	if ok && old.Created == in.Created && maps.Equal(old.Attrs, in.Attrs) {
+	switch _, c := api.Classify(s.view, in.Addr, in); {
+	case c == api.Unchanged:
 		return true
-	}
-	if ok && old.Created != in.Created && !s.drop(in.Addr) {
+	case c == api.Replaced && !s.drop(in.Addr):
 		return false
 	}
 	s.view[in.Addr] = in
@@ -290,7 +289,7 @@ func (s *stream) drop(addr string) bool {
 }
 
 // resync reads the service again and delivers the difference from the
-// view: deletions first, then puts, oldest registration first.
+// view (api.Diff): deletions first, then puts, each oldest first.
 func (s *stream) resync() error {
 	ctx, cancel := context.WithTimeout(s.ctx, s.b.dial)
 	defer cancel()
@@ -298,18 +297,19 @@ func (s *stream) resync() error {
 	if err != nil {
 		return err
 	}
-	now := s.decodeAll(resp.Kvs)
-	present := make(map[string]bool, len(now))
-	for _, in := range now {
-		present[in.Addr] = true
+	now := make(map[string]backend.Instance, len(resp.Kvs))
+	for _, in := range s.decodeAll(resp.Kvs) {
+		now[in.Addr] = in
+		delete(s.held, in.Addr) // back, as put says, even when unchanged
 	}
-	for _, addr := range slices.Sorted(maps.Keys(s.view)) {
-		if !present[addr] && !s.remove(addr) {
+	gone, put := api.Diff(s.view, now)
+	for _, addr := range gone {
+		if !s.remove(addr) {
 			return s.ctx.Err()
 		}
 	}
-	for _, in := range now {
-		if !s.put(in) {
+	for _, addr := range put {
+		if !s.put(now[addr]) {
 			return s.ctx.Err()
 		}
 	}

@@ -5,13 +5,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"maps"
 	"slices"
 	"sync"
 	"time"
 
 	"github.com/go-zookeeper/zk"
 
+	"github.com/flynn/discoverd/api"
 	"github.com/flynn/discoverd/backend"
 )
 
@@ -115,6 +115,9 @@ type entry struct {
 	modified int64  // mzxid: a re-created znode has a new one
 	attrs    map[string]string
 }
+
+// Version implements api.Versioned.
+func (e entry) Version() api.Version { return api.Version{Created: e.created, Attrs: e.attrs} }
 
 // Events implements backend.Stream.
 func (s *stream) Events() <-chan backend.Event { return s.events }
@@ -349,7 +352,8 @@ func (s *stream) readMarked(d dirty) (map[string]entry, error) {
 // emitSnapshot sends one Put per instance, oldest first, then Current. It
 // returns false when the stream was cancelled.
 func (s *stream) emitSnapshot(view map[string]entry) bool {
-	for _, c := range sortedBy(view, func(e entry) uint64 { return e.created }) {
+	_, all := api.Diff(nil, view) // from nothing: every instance, oldest first
+	for _, c := range all {
 		if !s.send(backend.Put, c, view[c]) {
 			return false
 		}
@@ -357,25 +361,26 @@ func (s *stream) emitSnapshot(view map[string]entry) bool {
 	return s.sendEvent(backend.Event{Type: backend.Current})
 }
 
-// emitDiff sends the difference between the stream's view and next:
-// deletions first, then creations and updates in the order ZooKeeper made
-// them. It returns false when the stream was cancelled.
+// emitDiff sends the difference between the stream's view and next
+// (api.Diff): deletions first, oldest first, then creations and updates
+// in the order ZooKeeper made them, each replaced registration's deletion
+// just before its new one. It returns false when the stream was
+// cancelled.
 func (s *stream) emitDiff(next map[string]entry) bool {
-	for _, c := range sortedBy(s.view, func(e entry) uint64 { return e.created }) {
-		n, ok := next[c]
-		if !ok || n.created != s.view[c].created {
-			if !s.send(backend.Delete, c, entry{}) {
-				return false
-			}
+	gone, put := api.Diff(s.view, next)
+	slices.SortFunc(put, func(a, b string) int {
+		return cmp.Or(cmp.Compare(next[a].modified, next[b].modified), cmp.Compare(a, b))
+	})
+	for _, c := range gone {
+		if !s.send(backend.Delete, c, entry{}) {
+			return false
 		}
 	}
-	for _, c := range sortedBy(next, func(e entry) int64 { return e.modified }) {
-		n := next[c]
-		old, ok := s.view[c]
-		if ok && old.created == n.created && (old.modified == n.modified || maps.Equal(old.attrs, n.attrs)) {
-			continue
+	for _, c := range put {
+		if _, ch := api.Classify(s.view, c, next[c]); ch == api.Replaced && !s.send(backend.Delete, c, entry{}) {
+			return false
 		}
-		if !s.send(backend.Put, c, n) {
+		if !s.send(backend.Put, c, next[c]) {
 			return false
 		}
 	}
@@ -398,13 +403,4 @@ func (s *stream) sendEvent(ev backend.Event) bool {
 	case <-s.ctx.Done():
 		return false
 	}
-}
-
-// sortedBy returns the keys of m ordered by key(m[k]), then by k.
-func sortedBy[K cmp.Ordered](m map[string]entry, key func(entry) K) []string {
-	keys := slices.Collect(maps.Keys(m))
-	slices.SortFunc(keys, func(a, b string) int {
-		return cmp.Or(cmp.Compare(key(m[a]), key(m[b])), cmp.Compare(a, b))
-	})
-	return keys
 }
