@@ -367,7 +367,7 @@ func (m *Main) Start(ctx context.Context) (err error) {
 		return err
 	}
 	m.front.set(m.server)
-	m.starting.Close() // its RPC clients reconnect, to the agent proper
+	m.starting.Close(ctx) // its RPC clients reconnect, to the agent proper
 	build := buildinfo.Read()
 	m.Logger.Info("discoverd serving", "addr", m.ln.Addr().String(), "store", m.storeName(), "ttl", m.TTL.String(),
 		"max_conns", m.conns.Max, "version", build.Version, "revision", build.ShortRevision())
@@ -415,10 +415,10 @@ func (m *Main) Run(ctx context.Context) error {
 }
 
 // Close stops the agent in reverse order of Start: the DNS server (and its
-// view of the agent), the agent (its
-// subscriptions end with "unavailable"), the front ends (RPC connections
-// and SSE streams close), the HTTP server (in-flight requests get up to
-// shutdownTimeout), the backend (which revokes the agent's lease or
+// view of the agent), the agent (its subscriptions end with
+// "unavailable"), the front ends (RPC connections and SSE streams close),
+// the HTTP server (RPC methods and in-flight requests get up to
+// shutdownTimeout in all), the backend (which revokes the agent's lease or
 // session, so its registrations vanish from the store at once), and the
 // embedded etcd. It is idempotent.
 func (m *Main) Close() error {
@@ -427,18 +427,18 @@ func (m *Main) Close() error {
 		if m.agent != nil {
 			errs = append(errs, m.agent.Close())
 		}
+		ctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
+		defer cancel()
 		if m.server != nil {
-			errs = append(errs, m.server.Close())
+			errs = append(errs, m.server.Shutdown(ctx))
 		}
 		if m.starting != nil {
-			errs = append(errs, m.starting.Close())
+			errs = append(errs, m.starting.Close(ctx))
 		}
 		if m.http != nil {
-			ctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
 			if err := m.http.Shutdown(ctx); err != nil {
 				errs = append(errs, fmt.Errorf("http shutdown: %w", err), m.http.Close())
 			}
-			cancel()
 			if err := <-m.serveDone; !errors.Is(err, http.ErrServerClosed) {
 				errs = append(errs, err)
 			}

@@ -44,7 +44,7 @@ func Example() {
 	hs := &http.Server{Handler: mux}
 	served := make(chan struct{})
 	go func() { defer close(served); hs.Serve(ln) }()
-	defer func() { hs.Close(); srv.Close(); <-served }()
+	defer func() { hs.Close(); srv.Close(context.Background()); <-served }()
 
 	// Client.
 	ctx := context.Background()
@@ -102,7 +102,7 @@ func ExampleRegisterStream() {
 	server, client := net.Pipe()
 	served := make(chan struct{})
 	go func() { defer close(served); srv.ServeConn(server, rpc.JSON) }()
-	defer func() { srv.Close(); <-served }()
+	defer func() { srv.Close(context.Background()); <-served }()
 
 	c := rpc.NewClient(client, rpc.JSON)
 	defer c.Close()

@@ -91,7 +91,7 @@ func serveBytes(t *testing.T, codec rpc.Codec, data []byte) {
 		t.Fatal(err)
 	}
 	srv.ServeConn(byteConn{bytes.NewReader(data), io.Discard}, codec)
-	srv.Close()
+	srv.Close(context.Background())
 }
 
 var genSeeds = flag.Bool("gen-fuzz-seeds", false, "rewrite the seed corpora in testdata/fuzz")

@@ -188,7 +188,7 @@ func startServer(t *testing.T, configure func(*rpc.Server)) *testServer {
 	}()
 	t.Cleanup(func() {
 		hs.Close()
-		srv.Close()
+		srv.Close(context.Background())
 		<-served
 	})
 	return &testServer{srv: srv, arith: arith, addr: ln.Addr().String()}

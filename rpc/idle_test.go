@@ -24,7 +24,7 @@ func TestIdleConnections(t *testing.T) {
 		if err := srv.Register(arith); err != nil {
 			t.Fatal(err)
 		}
-		t.Cleanup(func() { srv.Close() })
+		t.Cleanup(func() { srv.Close(context.Background()) })
 		dial := func() (*rpc.Client, <-chan struct{}) {
 			serverSide, clientSide := net.Pipe()
 			served := make(chan struct{})

@@ -321,7 +321,7 @@ func TestServerCloseShutsClientsDown(t *testing.T) {
 		}
 		recv(t, ts.arith.connIDs, "stream to start")
 
-		if err := ts.srv.Close(); err != nil {
+		if err := ts.srv.Close(context.Background()); err != nil {
 			t.Fatal(err)
 		}
 		// Close waited for the handlers.
@@ -470,7 +470,7 @@ func TestStreamFloodStartsNoMoreThanTheCap(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer srv.Close()
+	defer srv.Close(context.Background())
 	serverSide, clientSide := net.Pipe() // synchronous: the server reads only what we write
 	defer clientSide.Close()
 	served := make(chan struct{})
@@ -619,7 +619,7 @@ func TestHTTPUpgrade(t *testing.T) {
 
 func TestRegister(t *testing.T) {
 	s := rpc.NewServer()
-	defer s.Close()
+	defer s.Close(context.Background())
 	if err := s.Register(newArith()); err != nil {
 		t.Fatal(err)
 	}
@@ -707,4 +707,39 @@ func TestCallContextWhileWriting(t *testing.T) {
 		t.Errorf("Close: %v", err)
 	}
 	recv(t, c.Done(), "the client to be done")
+}
+
+// Close waits for the methods only until its context is done; a later
+// Close waits for the rest.
+func TestServerCloseIsBounded(t *testing.T) {
+	srv := rpc.NewServer()
+	started, release := make(chan struct{}), make(chan struct{})
+	err := rpc.RegisterUnary(srv, "Stuck.Wait", func(ctx context.Context, args *Args, reply *Reply) error {
+		close(started)
+		<-release // deaf to ctx, as a method stuck in I/O
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	serverSide, clientSide := net.Pipe()
+	defer clientSide.Close()
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		srv.ServeConn(serverSide, rpc.Gob)
+	}()
+	newGobPeer(t, clientSide).send("Stuck.Wait", 1, wireArgs{})
+	recv(t, started, "the method to start")
+
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	if err := srv.Close(ctx); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Close with a stuck method = %v, want DeadlineExceeded", err)
+	}
+	close(release)
+	if err := srv.Close(context.Background()); err != nil {
+		t.Fatalf("second Close = %v", err)
+	}
+	recv(t, served, "ServeConn to return")
 }

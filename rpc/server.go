@@ -473,11 +473,13 @@ func (s *Server) ServeConn(conn io.ReadWriteCloser, codec Codec) {
 }
 
 // Close closes every connection, which cancels the context of every call,
-// waits for all methods to return and for every ServeConn to finish, and
-// makes later ServeConn calls close their connection at once. It does not
-// close listeners or HTTP servers (their owner does). It returns nil; a
-// second call only waits.
-func (s *Server) Close() error {
+// and makes later ServeConn calls close their connection at once; then it
+// waits for all methods to return and for every ServeConn to finish, or
+// for ctx to be done, whichever comes first. It does not close listeners
+// or HTTP servers (their owner does). It returns nil, or ctx's error when
+// methods were still running (they go on returning in their own time, and
+// a later Close waits for them again).
+func (s *Server) Close(ctx context.Context) error {
 	s.mu.Lock()
 	s.closed = true
 	conns := make([]*serverConn, 0, len(s.conns))
@@ -488,8 +490,17 @@ func (s *Server) Close() error {
 	for _, c := range conns {
 		c.shutdown(errServerClosed)
 	}
-	s.connsWG.Wait()
-	return nil
+	done := make(chan struct{})
+	go func() { // ends when the last connection does, bounded by the methods' return
+		s.connsWG.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("rpc: close: %w", context.Cause(ctx))
+	}
 }
 
 var errServerClosed = errors.New("rpc: server closed")

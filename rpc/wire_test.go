@@ -7,6 +7,7 @@ package rpc_test
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"encoding/gob"
 	"encoding/json"
 	"errors"
@@ -436,7 +437,7 @@ func serveSmallQueue(t *testing.T) (*rpc.Server, *Arith, *gobPeer) {
 	if err := srv.Register(arith); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { srv.Close() })
+	t.Cleanup(func() { srv.Close(context.Background()) })
 	p, closePipe := servePipe(t, srv)
 	t.Cleanup(closePipe)
 	return srv, arith, p

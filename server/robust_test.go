@@ -2,6 +2,7 @@ package server_test
 
 import (
 	"bufio"
+	"context"
 	"encoding/json"
 	"io"
 	"net"
@@ -335,7 +336,7 @@ func TestStarting(t *testing.T) {
 	if codeOf(sc.Err()) != api.CodeUnavailable {
 		t.Fatalf("Subscribe while starting: %v, want unavailable", sc.Err())
 	}
-	if err := st.Close(); err != nil {
+	if err := st.Close(context.Background()); err != nil {
 		t.Fatal(err)
 	}
 	select {

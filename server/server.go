@@ -274,18 +274,23 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // embedding program can add its own collectors.
 func (s *Server) Registry() *prometheus.Registry { return s.metrics.reg }
 
-// Close closes every RPC connection (their sessions then unregister what
-// they held), ends every SSE stream, withdraws the HTTP registrations and
-// waits for its goroutines and handlers to return. It does not close the
-// agent. Later RPC upgrades and SSE requests are refused. It is
-// idempotent and returns the RPC server's Close error.
-func (s *Server) Close() error {
+// Close is Shutdown without a bound on the wait.
+func (s *Server) Close() error { return s.Shutdown(context.Background()) }
+
+// Shutdown closes every RPC connection (their sessions then unregister
+// what they held), ends every SSE stream, withdraws the HTTP registrations
+// and waits for its goroutines and handlers to return; the wait for the
+// RPC methods ends early when ctx is done, and Shutdown then returns that
+// error (the methods finish on their own; a later call waits again). It
+// does not close the agent. Later RPC upgrades and SSE requests are
+// refused. The work is done once; later calls return its error.
+func (s *Server) Shutdown(ctx context.Context) error {
 	s.closeOnce.Do(func() {
 		s.mu.Lock()
 		s.closed = true
 		s.mu.Unlock()
 		s.cancel()
-		s.closeErr = s.rpc.Close()
+		s.closeErr = s.rpc.Close(ctx)
 		s.wg.Wait()
 		s.httpSession.Close()
 	})

@@ -81,5 +81,6 @@ func (s *Starting) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 }
 
 // Close closes the RPC connections upgraded during the start-up, and makes
-// later upgrades through s fail. It waits for their goroutines.
-func (s *Starting) Close() error { return s.rpc.Close() }
+// later upgrades through s fail. It waits for their goroutines, or for ctx
+// to be done (then it returns ctx's error).
+func (s *Starting) Close(ctx context.Context) error { return s.rpc.Close(ctx) }

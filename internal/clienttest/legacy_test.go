@@ -81,7 +81,7 @@ func serveFrontEnd(t *testing.T, rcvr any) string {
 		hs.Serve(ln)
 	}()
 	t.Cleanup(func() {
-		rs.Close()
+		rs.Close(context.Background())
 		hs.Close()
 		<-done
 	})
