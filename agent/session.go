@@ -78,16 +78,11 @@ func (a *Agent) newSession(maxRegistrations int, shared bool) *Session {
 
 var errSessionClosed = api.Errorf(api.CodeUnavailable, "session closed")
 
-// key expands and validates the name/addr of args.
+// key expands the addr of args (":port" to Config.ExternalIP). Name and
+// addr are trusted: the front ends checked them (api.Args.ValidateKey).
 func (s *Session) key(args api.Args) (regKey, error) {
 	addr, err := api.ExpandAddr(args.Addr, s.a.cfg.ExternalIP)
 	if err != nil {
-		return regKey{}, err
-	}
-	if err := api.ValidateName(args.Name); err != nil {
-		return regKey{}, err
-	}
-	if err := api.ValidateAddr(addr); err != nil {
 		return regKey{}, err
 	}
 	return regKey{args.Name, addr}, nil
@@ -116,8 +111,9 @@ func (s *Session) usableLocked() error {
 // It blocks until the store acknowledged the write and, when the agent
 // watches name, until its cache shows the write (at most a second), so that
 // a lookup on this agent that follows sees it; or until ctx is done. Errors:
-// *api.Error with CodeInvalidArgument (bad name, addr or attrs, or ":port"
-// without ExternalIP), CodeConflict (a shared session cannot take the
+// *api.Error with CodeInvalidArgument (":port" without ExternalIP; args
+// must pass api.Args.ValidateRegister: the agent does not check them
+// again), CodeConflict (a shared session cannot take the
 // registration over from a connection's session), CodeResourceExhausted
 // (the session's cap is reached), CodeUnavailable (store unreachable,
 // session or agent closed);
@@ -129,9 +125,6 @@ func (s *Session) usableLocked() error {
 func (s *Session) Register(ctx context.Context, args api.Args) (string, error) {
 	k, err := s.key(args)
 	if err != nil {
-		return "", err
-	}
-	if err := api.ValidateAttrs(args.Attrs); err != nil {
 		return "", err
 	}
 	// Fast path: a known registration with unchanged attributes is a
@@ -336,8 +329,9 @@ func (s *Session) reserveLocked() error {
 // does not block. Errors: *api.Error with CodeNotFound when the agent does
 // not hold the registration (it expired or was never made: register it
 // again), CodePermissionDenied when another session owns it
-// (CodeConflict for a shared session), CodeInvalidArgument for a bad
-// name or addr, CodeUnavailable when the session or agent is closed.
+// (CodeConflict for a shared session), CodeInvalidArgument for ":port"
+// without ExternalIP (args must pass api.Args.ValidateKey),
+// CodeUnavailable when the session or agent is closed.
 func (s *Session) Heartbeat(ctx context.Context, args api.Args) error {
 	k, err := s.key(args)
 	if err != nil {
@@ -378,7 +372,8 @@ func notFound(k regKey) error {
 // returns nil once the store acknowledged the removal and, as for Register,
 // this agent's cache shows it (at most a second more). Errors, and what
 // the agent holds after each:
-//   - CodeInvalidArgument (bad name or addr): nothing changed.
+//   - CodeInvalidArgument (":port" without ExternalIP; args must pass
+//     api.Args.ValidateKey): nothing changed.
 //   - CodeNotFound: the agent did not hold it (nor a removal to retry).
 //   - ctx.Err(): ctx ended while waiting; nothing changed, the agent holds
 //     the registration if it did.

@@ -112,10 +112,10 @@ func NewView[T any](a *Agent, cfg ViewConfig, compile func(name string, instance
 // may be missing. A name the view holds is answered from memory without
 // blocking, even while the store is unreachable. A name it does not hold
 // yet starts its watch and blocks until the store's first snapshot, at
-// most until ctx is done or the agent's backend timeout. Errors:
-// CodeInvalidArgument for a bad name; CodeUnavailable when the store has
-// not given a first snapshot of name, or the view or agent is closed;
-// ctx.Err().
+// most until ctx is done or the agent's backend timeout. name must be
+// valid (api.ValidateName): the caller checks it. Errors: CodeUnavailable
+// when the store has not given a first snapshot of name, or the view or
+// agent is closed; ctx.Err().
 func (v *View[T]) Get(ctx context.Context, name string) (val T, stale bool, err error) {
 	if !v.asked.Load() {
 		v.asked.Store(true)
@@ -150,9 +150,6 @@ func (v *View[T]) entry(name string) (*viewEntry[T], error) {
 		return e, nil
 	}
 	v.mu.Unlock()
-	if err := api.ValidateName(name); err != nil {
-		return nil, err
-	}
 	w, err := v.a.acquireWatch(name)
 	if err != nil {
 		return nil, err

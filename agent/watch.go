@@ -417,8 +417,9 @@ func (w *watch) shutdown() {
 // agent's backend timeout (a few seconds), while the agent keeps trying
 // for later calls. A name already watched is served from the agent's
 // cache, even while the store is unreachable. ctx does not bound the
-// subscription; Close does, and the caller must call it. Errors:
-// CodeInvalidArgument for a bad name; CodeUnavailable when the store is
+// subscription; Close does, and the caller must call it. name must be
+// valid (api.ValidateName): the front ends check it, the agent trusts it.
+// Errors: CodeUnavailable when the store is
 // unreachable ("store unreachable: no snapshot of <name> yet") or the agent
 // is closed; ctx.Err().
 func (a *Agent) Subscribe(ctx context.Context, name string) (*Subscription, error) {
@@ -438,9 +439,6 @@ func (a *Agent) Leader(ctx context.Context, name string) (*Subscription, error) 
 }
 
 func (a *Agent) join(ctx context.Context, name string, leader bool) (*Subscription, error) {
-	if err := api.ValidateName(name); err != nil {
-		return nil, err
-	}
 	w, err := a.acquireWatch(name)
 	if err != nil {
 		return nil, err
@@ -498,9 +496,6 @@ func (a *Agent) LeaderOf(ctx context.Context, name string) (api.ServiceUpdate, b
 }
 
 func (a *Agent) lookup(ctx context.Context, name string, read func(*watch)) error {
-	if err := api.ValidateName(name); err != nil {
-		return err
-	}
 	w, err := a.acquireWatch(name)
 	if err != nil {
 		return err

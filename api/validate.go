@@ -142,6 +142,34 @@ func (a *Args) Validate() error {
 	return ValidateAttrs(a.Attrs)
 }
 
+// Validation at the edge. What a caller sends is checked once, where it
+// enters: the RPC receiver and the HTTP handlers of the agent (and the
+// DNS server for the names it is asked). The agent and the backends trust
+// what they are given, so these are the only places a caller's mistake is
+// reported; each reports a CodeInvalidArgument *Error.
+
+// ValidateRegister checks the arguments of a Register as they arrive: the
+// name, the attributes and the address, either complete or ":port" (the
+// agent expands that form; see ExpandAddr).
+func (a *Args) ValidateRegister() error {
+	if err := a.ValidateKey(); err != nil {
+		return err
+	}
+	return ValidateAttrs(a.Attrs)
+}
+
+// ValidateKey checks the name and address of a Register, Heartbeat or
+// Unregister as they arrive, the address complete or ":port".
+func (a *Args) ValidateKey() error {
+	if err := ValidateName(a.Name); err != nil {
+		return err
+	}
+	if port, ok := strings.CutPrefix(a.Addr, ":"); ok {
+		return validatePort(a.Addr, port)
+	}
+	return ValidateAddr(a.Addr)
+}
+
 func isAlnum(c byte) bool {
 	return 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9'
 }

@@ -177,3 +177,28 @@ func checkValid(t *testing.T, err error, ok bool) {
 		}
 	}
 }
+
+func TestValidateAtTheEdge(t *testing.T) {
+	tooMany := make(map[string]string)
+	for i := range api.MaxAttrs + 1 {
+		tooMany[fmt.Sprint(i)] = ""
+	}
+	for _, tc := range []struct {
+		name     string
+		args     api.Args
+		key, reg bool
+	}{
+		{"complete address", api.Args{Name: "web", Addr: "10.0.0.1:80"}, true, true},
+		{"port only", api.Args{Name: "web", Addr: ":80"}, true, true},
+		{"port only, out of range", api.Args{Name: "web", Addr: ":0"}, false, false},
+		{"port only, not a number", api.Args{Name: "web", Addr: ":http"}, false, false},
+		{"no port", api.Args{Name: "web", Addr: "10.0.0.1"}, false, false},
+		{"bad name", api.Args{Name: "-web", Addr: ":80"}, false, false},
+		{"too many attributes", api.Args{Name: "web", Addr: ":80", Attrs: tooMany}, true, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			checkValid(t, tc.args.ValidateKey(), tc.key)
+			checkValid(t, tc.args.ValidateRegister(), tc.reg)
+		})
+	}
+}

@@ -29,7 +29,11 @@ import (
 )
 
 // Backend is a consistent store of service registrations. All methods are
-// safe for concurrent use.
+// safe for concurrent use. Names, addresses and attributes given to it are
+// valid (api.ValidateName, api.ValidateAddr, api.ValidateAttrs): the
+// agent's front ends check what callers send, once, and everything after
+// them trusts it; a backend need not check again. What a backend reads
+// from its store is another matter: anything may have written it.
 type Backend interface {
 	// Register stores (or replaces the attributes of) the registration
 	// name/addr on this backend's session. Re-registering the same

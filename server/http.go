@@ -60,11 +60,25 @@ func (s *Server) handle(pattern, route string, h http.HandlerFunc) {
 	s.mux.Handle(pattern, s.metrics.instrument(route, h))
 }
 
+// pathName returns the service name of r's path, or writes the error for
+// a bad one: the HTTP edge checks names, the agent trusts them.
+func (s *Server) pathName(w http.ResponseWriter, r *http.Request, op string) (string, bool) {
+	name := r.PathValue("name")
+	if err := api.ValidateName(name); err != nil {
+		s.writeError(w, op, err)
+		return "", false
+	}
+	return name, true
+}
+
 // getServices answers GET /services/{name}: the online instances, oldest
 // first, or an SSE stream of them when the client accepts
 // text/event-stream.
 func (s *Server) getServices(w http.ResponseWriter, r *http.Request) {
-	name := r.PathValue("name")
+	name, ok := s.pathName(w, r, "list instances")
+	if !ok {
+		return
+	}
 	if wantsEventStream(r) {
 		s.serveSSE(w, r, "subscribe", name, s.agent.Subscribe, subscribeEvent)
 		return
@@ -84,7 +98,10 @@ func (s *Server) getServices(w http.ResponseWriter, r *http.Request) {
 // getLeader answers GET /services/{name}/leader: the leader, 404 when there
 // is none, or an SSE stream of leader changes.
 func (s *Server) getLeader(w http.ResponseWriter, r *http.Request) {
-	name := r.PathValue("name")
+	name, ok := s.pathName(w, r, "leader")
+	if !ok {
+		return
+	}
 	if wantsEventStream(r) {
 		s.serveSSE(w, r, "leader", name, s.agent.Leader, leaderEvent)
 		return
@@ -111,6 +128,10 @@ func (s *Server) putInstance(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	args := api.Args{Name: r.PathValue("name"), Addr: r.PathValue("addr"), Attrs: body.Attrs}
+	if err := args.ValidateRegister(); err != nil {
+		s.writeError(w, "register", err)
+		return
+	}
 	undo, err := s.httpQuota.admit(clientAddr(r), httpKey{args.Name, args.Addr})
 	if err != nil {
 		s.writeError(w, "register", err)
@@ -133,6 +154,10 @@ func (s *Server) putInstance(w http.ResponseWriter, r *http.Request) {
 // deleteInstance answers DELETE /services/{name}/instances/{addr}.
 func (s *Server) deleteInstance(w http.ResponseWriter, r *http.Request) {
 	args := api.Args{Name: r.PathValue("name"), Addr: r.PathValue("addr")}
+	if err := args.ValidateKey(); err != nil {
+		s.writeError(w, "unregister", err)
+		return
+	}
 	if err := s.httpSession.Unregister(r.Context(), args); err != nil {
 		s.writeError(w, "unregister", err)
 		return

@@ -100,49 +100,49 @@ type rpcAgent struct{ s *Server }
 // expanded address.
 func (r *rpcAgent) register(ctx context.Context, args *api.Args, reply *string) (err error) {
 	defer r.s.metrics.observeRPC(api.MethodRegister, time.Now(), &err)
-	ctx, cancel := context.WithTimeout(ctx, r.s.opts.CallTimeout)
-	defer cancel()
-	st, err := r.s.conn(ctx)
-	if err != nil {
+	return r.call(ctx, "register", args.ValidateRegister, func(ctx context.Context, st *connState) (err error) {
+		*reply, err = st.session.Register(ctx, *args)
 		return err
-	}
-	addr, err := st.session.Register(ctx, *args)
-	if err != nil {
-		return r.s.wireError("register", err)
-	}
-	st.beat()
-	*reply = addr
-	return nil
+	}, true)
 }
 
 // heartbeat marks the registration args.Name/args.Addr alive; not_found
 // when this connection does not hold it.
 func (r *rpcAgent) heartbeat(ctx context.Context, args *api.Args, _ *struct{}) (err error) {
 	defer r.s.metrics.observeRPC(api.MethodHeartbeat, time.Now(), &err)
-	ctx, cancel := context.WithTimeout(ctx, r.s.opts.CallTimeout)
-	defer cancel()
-	st, err := r.s.conn(ctx)
-	if err != nil {
-		return err
-	}
-	if err := st.session.Heartbeat(ctx, *args); err != nil {
-		return r.s.wireError("heartbeat", err)
-	}
-	st.beat()
-	return nil
+	return r.call(ctx, "heartbeat", args.ValidateKey, func(ctx context.Context, st *connState) error {
+		return st.session.Heartbeat(ctx, *args)
+	}, true)
 }
 
 // unregister removes the registration args.Name/args.Addr now.
 func (r *rpcAgent) unregister(ctx context.Context, args *api.Args, _ *struct{}) (err error) {
 	defer r.s.metrics.observeRPC(api.MethodUnregister, time.Now(), &err)
+	return r.call(ctx, "unregister", args.ValidateKey, func(ctx context.Context, st *connState) error {
+		return st.session.Unregister(ctx, *args)
+	}, false)
+}
+
+// call runs one unary method: it checks the arguments (the edge: the
+// agent trusts them after), then runs do on the connection's session
+// under CallTimeout. beats says whether a success counts as the
+// connection's heartbeat (connState.beat).
+func (r *rpcAgent) call(ctx context.Context, op string, validate func() error,
+	do func(context.Context, *connState) error, beats bool) error {
+	if err := validate(); err != nil {
+		return r.s.wireError(op, err)
+	}
 	ctx, cancel := context.WithTimeout(ctx, r.s.opts.CallTimeout)
 	defer cancel()
 	st, err := r.s.conn(ctx)
 	if err != nil {
 		return err
 	}
-	if err := st.session.Unregister(ctx, *args); err != nil {
-		return r.s.wireError("unregister", err)
+	if err := do(ctx, st); err != nil {
+		return r.s.wireError(op, err)
+	}
+	if beats {
+		st.beat()
 	}
 	return nil
 }
@@ -185,6 +185,9 @@ func (s *Server) stream(ctx context.Context, op, name string,
 // the client went away meanwhile).
 func (s *Server) openStream(ctx context.Context, op, name string,
 	open func(context.Context, string) (*agent.Subscription, error)) (*agent.Subscription, func(), error) {
+	if err := api.ValidateName(name); err != nil {
+		return nil, nil, err
+	}
 	if _, err := s.conn(ctx); err != nil {
 		return nil, nil, err
 	}

@@ -138,10 +138,7 @@ var (
 // (backend.Forgetter): b's restores and anti-entropy no longer write it,
 // and the anti-entropy deletes its key if it is still on b's lease.
 func (b *Backend) Forget(name, addr string) {
-	key, err := b.key(name, addr)
-	if err != nil {
-		return
-	}
+	key := b.key(name, addr)
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	delete(b.regs, key)
@@ -300,10 +297,7 @@ func (b *Backend) Claim(ctx context.Context, name, addr string, attrs map[string
 }
 
 func (b *Backend) register(ctx context.Context, name, addr string, attrs map[string]string, claim bool) error {
-	key, err := b.key(name, addr)
-	if err != nil {
-		return err
-	}
+	key := b.key(name, addr)
 	val, err := encodeAttrs(attrs)
 	if err != nil {
 		return fmt.Errorf("etcd: register %s %s: %w", name, addr, err)
@@ -401,10 +395,7 @@ func (b *Backend) register(ctx context.Context, name, addr string, attrs map[str
 // transactions, as Register's do. It returns backend.ErrClosed after
 // Close.
 func (b *Backend) Unregister(ctx context.Context, name, addr string) error {
-	key, err := b.key(name, addr)
-	if err != nil {
-		return err
-	}
+	key := b.key(name, addr)
 	ctx, cancel := b.opContext(ctx)
 	defer cancel()
 	unlock, err := b.locks.Lock(ctx, key)
@@ -517,17 +508,9 @@ func (b *Backend) isClosed() bool {
 	return b.closed
 }
 
-// key returns the etcd key of name/addr, refusing what could escape the
-// key layout.
-func (b *Backend) key(name, addr string) (string, error) {
-	if err := api.ValidateName(name); err != nil {
-		return "", fmt.Errorf("etcd: %w", err)
-	}
-	if err := api.ValidateAddr(addr); err != nil {
-		return "", fmt.Errorf("etcd: %w", err)
-	}
-	return b.prefix + name + "/" + addr, nil
-}
+// key returns the etcd key of name/addr. Both are valid (the backend
+// contract): neither holds a '/' that could escape the key layout.
+func (b *Backend) key(name, addr string) string { return b.prefix + name + "/" + addr }
 
 // opContext returns ctx, also cancelled when the backend closes.
 func (b *Backend) opContext(ctx context.Context) (context.Context, context.CancelFunc) {

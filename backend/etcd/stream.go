@@ -30,9 +30,6 @@ import (
 // stream ends (Err = backend.ErrClosed) when the backend closes. It
 // returns backend.ErrClosed after Close.
 func (b *Backend) Subscribe(ctx context.Context, name string) (backend.Stream, error) {
-	if err := api.ValidateName(name); err != nil {
-		return nil, fmt.Errorf("etcd: %w", err)
-	}
 	ctx, cancel := b.opContext(ctx)
 	defer cancel()
 	if b.isClosed() {

@@ -23,10 +23,7 @@ func (b *Backend) SessionID() int64 { return b.conn.SessionID() }
 // without b knowing (it does not hold it): what a create whose answer was
 // lost leaves behind.
 func (b *Backend) Plant(name, addr string) error {
-	p, err := b.nodePath(name, addr)
-	if err != nil {
-		return err
-	}
+	p := b.nodePath(name, addr)
 	if err := b.ensureServiceDir(path.Dir(p)); err != nil {
 		return err
 	}

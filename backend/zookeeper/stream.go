@@ -39,9 +39,6 @@ const streamBuffer = 64
 // It blocks until the first read succeeded or ctx ends (then it returns
 // ctx's error). Errors: backend.ErrClosed, ctx's error.
 func (b *Backend) Subscribe(ctx context.Context, name string) (backend.Stream, error) {
-	if err := checkSegment("service name", name); err != nil {
-		return nil, err
-	}
 	sctx, cancel := context.WithCancelCause(context.Background())
 	s := &stream{
 		b:         b,

@@ -462,10 +462,7 @@ func (b *Backend) OnLost(f func(name, addr string)) {
 // (backend.Forgetter): b's restores and anti-entropy no longer write it,
 // and the anti-entropy deletes its znode if it is still b's.
 func (b *Backend) Forget(name, addr string) {
-	p, err := b.nodePath(name, addr)
-	if err != nil {
-		return
-	}
+	p := b.nodePath(name, addr)
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	delete(b.regs, p)
@@ -501,10 +498,7 @@ func (b *Backend) Claim(ctx context.Context, name, addr string, attrs map[string
 }
 
 func (b *Backend) register(ctx context.Context, name, addr string, attrs map[string]string, claim bool) error {
-	p, err := b.nodePath(name, addr)
-	if err != nil {
-		return err
-	}
+	p := b.nodePath(name, addr)
 	enc, err := encodeAttrs(attrs)
 	if err != nil {
 		return fmt.Errorf("zookeeper: register %s/%s: %w", name, addr, err)
@@ -717,11 +711,8 @@ func (b *Backend) ensurePath(p string) error {
 // of another session with the same version) removes the other session's
 // znode, which that backend's anti-entropy writes again within its TTL.
 func (b *Backend) Unregister(ctx context.Context, name, addr string) error {
-	p, err := b.nodePath(name, addr)
-	if err != nil {
-		return err
-	}
-	err = b.withKey(ctx, p, func() error {
+	p := b.nodePath(name, addr)
+	err := b.withKey(ctx, p, func() error {
 		b.mu.Lock()
 		delete(b.regs, p)
 		b.mu.Unlock()
@@ -934,26 +925,12 @@ func isConnErr(err error) bool {
 	return errors.Is(err, zk.ErrClosing) || errors.Is(err, zk.ErrConnectionClosed) || errors.Is(err, zk.ErrNoServer) || errors.Is(err, errClosing)
 }
 
-// nodePath returns the znode of name/addr, refusing names and addresses
-// that would escape the service directory.
-func (b *Backend) nodePath(name, addr string) (string, error) {
-	if err := checkSegment("service name", name); err != nil {
-		return "", err
-	}
-	if err := checkSegment("address", addr); err != nil {
-		return "", err
-	}
-	return b.serviceDir(name) + "/" + addr, nil
-}
+// nodePath returns the znode of name/addr. Both are valid (the backend
+// contract): neither is "." or ".." or holds a '/' that could escape the
+// service directory.
+func (b *Backend) nodePath(name, addr string) string { return b.serviceDir(name) + "/" + addr }
 
 func (b *Backend) serviceDir(name string) string { return b.prefix + "/" + name }
-
-func checkSegment(what, s string) error {
-	if s == "" || s == "." || s == ".." || strings.ContainsAny(s, "/\x00") {
-		return api.Errorf(api.CodeInvalidArgument, "%s %q cannot be a ZooKeeper node name", what, s)
-	}
-	return nil
-}
 
 // errClosing is returned by key-lock waits cut short by Close.
 var errClosing = errors.New("backend closing")
