@@ -11,6 +11,7 @@
 package embedded
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -105,67 +106,16 @@ func Start(ctx context.Context, cfg Config) (*Server, error) {
 	}
 }
 
+// start makes one attempt: it picks the addresses, configures the server
+// (its identity, raft timing, disk bounds, logging and how Close ends
+// client streams), starts it and waits until it is ready.
 func start(ctx context.Context, cfg Config) (*Server, error) {
-	var err error
-	clientAddr, peerAddr := cfg.ClientAddr, cfg.PeerAddr
-	if clientAddr == "" {
-		if clientAddr, err = freeLoopbackAddr(); err != nil {
-			return nil, err
-		}
+	clientURL, peerURL, err := listenURLs(cfg)
+	if err != nil {
+		return nil, err
 	}
-	if peerAddr == "" {
-		if peerAddr, err = freeLoopbackAddr(); err != nil {
-			return nil, err
-		}
-	}
-	clientURL := url.URL{Scheme: "http", Host: clientAddr}
-	peerURL := url.URL{Scheme: "http", Host: peerAddr}
-
-	ec := embed.NewConfig()
-	ec.Dir = cfg.Dir
-	ec.Name = cfg.Name
-	if ec.Name == "" {
-		ec.Name = "default"
-	}
-	ec.ListenClientUrls = []url.URL{clientURL}
-	ec.AdvertiseClientUrls = []url.URL{clientURL}
-	ec.ListenPeerUrls = []url.URL{peerURL}
-	ec.AdvertisePeerUrls = []url.URL{peerURL}
-	ec.InitialCluster = cfg.InitialCluster
-	if ec.InitialCluster == "" {
-		ec.InitialCluster = ec.InitialClusterFromName(ec.Name)
-	}
-	single := !strings.Contains(ec.InitialCluster, ",")
-	tick, election := 100*time.Millisecond, time.Second
-	if single {
-		tick, election = 50*time.Millisecond, 500*time.Millisecond
-	}
-	if cfg.HeartbeatInterval > 0 {
-		tick = cfg.HeartbeatInterval
-	}
-	if cfg.ElectionTimeout > 0 {
-		election = cfg.ElectionTimeout
-	}
-	ec.TickMs = uint(tick.Milliseconds())
-	ec.ElectionMs = uint(election.Milliseconds())
-	// Keep the data dir small under registration churn (docs/OPERATIONS.md,
-	// "Embedded etcd's disk use"): history is compacted every
-	// embedRetention, keeping that much (a watcher further behind
-	// re-reads, see Subscribe); the database is bounded by
-	// embedQuotaBytes and defragmented at start when that frees
-	// embedDefragMB; WAL segments are preallocated at walSegmentBytes
-	// (wal.go), at most MaxWalFiles of them kept.
-	ec.AutoCompactionMode = embed.CompactorModePeriodic
-	ec.AutoCompactionRetention = embedRetention.String()
-	ec.QuotaBackendBytes = embedQuotaBytes
-	ec.BootstrapDefragThresholdMegabytes = embedDefragMB
-	ec.MaxWalFiles = embedMaxWALs
-	ec.MaxSnapFiles = embedMaxWALs
-	ec.EnableGRPCGateway = false
-	// embed.NewConfig leaves it 0, which makes etcd warn about every
-	// request; etcd's own command line defaults to this.
-	ec.WarningUnaryRequestDuration = embed.DefaultWarningUnaryRequestDuration
-	ec.LogLevel = "info" // the core below forwards warnings and errors, and the info lines that explain a wait
+	ec := etcdConfig(cfg, clientURL, peerURL)
+	limitDiskUse(ec)
 	quiet := new(atomic.Bool)
 	lastWarn := new(atomic.Pointer[string])
 	ec.ZapLoggerBuilder = embed.NewZapLoggerBuilder(serverLogger(cfg.Logger, quiet, lastWarn, cfg.OnFatal))
@@ -180,26 +130,103 @@ func start(ctx context.Context, cfg Config) (*Server, error) {
 		closing()
 		return nil, err
 	}
-	stop := func() { quiet.Store(true); closing(); e.Close() }
-	select {
-	case <-e.Server.ReadyNotify():
-	case <-e.Server.StopNotify():
-		stop()
-		return nil, errors.New("server stopped before it was ready")
-	case err := <-e.Err():
-		stop()
-		if err == nil {
-			err = errors.New("server stopped before it was ready")
-		}
+	if err := awaitReady(ctx, e, lastWarn); err != nil {
+		quiet.Store(true)
+		closing()
+		e.Close()
 		return nil, err
-	case <-ctx.Done():
-		stop()
-		return nil, fmt.Errorf("waiting for the server to be ready: %w%s", ctx.Err(), lastWarning(lastWarn))
 	}
 	em := &Server{etcd: e, endpoints: []string{clientURL.String()}, closing: closing, closingCtx: closingCtx,
 		quiet: quiet, done: make(chan struct{}), watchEnd: make(chan struct{})}
 	go em.watch() // stopped by Close
 	return em, nil
+}
+
+// listenURLs returns the client and peer URLs of cfg, a free loopback
+// port for each one it leaves empty.
+func listenURLs(cfg Config) (client, peer url.URL, err error) {
+	clientAddr, peerAddr := cfg.ClientAddr, cfg.PeerAddr
+	if clientAddr == "" {
+		if clientAddr, err = freeLoopbackAddr(); err != nil {
+			return client, peer, err
+		}
+	}
+	if peerAddr == "" {
+		if peerAddr, err = freeLoopbackAddr(); err != nil {
+			return client, peer, err
+		}
+	}
+	return url.URL{Scheme: "http", Host: clientAddr}, url.URL{Scheme: "http", Host: peerAddr}, nil
+}
+
+// etcdConfig returns the server's configuration: its name, URLs and
+// cluster, and its raft timing (faster for a single member, which has no
+// network between members to wait for, unless cfg sets it).
+func etcdConfig(cfg Config, clientURL, peerURL url.URL) *embed.Config {
+	ec := embed.NewConfig()
+	ec.Dir = cfg.Dir
+	ec.Name = cmp.Or(cfg.Name, "default")
+	ec.ListenClientUrls = []url.URL{clientURL}
+	ec.AdvertiseClientUrls = []url.URL{clientURL}
+	ec.ListenPeerUrls = []url.URL{peerURL}
+	ec.AdvertisePeerUrls = []url.URL{peerURL}
+	ec.InitialCluster = cfg.InitialCluster
+	if ec.InitialCluster == "" {
+		ec.InitialCluster = ec.InitialClusterFromName(ec.Name)
+	}
+	tick, election := 100*time.Millisecond, time.Second
+	if !strings.Contains(ec.InitialCluster, ",") {
+		tick, election = 50*time.Millisecond, 500*time.Millisecond
+	}
+	if cfg.HeartbeatInterval > 0 {
+		tick = cfg.HeartbeatInterval
+	}
+	if cfg.ElectionTimeout > 0 {
+		election = cfg.ElectionTimeout
+	}
+	ec.TickMs = uint(tick.Milliseconds())
+	ec.ElectionMs = uint(election.Milliseconds())
+	ec.EnableGRPCGateway = false
+	// embed.NewConfig leaves it 0, which makes etcd warn about every
+	// request; etcd's own command line defaults to this.
+	ec.WarningUnaryRequestDuration = embed.DefaultWarningUnaryRequestDuration
+	ec.LogLevel = "info" // the core below forwards warnings and errors, and the info lines that explain a wait
+	return ec
+}
+
+// limitDiskUse keeps the data dir small under registration churn
+// (docs/OPERATIONS.md, "Embedded etcd's disk use"): history is compacted
+// every embedRetention, keeping that much (a watcher further behind
+// re-reads, see Subscribe); the database is bounded by embedQuotaBytes and
+// defragmented at start when that frees embedDefragMB; WAL segments are
+// preallocated at walSegmentBytes (wal.go), at most MaxWalFiles of them
+// kept.
+func limitDiskUse(ec *embed.Config) {
+	ec.AutoCompactionMode = embed.CompactorModePeriodic
+	ec.AutoCompactionRetention = embedRetention.String()
+	ec.QuotaBackendBytes = embedQuotaBytes
+	ec.BootstrapDefragThresholdMegabytes = embedDefragMB
+	ec.MaxWalFiles = embedMaxWALs
+	ec.MaxSnapFiles = embedMaxWALs
+}
+
+// awaitReady waits until e serves clients (for a cluster member: until it
+// joined the cluster), stops, fails, or ctx is done. The caller stops e
+// after an error.
+func awaitReady(ctx context.Context, e *embed.Etcd, lastWarn *atomic.Pointer[string]) error {
+	select {
+	case <-e.Server.ReadyNotify():
+		return nil
+	case <-e.Server.StopNotify():
+		return errors.New("server stopped before it was ready")
+	case err := <-e.Err():
+		if err == nil {
+			err = errors.New("server stopped before it was ready")
+		}
+		return err
+	case <-ctx.Done():
+		return fmt.Errorf("waiting for the server to be ready: %w%s", ctx.Err(), lastWarning(lastWarn))
+	}
 }
 
 // startGrace is how long startEtcd waits, once its ctx is done, for
