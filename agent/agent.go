@@ -382,64 +382,33 @@ var errBatchStopped = errors.New("agent: batch stopped after a store failure")
 // many removals it deferred; calls cut short by the batch's stop or by the
 // agent's Close are not failures.
 func (a *Agent) removeBatch(op string, keys []regKey, prepare func(regKey) bool, useStore bool) {
-	stopCtx, stop := context.WithCancelCause(a.ctx)
-	defer stop(nil)
+	b := &removal{a: a, prepare: prepare}
+	b.ctx, b.stop = context.WithCancelCause(a.ctx)
+	defer b.stop(nil)
 	if !useStore {
-		stop(errBatchStopped)
+		b.stop(errBatchStopped)
 	}
-	var (
-		mu                                      sync.Mutex
-		firstErr                                error
-		removed, failed, deferred, lockTimeouts int
-	)
-	one := func(k regKey) {
-		lockCtx, cancel := context.WithTimeout(a.ctx, a.backendTimeout)
-		unlock, err := a.locks.Lock(lockCtx, k)
-		cancel()
-		if err != nil {
-			if a.ctx.Err() == nil {
-				mu.Lock()
-				lockTimeouts++
-				mu.Unlock()
-			}
-			return
-		}
-		defer unlock()
-		if !prepare(k) {
-			return
-		}
-		if stopCtx.Err() != nil {
-			// The store is believed down: the backend must not write k
-			// again when it restores its session; the janitor removes it.
-			if f, ok := a.backend.(backend.Forgetter); ok {
-				f.Forget(k.name, k.addr)
-			}
-			a.addOrphan(k, false)
-			mu.Lock()
-			deferred++
-			mu.Unlock()
-			return
-		}
-		ctx, cancel := context.WithTimeout(stopCtx, a.backendTimeout)
-		err = a.removeFromStore(ctx, k)
-		cancel()
-		mu.Lock()
-		defer mu.Unlock()
-		switch {
-		case err == nil, errors.Is(err, backend.ErrNotOwner):
-			removed++
-		case a.ctx.Err() != nil || errors.Is(err, backend.ErrClosed) || errors.Is(err, errShutdown):
-		case errors.Is(context.Cause(stopCtx), errBatchStopped):
-			deferred++
-		default:
-			failed++
-			if firstErr == nil {
-				firstErr = err
-			}
-			stop(errBatchStopped)
-		}
-	}
+	b.run(keys)
+	b.report(op)
+}
 
+// removal is one removeBatch: the context its store calls run under,
+// cancelled with errBatchStopped at the first store failure, and its
+// tallies.
+type removal struct {
+	a       *Agent
+	prepare func(regKey) bool
+	ctx     context.Context
+	stop    context.CancelCauseFunc
+
+	mu                                      sync.Mutex
+	firstErr                                error
+	removed, failed, deferred, lockTimeouts int
+}
+
+// run removes each key in a goroutine of its own, removeParallelism at a
+// time, and returns when all are done.
+func (b *removal) run(keys []regKey) {
 	sem := make(chan struct{}, removeParallelism)
 	var wg sync.WaitGroup
 	for _, k := range keys {
@@ -447,26 +416,102 @@ func (a *Agent) removeBatch(op string, keys []regKey, prepare func(regKey) bool,
 		wg.Add(1)
 		go func() {
 			defer func() { <-sem; wg.Done() }()
-			one(k)
+			b.one(k)
 		}()
 	}
 	wg.Wait()
+}
 
-	if lockTimeouts > 0 {
+// one removes k: under its key lock, if prepare says so, from the store,
+// or, once the batch stopped, by handing it to the janitor.
+func (b *removal) one(k regKey) {
+	unlock, ok := b.lock(k)
+	if !ok {
+		return
+	}
+	defer unlock()
+	if !b.prepare(k) {
+		return
+	}
+	if b.ctx.Err() != nil {
+		b.toJanitor(k)
+		return
+	}
+	ctx, cancel := context.WithTimeout(b.ctx, b.a.backendTimeout)
+	err := b.a.removeFromStore(ctx, k)
+	cancel()
+	b.tally(err)
+}
+
+// lock takes k's lock within the backend timeout; a key still busy then
+// is counted and left alone.
+func (b *removal) lock(k regKey) (unlock func(), ok bool) {
+	ctx, cancel := context.WithTimeout(b.a.ctx, b.a.backendTimeout)
+	defer cancel()
+	unlock, err := b.a.locks.Lock(ctx, k)
+	if err != nil {
+		if b.a.ctx.Err() == nil {
+			b.mu.Lock()
+			b.lockTimeouts++
+			b.mu.Unlock()
+		}
+		return nil, false
+	}
+	return unlock, true
+}
+
+// toJanitor leaves k to the janitor: the store is believed down, and the
+// backend must not write k again when it restores its session.
+func (b *removal) toJanitor(k regKey) {
+	if f, ok := b.a.backend.(backend.Forgetter); ok {
+		f.Forget(k.name, k.addr)
+	}
+	b.a.addOrphan(k, false)
+	b.mu.Lock()
+	b.deferred++
+	b.mu.Unlock()
+}
+
+// tally counts the outcome of one store removal; the first failure stops
+// the batch.
+func (b *removal) tally(err error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	switch {
+	case err == nil, errors.Is(err, backend.ErrNotOwner):
+		b.removed++
+	case b.a.ctx.Err() != nil || errors.Is(err, backend.ErrClosed) || errors.Is(err, errShutdown):
+	case errors.Is(context.Cause(b.ctx), errBatchStopped):
+		b.deferred++
+	default:
+		b.failed++
+		if b.firstErr == nil {
+			b.firstErr = err
+		}
+		b.stop(errBatchStopped)
+	}
+}
+
+// report logs what the batch left behind and sets when the janitor
+// retries the orphans: the backoff grows after a failure and is reset by
+// a batch that reached the store.
+func (b *removal) report(op string) {
+	a := b.a
+	if b.lockTimeouts > 0 {
 		a.log.Warn("agent: "+op+": registrations busy past the timeout; left to expire or to the next sweep",
-			"count", lockTimeouts, "timeout", a.backendTimeout)
+			"count", b.lockTimeouts, "timeout", a.backendTimeout)
 	}
 	a.mu.Lock()
 	switch {
-	case failed > 0:
+	case b.failed > 0:
 		a.orphanFails++
 		delay := retry.Delay(a.sweepPeriod(), max(maxOrphanBackoff, a.sweepPeriod()), a.orphanFails-1)
 		a.orphanNext = a.clock.Now().Add(delay)
 		a.mu.Unlock()
 		a.stats.backendErrors.Add(1)
 		a.log.Warn("agent: backend unregister failed; removals left to retry",
-			"op", op, "failed", failed, "deferred", deferred, "removed", removed, "retry_in", delay, "err", firstErr)
-	case removed > 0:
+			"op", op, "failed", b.failed, "deferred", b.deferred, "removed", b.removed, "retry_in", delay, "err", b.firstErr)
+	case b.removed > 0:
 		a.orphanFails, a.orphanNext = 0, time.Time{}
 		a.mu.Unlock()
 	default:

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"log/slog"
 	"net/http"
 	"strconv"
 	"time"
@@ -66,26 +67,15 @@ func (s *Server) releaseSSE() {
 // in the last case an "error" event carries the reason.
 func (s *Server) serveSSE(w http.ResponseWriter, r *http.Request, op, name string,
 	open func(context.Context, string) (*agent.Subscription, error), event eventFunc) {
-	if !s.track() {
-		s.writeError(w, op, api.Errorf(api.CodeUnavailable, "agent is shutting down"))
+	release, ok := s.admitSSE(w, op)
+	if !ok {
 		return
 	}
-	defer s.wg.Done()
-	if !s.acquireSSE() {
-		s.writeError(w, op, api.Errorf(api.CodeResourceExhausted,
-			"the agent already serves %d event streams, the limit", s.opts.MaxSSEStreams))
-		return
-	}
-	defer s.releaseSSE()
-	if sw, ok := w.(*statusWriter); ok {
-		sw.stream = true
-	}
+	defer release()
 
 	ctx, cancel := context.WithCancel(r.Context())
 	defer cancel()
-	stop := context.AfterFunc(s.ctx, cancel) // Close ends the stream
-	defer stop()
-
+	defer context.AfterFunc(s.ctx, cancel)() // Close ends the stream
 	sub, err := open(ctx, name)
 	if err != nil {
 		s.writeError(w, op, err)
@@ -93,64 +83,122 @@ func (s *Server) serveSSE(w http.ResponseWriter, r *http.Request, op, name strin
 	}
 	defer sub.Close()
 
-	rc := http.NewResponseController(w)
-	h := w.Header()
-	h.Set("Content-Type", "text/event-stream")
-	h.Set("Cache-Control", "no-cache")
-	h.Set("X-Accel-Buffering", "no") // tell nginx not to buffer the stream
-	w.WriteHeader(http.StatusOK)
-	defer rc.SetWriteDeadline(time.Time{}) // do not leave a deadline on a kept-alive conn
-	send := func(b []byte) error {
-		_ = rc.SetWriteDeadline(time.Now().Add(s.opts.WriteTimeout)) // unsupported: rely on ctx
-		if _, err := w.Write(b); err != nil {
-			return err
-		}
-		return rc.Flush()
-	}
-	if err := rc.Flush(); err != nil {
+	out, err := s.startEvents(w)
+	defer out.end()
+	if err != nil {
 		s.log.Warn("sse: response cannot be flushed; ending stream", "err", err)
 		return
 	}
 	s.metrics.sseStreams.Inc()
 	defer s.metrics.sseStreams.Dec()
+	s.pumpSSE(ctx, op, sub, out, event)
+}
 
-	var id uint64
-	var buf []byte
+// admitSSE counts the stream among the server's goroutines and takes one
+// of its MaxSSEStreams slots, or answers why not (503 while closing, 429
+// at the limit). The caller calls release when the stream ends.
+func (s *Server) admitSSE(w http.ResponseWriter, op string) (release func(), ok bool) {
+	if !s.track() {
+		s.writeError(w, op, api.Errorf(api.CodeUnavailable, "agent is shutting down"))
+		return nil, false
+	}
+	if !s.acquireSSE() {
+		s.writeError(w, op, api.Errorf(api.CodeResourceExhausted,
+			"the agent already serves %d event streams, the limit", s.opts.MaxSSEStreams))
+		s.wg.Done()
+		return nil, false
+	}
+	if sw, ok := w.(*statusWriter); ok {
+		sw.stream = true
+	}
+	return func() { s.releaseSSE(); s.wg.Done() }, true
+}
+
+// startEvents answers 200 with the event-stream headers and flushes them.
+// The caller calls end on the writer, whatever the error.
+func (s *Server) startEvents(w http.ResponseWriter) (*sseWriter, error) {
+	out := &sseWriter{w: w, rc: http.NewResponseController(w), timeout: s.opts.WriteTimeout, log: s.log}
+	h := w.Header()
+	h.Set("Content-Type", "text/event-stream")
+	h.Set("Cache-Control", "no-cache")
+	h.Set("X-Accel-Buffering", "no") // tell nginx not to buffer the stream
+	w.WriteHeader(http.StatusOK)
+	return out, out.rc.Flush()
+}
+
+// pumpSSE writes each update of sub as an event until the client leaves,
+// the server closes, a write fails, or the agent ends the subscription (an
+// "error" event then says why). A quiet stream gets a keep-alive comment
+// every SSEKeepAlive.
+func (s *Server) pumpSSE(ctx context.Context, op string, sub *agent.Subscription, out *sseWriter, event eventFunc) {
 	for {
 		nctx, ncancel := context.WithTimeout(ctx, s.opts.SSEKeepAlive)
 		u, err := sub.Next(nctx)
 		ncancel()
-		if err != nil {
-			switch {
-			case ctx.Err() != nil:
-				return // the client left or the server closes
-			case errors.Is(err, context.DeadlineExceeded):
-				if send([]byte(": keep-alive\n\n")) != nil {
-					return
-				}
-				continue
-			}
+		switch {
+		case err == nil:
+			err = out.event(event(u))
+		case ctx.Err() != nil:
+			return // the client left or the server closes
+		case errors.Is(err, context.DeadlineExceeded):
+			err = out.send([]byte(": keep-alive\n\n"))
+		default:
 			e := s.wireError(op, err)
-			data, _ := json.Marshal(ErrorBody{Error: e.Message, Code: e.Code})
-			_ = send(append(append([]byte("event: error\ndata: "), data...), "\n\n"...))
+			_ = out.write("error", ErrorBody{Error: e.Message, Code: e.Code}, false)
 			return
 		}
-		id++
-		ev, v := event(u)
-		data, err := json.Marshal(v)
-		if err != nil { // cannot happen for these types
-			s.log.Error("sse: encode event", "err", err)
-			return
-		}
-		buf = append(buf[:0], "id: "...)
-		buf = strconv.AppendUint(buf, id, 10)
-		buf = append(buf, "\nevent: "...)
-		buf = append(buf, ev...)
-		buf = append(buf, "\ndata: "...)
-		buf = append(buf, data...)
-		buf = append(buf, "\n\n"...)
-		if send(buf) != nil {
+		if err != nil {
 			return
 		}
 	}
 }
+
+// sseWriter writes the events of one stream, each flushed and each write
+// bounded by timeout.
+type sseWriter struct {
+	w       http.ResponseWriter
+	rc      *http.ResponseController
+	timeout time.Duration
+	log     *slog.Logger
+	id      uint64 // of the last event
+	buf     []byte
+}
+
+// event writes the next event, with the next id.
+func (o *sseWriter) event(name string, v any) error { return o.write(name, v, true) }
+
+// write writes one event of the given name with v as JSON data, and an id
+// when withID.
+func (o *sseWriter) write(name string, v any, withID bool) error {
+	data, err := json.Marshal(v)
+	if err != nil { // cannot happen for these types
+		o.log.Error("sse: encode event", "err", err)
+		return err
+	}
+	o.buf = o.buf[:0]
+	if withID {
+		o.id++
+		o.buf = append(o.buf, "id: "...)
+		o.buf = strconv.AppendUint(o.buf, o.id, 10)
+		o.buf = append(o.buf, '\n')
+	}
+	o.buf = append(o.buf, "event: "...)
+	o.buf = append(o.buf, name...)
+	o.buf = append(o.buf, "\ndata: "...)
+	o.buf = append(o.buf, data...)
+	o.buf = append(o.buf, "\n\n"...)
+	return o.send(o.buf)
+}
+
+// send writes b and flushes it within the write timeout (where the
+// connection supports deadlines; the request's context bounds it anyway).
+func (o *sseWriter) send(b []byte) error {
+	_ = o.rc.SetWriteDeadline(time.Now().Add(o.timeout))
+	if _, err := o.w.Write(b); err != nil {
+		return err
+	}
+	return o.rc.Flush()
+}
+
+// end clears the write deadline: a kept-alive connection must not keep it.
+func (o *sseWriter) end() { _ = o.rc.SetWriteDeadline(time.Time{}) }
