@@ -316,10 +316,19 @@ func TestRPCErrorsCarryCodes(t *testing.T) {
 	}{
 		{"empty name", api.Args{Addr: "10.0.0.1:80"}},
 		{"bad name", api.Args{Name: "-web", Addr: "10.0.0.1:80"}},
+		{"long name", api.Args{Name: strings.Repeat("a", api.MaxNameLen+1), Addr: "10.0.0.1:80"}},
+		{"name with a slash", api.Args{Name: "we/b", Addr: "10.0.0.1:80"}},
+		{"empty addr", api.Args{Name: "web"}},
 		{"bad addr", api.Args{Name: "web", Addr: "nope"}},
+		{"no port", api.Args{Name: "web", Addr: "10.0.0.1"}},
 		{"port 0", api.Args{Name: "web", Addr: "10.0.0.1:0"}},
+		{"port too big", api.Args{Name: "web", Addr: "10.0.0.1:65536"}},
+		{"port only, 0", api.Args{Name: "web", Addr: ":0"}},
+		{"long addr", api.Args{Name: "web", Addr: strings.Repeat("a", api.MaxAddrLen) + ":80"}},
 		{"too many attrs", api.Args{Name: "web", Addr: "10.0.0.1:80", Attrs: tooMany}},
 		{"value too long", api.Args{Name: "web", Addr: "10.0.0.1:80", Attrs: map[string]string{"k": strings.Repeat("v", api.MaxAttrValueLen+1)}}},
+		{"key too long", api.Args{Name: "web", Addr: "10.0.0.1:80", Attrs: map[string]string{strings.Repeat("k", api.MaxAttrKeyLen+1): ""}}},
+		{"empty key", api.Args{Name: "web", Addr: "10.0.0.1:80", Attrs: map[string]string{"": "v"}}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var addr string
@@ -327,14 +336,24 @@ func TestRPCErrorsCarryCodes(t *testing.T) {
 			if codeOf(err) != api.CodeInvalidArgument {
 				t.Fatalf("Register(%+v) = %v, want invalid_argument", tc.args.Name, err)
 			}
+			if tc.args.Attrs != nil {
+				return // Heartbeat and Unregister take no attributes
+			}
+			for _, m := range []string{api.MethodHeartbeat, api.MethodUnregister} {
+				if err := c.Call(callCtx(t), m, &tc.args, &struct{}{}); codeOf(err) != api.CodeInvalidArgument {
+					t.Fatalf("%s(%+v) = %v, want invalid_argument", m, tc.args.Name, err)
+				}
+			}
 		})
 	}
-	t.Run("bad name on a stream", func(t *testing.T) {
-		s := mustStream(t, c, api.MethodSubscribe, "bad/name")
-		if err := s.end(); codeOf(err) != api.CodeInvalidArgument {
-			t.Fatalf("Subscribe(bad/name) ended with %v, want invalid_argument", err)
-		}
-	})
+	for _, m := range []string{api.MethodSubscribe, api.MethodLeader} {
+		t.Run("bad name on "+m, func(t *testing.T) {
+			s := mustStream(t, c, m, "bad/name")
+			if err := s.end(); codeOf(err) != api.CodeInvalidArgument {
+				t.Fatalf("%s(bad/name) ended with %v, want invalid_argument", m, err)
+			}
+		})
+	}
 	// The connection survives all of it.
 	mustRegister(t, c, "web", "10.0.0.1:80", nil)
 }
