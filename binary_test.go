@@ -15,6 +15,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/flynn/discoverd/internal/testkit"
 )
 
 // TestBinary runs the real discoverd binary, as an operator does.
@@ -167,30 +169,8 @@ type proc struct {
 	cmd    *exec.Cmd
 	lines  chan string
 	seen   []string
-	stderr *syncBuffer
+	stderr *testkit.SyncBuffer
 	done   chan error
-}
-
-type syncBuffer struct {
-	ch    chan struct{} // a mutex
-	wrote chan struct{} // capacity 1: signalled after each write
-	buf   bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.ch <- struct{}{}
-	defer func() { <-b.ch }()
-	select {
-	case b.wrote <- struct{}{}:
-	default:
-	}
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.ch <- struct{}{}
-	defer func() { <-b.ch }()
-	return b.buf.String()
 }
 
 // startProc starts cmd. A command whose Stdout is nil has its stdout
@@ -199,7 +179,7 @@ func (b *syncBuffer) String() string {
 // none.
 func startProc(t *testing.T, cmd *exec.Cmd) *proc {
 	t.Helper()
-	p := &proc{cmd: cmd, lines: make(chan string, 1000), stderr: &syncBuffer{ch: make(chan struct{}, 1), wrote: make(chan struct{}, 1)}, done: make(chan error, 1)}
+	p := &proc{cmd: cmd, lines: make(chan string, 1000), stderr: new(testkit.SyncBuffer), done: make(chan error, 1)}
 	var r io.Reader
 	var err error
 	if isAgent := len(cmd.Args) < 2 || strings.HasPrefix(cmd.Args[1], "-"); isAgent {
@@ -260,7 +240,7 @@ func (p *proc) waitStderr(t *testing.T, s string) {
 	defer timer.Stop()
 	for !strings.Contains(p.stderr.String(), s) {
 		select {
-		case <-p.stderr.wrote:
+		case <-p.stderr.Wrote():
 		case <-timer.C:
 			t.Fatalf("%v: stderr %q lacks %q", p.cmd.Args, p.stderr.String(), s)
 		}

@@ -2,7 +2,6 @@ package main
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -14,13 +13,14 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/flynn/discoverd/api"
 	"github.com/flynn/discoverd/rpc"
+
+	"github.com/flynn/discoverd/internal/testkit"
 )
 
 // The test binary runs as a real agent process when agentChildEnv is set:
@@ -50,26 +50,9 @@ type agentProc struct {
 	t      *testing.T
 	cmd    *exec.Cmd
 	addr   string // its -bind
-	stderr *lockedBuffer
+	stderr *testkit.SyncBuffer
 	exited chan struct{} // closed once the process has exited
 	code   int           // its exit status, valid once exited is closed
-}
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
 }
 
 // startAgent starts the agent as a child process, on a free port, with
@@ -78,7 +61,7 @@ func (b *lockedBuffer) String() string {
 // test failed.
 func startAgent(t *testing.T, nofile int, args ...string) *agentProc {
 	t.Helper()
-	p := &agentProc{t: t, addr: freeAddr(t), stderr: new(lockedBuffer), exited: make(chan struct{})}
+	p := &agentProc{t: t, addr: freeAddr(t), stderr: new(testkit.SyncBuffer), exited: make(chan struct{})}
 	p.cmd = exec.Command(os.Args[0], append([]string{"-bind", p.addr, "-dns", ""}, args...)...) // no shared DNS port
 	p.cmd.Env = append(os.Environ(), agentChildEnv+"=1", "HOME="+t.TempDir(), "XDG_STATE_HOME=")
 	if nofile > 0 {

@@ -21,6 +21,8 @@ import (
 	"github.com/flynn/discoverd/backend/etcd"
 	"github.com/flynn/discoverd/backend/etcd/embedded"
 	"github.com/flynn/discoverd/backend/etcd/etcdtest"
+
+	"github.com/flynn/discoverd/internal/testkit"
 )
 
 func TestMain(m *testing.M) {
@@ -189,20 +191,10 @@ func wantCode(tb testing.TB, err error, code api.Code) {
 	}
 }
 
-// eventually waits for cond, checking it at short intervals.
+// eventually waits for cond, checking it at short intervals, at most wait.
 func eventually(tb testing.TB, what string, cond func() bool) {
 	tb.Helper()
-	deadline := time.NewTimer(wait)
-	defer deadline.Stop()
-	tick := time.NewTicker(10 * time.Millisecond)
-	defer tick.Stop()
-	for !cond() {
-		select {
-		case <-deadline.C:
-			tb.Fatalf("timed out waiting for %s", what)
-		case <-tick.C:
-		}
-	}
+	testkit.Eventually(tb, wait, what, cond)
 }
 
 // eventuallyAdvancing is eventually in fake time: it moves c forward by

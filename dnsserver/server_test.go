@@ -19,6 +19,8 @@ import (
 	"github.com/flynn/discoverd/backend/etcd"
 	"github.com/flynn/discoverd/backend/etcd/etcdtest"
 	"github.com/flynn/discoverd/dnsserver"
+
+	"github.com/flynn/discoverd/internal/testkit"
 )
 
 // etcdtest.VerifyTestMain is goleak's check with a grace period for the
@@ -483,18 +485,8 @@ func TestStaleDuringOutage(t *testing.T) {
 	})
 }
 
-// eventually polls cond every 20 ms until it holds, failing tb after wait.
+// eventually polls cond until it holds, failing tb after wait.
 func eventually(tb testing.TB, what string, cond func() bool) {
 	tb.Helper()
-	deadline := time.NewTimer(wait)
-	defer deadline.Stop()
-	tick := time.NewTicker(20 * time.Millisecond)
-	defer tick.Stop()
-	for !cond() {
-		select {
-		case <-deadline.C:
-			tb.Fatalf("timed out waiting for %s", what)
-		case <-tick.C:
-		}
-	}
+	testkit.Eventually(tb, wait, what, cond)
 }

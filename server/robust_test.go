@@ -14,6 +14,8 @@ import (
 	"github.com/flynn/discoverd/api"
 	"github.com/flynn/discoverd/rpc"
 	"github.com/flynn/discoverd/server"
+
+	"github.com/flynn/discoverd/internal/testkit"
 )
 
 // rawRequest writes head (and body) on a new TCP connection to addr and
@@ -265,19 +267,10 @@ func recvConn(t *testing.T, ch <-chan net.Conn) net.Conn {
 	}
 }
 
-// waitFor polls cond every 10 ms until it holds, for up to waitTimeout.
+// waitFor polls cond until it holds, for up to waitTimeout.
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.After(waitTimeout)
-	tick := time.NewTicker(10 * time.Millisecond)
-	defer tick.Stop()
-	for !cond() {
-		select {
-		case <-deadline:
-			t.Fatalf("timed out waiting for %s", what)
-		case <-tick.C:
-		}
-	}
+	testkit.Eventually(t, waitTimeout, what, cond)
 }
 
 // While the agent starts, /health answers 503 "starting", every RPC call

@@ -20,6 +20,8 @@ import (
 	"github.com/flynn/discoverd/backend/backendtest"
 	"github.com/flynn/discoverd/backend/zookeeper"
 	"github.com/flynn/discoverd/backend/zookeeper/zktest"
+
+	"github.com/flynn/discoverd/internal/testkit"
 )
 
 // srv is the ZooKeeper server shared by the package's tests (starting a JVM
@@ -478,17 +480,7 @@ func TestSessionNotLiveUntilRestored(t *testing.T) {
 // notification. The bound only catches a hang.
 func waitFor(tb testing.TB, what string, cond func() bool) {
 	tb.Helper()
-	tick := time.NewTicker(20 * time.Millisecond)
-	defer tick.Stop()
-	timer := time.NewTimer(20 * time.Second)
-	defer timer.Stop()
-	for !cond() {
-		select {
-		case <-tick.C:
-		case <-timer.C:
-			tb.Fatalf("no %s within 20s", what)
-		}
-	}
+	testkit.Eventually(tb, 20*time.Second, what, cond)
 }
 
 // waitSessionState waits until b's SessionState satisfies ok and returns it.

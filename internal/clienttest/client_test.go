@@ -13,12 +13,14 @@ import (
 
 	"github.com/flynn/discoverd/api"
 	discoverd "github.com/flynn/discoverd/client"
+
+	"github.com/flynn/discoverd/internal/testkit"
 )
 
 func TestRegisterFindUnregister(t *testing.T) {
 	ta := startAgent(t)
 	owner, watcher := newClient(t, ta), newClient(t, ta)
-	name := serviceName(t, "web")
+	name := testkit.ServiceName(t, "web")
 
 	set, err := watcher.NewServiceSet(name)
 	if err != nil {
@@ -108,7 +110,7 @@ func TestRegisterErrors(t *testing.T) {
 	if _, err := c.NewServiceSet("bad name"); !errors.Is(err, &api.Error{Code: api.CodeInvalidArgument}) {
 		t.Errorf("NewServiceSet(bad name) = %v, want CodeInvalidArgument", err)
 	}
-	if _, err := c.Services(serviceName(t, "empty"), 50*time.Millisecond); !errors.Is(err, discoverd.ErrTimeout) {
+	if _, err := c.Services(testkit.ServiceName(t, "empty"), 50*time.Millisecond); !errors.Is(err, discoverd.ErrTimeout) {
 		t.Errorf("Services of an empty service = %v, want ErrTimeout", err)
 	}
 }
@@ -116,7 +118,7 @@ func TestRegisterErrors(t *testing.T) {
 func TestExpandedAddress(t *testing.T) {
 	ta := startAgent(t)
 	c := newClient(t, ta)
-	name := serviceName(t, "db")
+	name := testkit.ServiceName(t, "db")
 	set, err := c.RegisterWithSet(name, ":5432", nil)
 	if err != nil {
 		t.Fatal(err)
@@ -167,21 +169,21 @@ func TestNewClientAddress(t *testing.T) {
 	if c.Addr() != ta.Addr {
 		t.Errorf("Addr = %q, want %q", c.Addr(), ta.Addr)
 	}
-	if err := c.Register(serviceName(t, "x"), "127.0.0.1:1"); err != nil {
+	if err := c.Register(testkit.ServiceName(t, "x"), "127.0.0.1:1"); err != nil {
 		t.Error(err)
 	}
 	c.Close()
 	// After Close, calls fail with the sentinel itself.
-	if err := c.Register(serviceName(t, "x"), "127.0.0.1:2"); err != discoverd.ErrClosed {
+	if err := c.Register(testkit.ServiceName(t, "x"), "127.0.0.1:2"); err != discoverd.ErrClosed {
 		t.Errorf("Register after Close = %v, want ErrClosed", err)
 	}
-	if _, err := c.NewServiceSet(serviceName(t, "x")); err != discoverd.ErrClosed {
+	if _, err := c.NewServiceSet(testkit.ServiceName(t, "x")); err != discoverd.ErrClosed {
 		t.Errorf("NewServiceSet after Close = %v, want ErrClosed", err)
 	}
-	if _, err := c.Subscribe(context.Background(), serviceName(t, "x")); err != discoverd.ErrClosed {
+	if _, err := c.Subscribe(context.Background(), testkit.ServiceName(t, "x")); err != discoverd.ErrClosed {
 		t.Errorf("Subscribe after Close = %v, want ErrClosed", err)
 	}
-	if _, err := c.Services(serviceName(t, "x"), time.Second); err != discoverd.ErrClosed {
+	if _, err := c.Services(testkit.ServiceName(t, "x"), time.Second); err != discoverd.ErrClosed {
 		t.Errorf("Services after Close = %v, want ErrClosed", err)
 	}
 	if err := c.Close(); err != nil {
@@ -208,7 +210,7 @@ func TestNewClientAddress(t *testing.T) {
 
 func TestDefaultClient(t *testing.T) {
 	ta := startAgent(t)
-	name := serviceName(t, "svc")
+	name := testkit.ServiceName(t, "svc")
 	t.Setenv("DISCOVERD", ta.Addr)
 	t.Cleanup(func() {
 		if discoverd.DefaultClient != nil {
@@ -256,7 +258,7 @@ func TestDefaultClient(t *testing.T) {
 	}
 	// go-discoverd's types: RegisterAndStandby returns a chan *Service.
 	var standby chan *discoverd.Service
-	standby, err = discoverd.RegisterAndStandby(serviceName(t, "solo"), "127.0.0.1:2004", nil)
+	standby, err = discoverd.RegisterAndStandby(testkit.ServiceName(t, "solo"), "127.0.0.1:2004", nil)
 	if err != nil {
 		t.Fatalf("RegisterAndStandby: %v", err)
 	}
@@ -291,7 +293,7 @@ func TestDefaultClient(t *testing.T) {
 
 func TestHeartbeats(t *testing.T) {
 	ta := startAgent(t)
-	name := serviceName(t, "hb")
+	name := testkit.ServiceName(t, "hb")
 	obs := newClient(t, ta)
 	set, err := obs.NewServiceSet(name)
 	if err != nil {
@@ -331,7 +333,7 @@ func TestHeartbeats(t *testing.T) {
 // contender's own set) and by RegisterAndStandby.
 func TestLeaderElection(t *testing.T) {
 	ta := startAgent(t)
-	name := serviceName(t, "leader")
+	name := testkit.ServiceName(t, "leader")
 	obs := newClient(t, ta)
 	oset, err := obs.NewServiceSet(name)
 	if err != nil {
@@ -419,7 +421,7 @@ func TestLeaderElection(t *testing.T) {
 
 func TestFilterAndSelect(t *testing.T) {
 	ta := startAgent(t)
-	name := serviceName(t, "db")
+	name := testkit.ServiceName(t, "db")
 	owner := newClient(t, ta)
 	instances := []struct {
 		addr  string
@@ -504,7 +506,7 @@ func TestFilterAndSelect(t *testing.T) {
 // cut off without slowing the set, the other watchers or the client.
 func TestSlowWatcherDoesNotStall(t *testing.T) {
 	ta := startAgent(t)
-	name := serviceName(t, "busy")
+	name := testkit.ServiceName(t, "busy")
 	c := newClient(t, ta, func(cfg *discoverd.Config) { cfg.WatchBuffer = 4 })
 	set, err := c.NewServiceSet(name)
 	if err != nil {
@@ -556,7 +558,7 @@ func TestSlowWatcherDoesNotStall(t *testing.T) {
 // changed while it was away.
 func TestReconnect(t *testing.T) {
 	ta := startAgent(t)
-	name := serviceName(t, "svc")
+	name := testkit.ServiceName(t, "svc")
 	stay := newClient(t, ta) // its registration must come back
 	gone := newClient(t, ta) // closed while the agent is away
 	watcher := newClient(t, ta)
@@ -673,7 +675,7 @@ func TestReconnect(t *testing.T) {
 
 func TestSubscribeStream(t *testing.T) {
 	ta := startAgent(t)
-	name := serviceName(t, "raw")
+	name := testkit.ServiceName(t, "raw")
 	c := newClient(t, ta)
 	if err := c.Register(name, "127.0.0.1:8001"); err != nil {
 		t.Fatal(err)
@@ -723,7 +725,7 @@ func TestNoStoreDependencies(t *testing.T) {
 func TestServiceSetClose(t *testing.T) {
 	ta := startAgent(t)
 	c := newClient(t, ta)
-	set, err := c.NewServiceSet(serviceName(t, "s"))
+	set, err := c.NewServiceSet(testkit.ServiceName(t, "s"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -752,7 +754,7 @@ func TestServiceSetClose(t *testing.T) {
 
 func TestStreamSlowReader(t *testing.T) {
 	ta := startAgent(t)
-	name := serviceName(t, "s")
+	name := testkit.ServiceName(t, "s")
 	c := newClient(t, ta, func(cfg *discoverd.Config) { cfg.WatchBuffer = 2 })
 	s, err := c.Subscribe(context.Background(), name)
 	if err != nil {

@@ -8,7 +8,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"strings"
 	"testing"
 	"time"
 
@@ -173,12 +172,6 @@ func newClient(t testing.TB, ta *testAgent, mod ...func(*discoverd.Config)) *dis
 	}
 	t.Cleanup(func() { c.Close() })
 	return c
-}
-
-// serviceName returns a service name unique to the test.
-func serviceName(t testing.TB, suffix string) string {
-	n := strings.NewReplacer("/", "-", "_", "-").Replace(t.Name())
-	return strings.ToLower(n) + "-" + suffix
 }
 
 // recv receives one value from ch within wait.

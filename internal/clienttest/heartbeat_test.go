@@ -10,6 +10,8 @@ import (
 	"github.com/flynn/discoverd/agent"
 	"github.com/flynn/discoverd/api"
 	discoverd "github.com/flynn/discoverd/client"
+
+	"github.com/flynn/discoverd/internal/testkit"
 )
 
 // stallMode says which calls a stallingAgent leaves unanswered.
@@ -80,7 +82,7 @@ func TestStuckCallDelaysNoOtherHeartbeat(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			ta := startAgent(t)
 			c := newClient(t, startStallingAgent(t, ta.Agent, stuck, tc.mode)) // heartbeats every TTL/4
-			name := serviceName(t, "svc")
+			name := testkit.ServiceName(t, "svc")
 			obs := newClient(t, ta)
 			set, err := obs.NewServiceSet(name)
 			if err != nil {
@@ -88,7 +90,7 @@ func TestStuckCallDelaysNoOtherHeartbeat(t *testing.T) {
 			}
 			defer set.Close()
 			updates := set.Watch(false)
-			if err := c.Register(serviceName(t, "stuck"), stuck); err != nil {
+			if err := c.Register(testkit.ServiceName(t, "stuck"), stuck); err != nil {
 				t.Fatal(err)
 			}
 			if err := c.Register(name, healthy); err != nil {
@@ -108,7 +110,7 @@ func TestCallTimeoutIsUnavailable(t *testing.T) {
 	ta := startAgent(t)
 	c := newClient(t, startStallingAgent(t, ta.Agent, stuck, stallRegister),
 		func(cfg *discoverd.Config) { cfg.CallTimeout = 50 * time.Millisecond })
-	err := c.Register(serviceName(t, "svc"), stuck)
+	err := c.Register(testkit.ServiceName(t, "svc"), stuck)
 	if api.ErrorCode(err) != api.CodeUnavailable || !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("Register = %v (code %q), want CodeUnavailable and DeadlineExceeded", err, api.ErrorCode(err))
 	}

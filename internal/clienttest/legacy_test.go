@@ -10,6 +10,8 @@ import (
 	"github.com/flynn/discoverd/agent"
 	"github.com/flynn/discoverd/api"
 	"github.com/flynn/discoverd/rpc"
+
+	"github.com/flynn/discoverd/internal/testkit"
 )
 
 // legacyAgent is the RPC front end of an agent older than Agent.Heartbeat:
@@ -94,7 +96,7 @@ func TestLegacyAgentHeartbeat(t *testing.T) {
 	ta := startAgent(t)
 	legacy := &testAgent{Addr: startLegacyAgent(t, ta.Agent)}
 	c := newClient(t, legacy) // heartbeats every TTL/4
-	name := serviceName(t, "old")
+	name := testkit.ServiceName(t, "old")
 	set, err := c.NewServiceSet(name)
 	if err != nil {
 		t.Fatal(err)

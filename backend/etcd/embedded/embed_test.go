@@ -9,7 +9,6 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -18,6 +17,8 @@ import (
 
 	"github.com/flynn/discoverd/backend/etcd/embedded"
 	"github.com/flynn/discoverd/backend/etcd/etcdtest"
+
+	"github.com/flynn/discoverd/internal/testkit"
 )
 
 func TestMain(m *testing.M) {
@@ -105,7 +106,7 @@ func TestEmbeddedDone(t *testing.T) {
 // A fatal entry of etcd reaches OnFatal with its message and error, and
 // warnings and the info lines that explain a wait reach the log at warn.
 func TestServerLogger(t *testing.T) {
-	var buf syncBuffer
+	var buf testkit.SyncBuffer
 	log := slog.New(slog.NewTextHandler(&buf, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	fatal := make(chan error, 1)
 	lg := embedded.ServerLogger(log, new(atomic.Bool), new(atomic.Pointer[string]), func(err error) {
@@ -136,21 +137,4 @@ func TestServerLogger(t *testing.T) {
 	if strings.Contains(out, "starting an etcd server") {
 		t.Errorf("an ordinary info line was logged:\n%s", out)
 	}
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
 }
