@@ -363,27 +363,6 @@ func TestHeartbeatIsNoWrite(t *testing.T) {
 	}
 }
 
-func TestRejectsWhatEscapesTheKeyLayout(t *testing.T) {
-	t.Parallel()
-	srv := etcdtest.NewServer(t)
-	b := mustOpen(t, srv.Endpoints(), 2*time.Second)
-	ctx := ctxT(t)
-	for _, tc := range []struct{ name, addr string }{
-		{"", "10.0.0.1:80"},
-		{"a/b", "10.0.0.1:80"},
-		{"web", "10.0.0.1/x:80"},
-		{"web", ""},
-		{"web", ":80"},
-	} {
-		if err := b.Register(ctx, tc.name, tc.addr, nil); err == nil {
-			t.Errorf("Register(%q, %q) = nil, want an error", tc.name, tc.addr)
-		}
-	}
-	if _, err := b.Subscribe(ctx, "a/b"); err == nil {
-		t.Error(`Subscribe("a/b") = nil error, want an error`)
-	}
-}
-
 func TestOpenFailsWhenStoreUnreachable(t *testing.T) {
 	t.Parallel()
 	srv := etcdtest.NewServer(t)
