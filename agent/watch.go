@@ -419,9 +419,9 @@ func (w *watch) shutdown() {
 // cache, even while the store is unreachable. ctx does not bound the
 // subscription; Close does, and the caller must call it. name must be
 // valid (api.ValidateName): the front ends check it, the agent trusts it.
-// Errors: CodeUnavailable when the store is
-// unreachable ("store unreachable: no snapshot of <name> yet") or the agent
-// is closed; ctx.Err().
+// Errors: CodeUnavailable when the store is unreachable ("store
+// unreachable: no snapshot of <name> yet") or the agent is closed;
+// ctx.Err().
 func (a *Agent) Subscribe(ctx context.Context, name string) (*Subscription, error) {
 	return a.join(ctx, name, false)
 }
