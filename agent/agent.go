@@ -86,6 +86,9 @@ type Agent struct {
 
 	// backendTimeout is the constant backendTimeout, shortened by tests.
 	backendTimeout time.Duration
+	// localWait is maxLocalWait (how long lookups wait for the watch to
+	// show a local write), lengthened by tests.
+	localWait time.Duration
 	// clock is the time of expiry: heartbeats, the janitor's period, the
 	// orphans' backoff and the watches' linger. The real clock, or a fake
 	// one in tests (export_test.go). Timeouts of store calls and the
@@ -150,6 +153,7 @@ func newAgent(cfg Config, timeout time.Duration, clock clockwork.Clock) (*Agent,
 		backend:        cfg.Backend,
 		log:            cfg.Logger,
 		backendTimeout: timeout,
+		localWait:      maxLocalWait,
 		clock:          clock,
 		ctx:            ctx,
 		cancel:         cancel,

@@ -44,3 +44,7 @@ func Orphans(a *Agent) (orphans, failedBatches int) {
 	defer a.mu.Unlock()
 	return len(a.orphans), a.orphanFails
 }
+
+// SetLocalWait sets how long lookups wait for the agent's watch to show
+// a write the agent made (a second by default), before the agent is used.
+func SetLocalWait(a *Agent, d time.Duration) { a.localWait = d }

@@ -108,9 +108,10 @@ func (s *Session) usableLocked() error {
 // written to make sure it is this agent's there (backend.Claimer), since
 // it may have been taken over through another agent meanwhile.
 //
-// It blocks until the store acknowledged the write and, when the agent
-// watches name, until its cache shows the write (at most a second), so that
-// a lookup on this agent that follows sees it; or until ctx is done. Errors:
+// It blocks until the store acknowledged the write, or until ctx is done.
+// A lookup or a new subscription on this agent that follows sees the
+// write: it waits, if needed, until the agent's watch shows it (at most a
+// second; see noteLocal). Errors:
 // *api.Error with CodeInvalidArgument (":port" without ExternalIP; args
 // must pass api.Args.ValidateRegister: the agent does not check them
 // again), CodeConflict (a shared session cannot take the
@@ -152,7 +153,7 @@ func (s *Session) Register(ctx context.Context, args api.Args) (string, error) {
 	if err := s.finishWrite(ctx, w, err); err != nil {
 		return "", err
 	}
-	s.a.awaitLocal(ctx, k, w.attrs, true)
+	s.a.noteLocal(k, w.attrs, true)
 	return k.addr, nil
 }
 
@@ -369,8 +370,8 @@ func notFound(k regKey) error {
 // bounds that wait. Once the registration is dropped from memory, the
 // store removal is no longer bound by ctx but by an internal timeout (a
 // few seconds), so that a caller giving up leaves nothing behind. It
-// returns nil once the store acknowledged the removal and, as for Register,
-// this agent's cache shows it (at most a second more). Errors, and what
+// returns nil once the store acknowledged the removal; as for Register, a
+// lookup on this agent that follows does not show it. Errors, and what
 // the agent holds after each:
 //   - CodeInvalidArgument (":port" without ExternalIP; args must pass
 //     api.Args.ValidateKey): nothing changed.
@@ -414,7 +415,7 @@ func (s *Session) Unregister(ctx context.Context, args api.Args) error {
 	if err := a.removeNow(ctx, k); err != nil {
 		return err
 	}
-	a.awaitLocal(ctx, k, nil, false)
+	a.noteLocal(k, nil, false)
 	return nil
 }
 

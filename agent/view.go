@@ -131,6 +131,7 @@ func (v *View[T]) Get(ctx context.Context, name string) (val T, stale bool, err 
 			return val, false, err
 		}
 	}
+	e.w.settle(ctx) // a write this agent made is shown (noteLocal)
 	select {
 	case <-e.w.done: // stopped by itself (backend closed) or by Close
 		v.drop(e)

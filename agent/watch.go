@@ -6,6 +6,7 @@ import (
 	"maps"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/flynn/discoverd/api"
@@ -48,9 +49,15 @@ type watch struct {
 	leader  api.ServiceUpdate            // oldest online instance (compareAge); zero if none
 	subs    map[*Subscription]struct{}   // Subscribe streams
 	// changed, when not nil, is closed at the next change of the cache
-	// (then set to nil); awaitLocal waits on it.
+	// (then set to nil); settle and View wait on it.
 	changed chan struct{}
 	leaders map[*Subscription]struct{} // Leader streams
+	// pending holds this agent's acknowledged writes that the cache does
+	// not show yet, by addr (noteLocal); npending counts them, read
+	// without mu by settle's fast path.
+	pending    map[string]*pendingWrite
+	pendingSeq uint64
+	npending   atomic.Int32
 
 	// Instances refused for breaking the api limits (foreign data):
 	// logged at most once per badLogEvery, with how many since. Owned by
@@ -84,6 +91,7 @@ func (a *Agent) acquireWatch(name string) (*watch, error) {
 			cache:   make(map[string]api.ServiceUpdate),
 			subs:    make(map[*Subscription]struct{}),
 			leaders: make(map[*Subscription]struct{}),
+			pending: make(map[string]*pendingWrite),
 		}
 		a.watches[name] = w
 		a.wg.Add(1)
@@ -342,6 +350,9 @@ func (w *watch) applyLocked(typ backend.EventType, u api.ServiceUpdate, leaders 
 	default:
 		return
 	}
+	if len(w.pending) > 0 {
+		w.confirmLocked(u.Addr)
+	}
 	if w.changed != nil {
 		close(w.changed)
 		w.changed = nil
@@ -393,6 +404,8 @@ func (w *watch) moveLeaderLocked(u api.ServiceUpdate) bool {
 func (w *watch) shutdown() {
 	w.mu.Lock()
 	w.stopped = true
+	clear(w.pending)
+	w.npending.Store(0)
 	subs := slices.Collect(maps.Keys(w.subs))
 	subs = slices.AppendSeq(subs, maps.Keys(w.leaders))
 	clear(w.subs)
@@ -447,6 +460,7 @@ func (a *Agent) join(ctx context.Context, name string, leader bool) (*Subscripti
 		a.releaseWatch(w)
 		return nil, err
 	}
+	w.settle(ctx)
 	s := &Subscription{w: w, wake: make(chan struct{}, 1)}
 	w.mu.Lock()
 	if w.stopped {
@@ -504,6 +518,7 @@ func (a *Agent) lookup(ctx context.Context, name string, read func(*watch)) erro
 	if err := w.waitReady(ctx); err != nil {
 		return err
 	}
+	w.settle(ctx)
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if w.stopped {
@@ -645,31 +660,116 @@ func (s *Subscription) Close() {
 	})
 }
 
-// maxLocalWait bounds how long a write waits for this agent's own watch
-// to show it (awaitLocal); the watch normally follows the store within a
-// millisecond, and longer only when the store's watch is broken.
+// maxLocalWait bounds how long a lookup waits for this agent's own watch
+// to show a write the agent made (settle); the watch normally follows the
+// store within a millisecond, and longer only when the store's watch is
+// broken or holds deletions (a store stall).
 const maxLocalWait = time.Second
 
-// awaitLocal makes writes readable on this agent: after the store has
-// acknowledged a write of k, it waits until the watch of k.name, if the
-// agent runs one, shows it (present with attrs, or absent), so that a
-// lookup or a new subscription on this agent that follows the write sees
-// it. A name without a watch needs no wait: a new watch reads the store
-// afresh. The wait ends early when ctx ends or after maxLocalWait; the
-// write stands either way.
-func (a *Agent) awaitLocal(ctx context.Context, k regKey, attrs map[string]string, present bool) {
+// Read-your-writes. A Register or Unregister returns once the store has
+// acknowledged it, without waiting for this agent's watch to show it;
+// the lookups that follow on this agent wait instead. After the store
+// acknowledged a write of an instance of a watched name, the write is
+// noted as pending in the watch (noteLocal); the watch drops the note
+// when its cache shows the written state, which it reaches by applying
+// the store's events in order. A lookup, a new subscription or a View
+// compile first waits until every write pending when it started is shown
+// (settle), at most maxLocalWait after the write was acknowledged. So a
+// lookup that follows a write sees it, and what subscribers are sent is
+// unchanged: only the store's events, in store order, each once.
+//
+// The write is not applied to the cache ahead of its watch event: events
+// of other instances of the name with smaller revisions may still be on
+// their way, and a subscriber (or a leader lookup) would then see the
+// store's changes out of order, a leader with a larger token before one
+// with a smaller.
+
+// pendingWrite is a local write the store acknowledged that the cache
+// does not show yet.
+type pendingWrite struct {
+	seq      uint64            // order of the first unshown write of this addr
+	present  bool              // written (attrs) or removed
+	attrs    map[string]string // as written
+	deadline time.Time         // when lookups stop waiting for it
+}
+
+// shows reports whether the cache shows p for addr.
+func (w *watch) showsLocked(addr string, p *pendingWrite) bool {
+	u, ok := w.cache[addr]
+	return ok == p.present && (!ok || maps.Equal(u.Attrs, p.attrs))
+}
+
+// confirmLocked drops the pending write of addr once the cache shows it;
+// applyLocked calls it after each change of addr.
+func (w *watch) confirmLocked(addr string) {
+	if p := w.pending[addr]; p != nil && w.showsLocked(addr, p) {
+		delete(w.pending, addr)
+		w.npending.Add(-1)
+	}
+}
+
+// noteLocal records, after the store acknowledged a write of k, that the
+// watch of k.name, if the agent runs one, must show it (present with
+// attrs, or absent) before the next lookup is answered. A name without a
+// watch needs nothing: a new watch reads the store afresh. The caller
+// holds k's key lock, so the notes of one addr come in write order. It
+// does not block.
+func (a *Agent) noteLocal(k regKey, attrs map[string]string, present bool) {
 	a.mu.Lock()
 	w := a.watches[k.name]
 	a.mu.Unlock()
 	if w == nil {
 		return
 	}
-	timer := time.NewTimer(maxLocalWait)
-	defer timer.Stop()
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.stopped {
+		return
+	}
+	p := w.pending[k.addr]
+	if p == nil {
+		w.pendingSeq++
+		p = &pendingWrite{seq: w.pendingSeq}
+	}
+	// An earlier write of addr that is not shown yet keeps its place: the
+	// watch shows it on the way to this one, in store order.
+	p.present, p.attrs, p.deadline = present, attrs, time.Now().Add(a.localWait)
+	if w.showsLocked(k.addr, p) {
+		if w.pending[k.addr] != nil {
+			delete(w.pending, k.addr)
+			w.npending.Add(-1)
+		}
+		return
+	}
+	if w.pending[k.addr] == nil {
+		w.pending[k.addr] = p
+		w.npending.Add(1)
+	}
+}
+
+// settle blocks until the cache shows every local write that was pending
+// when it was called, each for at most maxLocalWait after its
+// acknowledgement, or until ctx ends or w stops. It returns at once when
+// nothing is pending, without taking w.mu.
+func (w *watch) settle(ctx context.Context) {
+	if w.npending.Load() == 0 {
+		return
+	}
+	w.mu.Lock()
+	target := w.pendingSeq
 	for {
-		w.mu.Lock()
-		u, ok := w.cache[k.addr]
-		if ok == present && (!ok || maps.Equal(u.Attrs, attrs)) || w.stopped {
+		var until time.Time
+		now := time.Now()
+		for addr, p := range w.pending {
+			switch {
+			case !now.Before(p.deadline):
+				delete(w.pending, addr) // the watch did not show it in time
+				w.npending.Add(-1)
+			case p.seq <= target && p.deadline.After(until):
+				until = p.deadline
+			}
+		}
+		if until.IsZero() || w.stopped {
 			w.mu.Unlock()
 			return
 		}
@@ -678,14 +778,17 @@ func (a *Agent) awaitLocal(ctx context.Context, k regKey, attrs map[string]strin
 		}
 		changed := w.changed
 		w.mu.Unlock()
+		timer := time.NewTimer(until.Sub(now))
 		select {
 		case <-changed:
 		case <-ctx.Done():
-			return
 		case <-timer.C:
-			return
 		case <-w.done:
+		}
+		timer.Stop()
+		if ctx.Err() != nil {
 			return
 		}
+		w.mu.Lock()
 	}
 }
