@@ -51,7 +51,7 @@ func TestSmoke(t *testing.T) {
 		t.Fatalf("errors: %v", rep.Errors)
 	}
 	switch {
-	case rep.Throughput == nil || len(rep.Throughput.Runs) != 6:
+	case rep.Throughput == nil || len(rep.Throughput.Runs) != 2*len(throughputShapes):
 		t.Errorf("throughput: %+v, want an agent and a raw etcd run per shape", rep.Throughput)
 	case rep.Latency == nil || rep.Latency.Agent.N != 20 || rep.Latency.Etcd.N != 20:
 		t.Errorf("latency: %+v, want 20 samples of each", rep.Latency)
