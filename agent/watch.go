@@ -544,8 +544,9 @@ const smallQueue = 16
 // concurrently with Next. The Attrs maps of the updates are shared between
 // subscribers and must not be modified.
 type Subscription struct {
-	w    *watch
-	wake chan struct{} // capacity 1: signalled after a push or an end
+	w      *watch
+	wake   chan struct{}          // capacity 1: signalled after a push or an end
+	notify atomic.Pointer[func()] // Notify's function
 
 	closeOnce sync.Once
 
@@ -583,10 +584,59 @@ func (s *Subscription) push(u api.ServiceUpdate, limit int) bool {
 }
 
 func (s *Subscription) signal() {
+	if f := s.notify.Load(); f != nil {
+		(*f)()
+		return
+	}
 	select {
 	case s.wake <- struct{}{}:
 	default:
 	}
+}
+
+// Notify makes the subscription call f, instead of waking Next, whenever
+// an update is queued or the subscription ends; the consumer then takes
+// the updates with TryNext. f is called at once too, for the updates
+// already queued. It is called from the agent's fan-out, with the name's
+// watch locked: it must not block, nor call into the agent; it may be
+// called after Close. Notify is for consumers that serve many
+// subscriptions from one goroutine (an RPC connection's writer); call it
+// once, before the first TryNext, and do not mix it with Next.
+func (s *Subscription) Notify(f func()) {
+	s.notify.Store(&f)
+	f()
+}
+
+// TryNext is Next without blocking: ok is false when no update is queued.
+// When the stream has ended it first returns the updates still queued,
+// then the reason, as Next does.
+func (s *Subscription) TryNext() (u api.ServiceUpdate, ok bool, err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.head < len(s.q) {
+		return s.popLocked(), true, nil
+	}
+	return api.ServiceUpdate{}, false, s.err
+}
+
+// popLocked takes the oldest queued update. s.mu must be held and the
+// queue must not be empty.
+func (s *Subscription) popLocked() api.ServiceUpdate {
+	u := s.q[s.head]
+	s.q[s.head] = api.ServiceUpdate{}
+	s.head++
+	if s.snapLeft > 0 {
+		s.snapLeft--
+	}
+	if s.head == len(s.q) {
+		if cap(s.q) > smallQueue {
+			s.q = nil
+		} else {
+			s.q = s.q[:0]
+		}
+		s.head = 0
+	}
+	return u
 }
 
 // end makes the stream end with err once the queue is drained, unless it
@@ -610,20 +660,7 @@ func (s *Subscription) Next(ctx context.Context) (api.ServiceUpdate, error) {
 	for {
 		s.mu.Lock()
 		if s.head < len(s.q) {
-			u := s.q[s.head]
-			s.q[s.head] = api.ServiceUpdate{}
-			s.head++
-			if s.snapLeft > 0 {
-				s.snapLeft--
-			}
-			if s.head == len(s.q) {
-				if cap(s.q) > smallQueue {
-					s.q = nil
-				} else {
-					s.q = s.q[:0]
-				}
-				s.head = 0
-			}
+			u := s.popLocked()
 			s.mu.Unlock()
 			return u, nil
 		}

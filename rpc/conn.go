@@ -98,10 +98,11 @@ type serverConn struct {
 
 	idleTimer *time.Timer // owned by the writer; nil without IdleTimeout
 
-	mu     sync.Mutex
-	dead   bool
-	ready  []*outQueue // queues with replies to write, in round-robin order
-	active map[uint64]*serverStream
+	mu      sync.Mutex
+	dead    bool
+	ready   []*outQueue // queues with replies to write (or sources to pull), in round-robin order
+	active  map[uint64]*serverStream
+	closing []Source // sources of ended streams, for the writer to close
 }
 
 // outQueue holds the replies of one call waiting for the writer. The writer
@@ -147,6 +148,7 @@ func (c *serverConn) serve() {
 	c.shutdown(err)
 	c.handlers.Wait()
 	<-c.writerDone
+	c.closeSources()
 }
 
 // shutdown ends the connection once: no more replies are written, every
@@ -223,7 +225,7 @@ func (c *serverConn) readLoop() error {
 			}
 			continue
 		}
-		if m.stream != nil {
+		if m.stream != nil || m.source != nil {
 			if !c.startStream(req, m, argv.Interface()) {
 				return nil
 			}
@@ -315,7 +317,11 @@ func (c *serverConn) startStream(req request, m *method, args any) bool {
 	c.active[req.seq] = st
 	c.mu.Unlock()
 	c.handlers.Add(1)
-	go c.runStream(st, m, args)
+	if m.source != nil {
+		go c.runSource(st, m, args)
+	} else {
+		go c.runStream(st, m, args)
+	}
 	return true
 }
 
@@ -416,6 +422,9 @@ func (c *serverConn) writeLoop() {
 	}
 	for {
 		c.mu.Lock()
+		if len(c.closing) > 0 {
+			c.closeEnded() // unlocks and locks c.mu
+		}
 		for len(c.ready) == 0 && !c.dead {
 			c.mu.Unlock()
 			if !yielded {
@@ -446,6 +455,17 @@ func (c *serverConn) writeLoop() {
 		q := c.ready[0]
 		c.ready[0] = nil
 		c.ready = c.ready[1:]
+		if len(q.msgs) == 0 && q.st != nil && q.st.src != nil {
+			msg, ok := c.pullLocked(q.st)
+			c.mu.Unlock()
+			if ok {
+				if err := c.codec.writeResponse(&msg); err != nil {
+					c.shutdown(err)
+					return
+				}
+			}
+			continue
+		}
 		msg := q.msgs[0]
 		q.msgs[0] = response{}
 		q.msgs = q.msgs[1:]
@@ -514,10 +534,13 @@ type serverStream struct {
 	cancel context.CancelCauseFunc
 
 	// Guarded by c.mu.
-	q       outQueue
-	final   bool          // the final header is queued; Send is refused
-	waiters int           // Sends waiting for room in q
-	room    chan struct{} // capacity 1, made by the first Send that waits; signalled when the writer takes a reply while waiters > 0
+	q   outQueue
+	src Source // a pulled stream's source, once opened; nil once ended
+	// signalled: the source called ready since the writer last asked it
+	signalled bool
+	final     bool          // the final header is queued; Send is refused
+	waiters   int           // Sends waiting for room in q
+	room      chan struct{} // capacity 1, made by the first Send that waits; signalled when the writer takes a reply while waiters > 0
 }
 
 func (st *serverStream) Context() context.Context { return st.ctx }
@@ -565,6 +588,10 @@ func (st *serverStream) Send(v any) error {
 func (st *serverStream) endLocked(text string, dropPending bool) {
 	c := st.c
 	st.final = true
+	if st.src != nil {
+		c.closing = append(c.closing, st.src)
+		st.src = nil
+	}
 	if dropPending {
 		clear(st.q.msgs)
 		st.q.msgs = st.q.msgs[:0]

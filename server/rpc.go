@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"errors"
+	"io"
 	"sync/atomic"
 	"time"
 
@@ -68,11 +69,11 @@ func (s *Server) watchConn(c rpc.Conn, st *connState) {
 }
 
 // registerRPC publishes the methods of the RPC service "Agent" (DESIGN §5)
-// on rs. They are registered as typed functions rather than as a
-// reflection-called receiver: a Subscribe or Leader stream is a goroutine
-// parked for the stream's life, and without reflect.Value.Call in its
-// stack that stack fits in the runtime's smallest size that holds it
-// (4 KiB instead of 8 KiB per subscriber).
+// on rs, as typed functions rather than a reflection-called receiver.
+// Subscribe and Leader are pulled streams (rpc.RegisterSource): the
+// connection's writer takes each update from the agent's subscription
+// when it can write it, so an open stream holds no goroutine, and a
+// change fanned out to a connection's streams wakes only its writer.
 //
 // Heartbeat is an express method (rpc.Express): it never touches the store,
 // and it must get through while a connection's Register and Unregister
@@ -85,8 +86,8 @@ func (s *Server) registerRPC(rs *rpc.Server) error {
 		rpc.RegisterUnary(rs, api.MethodRegister, r.register),
 		rpc.RegisterUnary(rs, api.MethodHeartbeat, r.heartbeat, rpc.Express()),
 		rpc.RegisterUnary(rs, api.MethodUnregister, r.unregister),
-		rpc.RegisterStream(rs, api.MethodSubscribe, r.subscribe),
-		rpc.RegisterStream(rs, api.MethodLeader, r.leader),
+		rpc.RegisterSource(rs, api.MethodSubscribe, r.subscribe),
+		rpc.RegisterSource(rs, api.MethodLeader, r.leader),
 	)
 }
 
@@ -150,75 +151,82 @@ func (r *rpcAgent) call(ctx context.Context, op string, validate func() error,
 // subscribe streams the instances of args.Name: the snapshot, the empty
 // sentinel, then every change. It ends with EOS when the client closes the
 // stream or the connection, and with the error otherwise.
-func (r *rpcAgent) subscribe(ctx context.Context, args *api.Args, stream rpc.Stream) (err error) {
-	defer r.s.metrics.observeRPC(api.MethodSubscribe, time.Now(), &err)
-	return r.s.stream(ctx, "subscribe", args.Name, r.s.agent.Subscribe, stream)
+func (r *rpcAgent) subscribe(ctx context.Context, args *api.Args, ready func()) (rpc.Source, error) {
+	return r.s.openSource(ctx, api.MethodSubscribe, "subscribe", args.Name, r.s.agent.Subscribe, ready)
 }
 
 // leader streams the leader of args.Name: the current one (the empty update
 // when there is none), then each change.
-func (r *rpcAgent) leader(ctx context.Context, args *api.Args, stream rpc.Stream) (err error) {
-	defer r.s.metrics.observeRPC(api.MethodLeader, time.Now(), &err)
-	return r.s.stream(ctx, "leader", args.Name, r.s.agent.Leader, stream)
+func (r *rpcAgent) leader(ctx context.Context, args *api.Args, ready func()) (rpc.Source, error) {
+	return r.s.openSource(ctx, api.MethodLeader, "leader", args.Name, r.s.agent.Leader, ready)
 }
 
-// stream runs one Subscribe or Leader stream: it opens the agent
-// subscription and sends each update until ctx ends (EOS) or an error.
-//
-// The stream's goroutine stays parked in it, under sub.Next, for the
-// stream's life, so its frames (and those of pump) are kept small: their
-// depth decides whether the goroutine's stack fits in 4 KiB. Rare paths
-// (errors, logging) live in functions that return before the wait.
-func (s *Server) stream(ctx context.Context, op, name string,
-	open func(context.Context, string) (*agent.Subscription, error), stream rpc.Stream) error {
-	sub, release, err := s.openStream(ctx, op, name, open)
-	if sub == nil {
-		return err
-	}
-	defer release()
-	defer sub.Close()
-	return s.pump(ctx, op, name, sub, stream)
-}
-
-// openStream opens the subscription; the caller closes sub and calls
-// release. A nil sub comes with the error the stream ends with (nil when
-// the client went away meanwhile).
-func (s *Server) openStream(ctx context.Context, op, name string,
-	open func(context.Context, string) (*agent.Subscription, error)) (*agent.Subscription, func(), error) {
+// openSource opens the agent subscription of one Subscribe or Leader
+// stream and returns it as the stream's source. An error ends the stream
+// with it; a client that went away while it opened ends it with EOS.
+func (s *Server) openSource(ctx context.Context, method, op, name string,
+	open func(context.Context, string) (*agent.Subscription, error), ready func()) (_ rpc.Source, err error) {
+	start := time.Now()
 	if err := api.ValidateName(name); err != nil {
-		return nil, nil, err
+		s.metrics.observeRPC(method, start, &err)
+		return nil, err
 	}
 	if _, err := s.conn(ctx); err != nil {
-		return nil, nil, err
+		s.metrics.observeRPC(method, start, &err)
+		return nil, err
 	}
 	sub, err := open(ctx, name)
 	if err != nil {
 		if ctx.Err() != nil {
-			return nil, nil, nil // the client went away while it opened
+			err = nil // the client went away while it opened
+			s.metrics.observeRPC(method, start, &err)
+			return nil, io.EOF
 		}
-		return nil, nil, s.wireError(op, err)
+		err = s.wireError(op, err)
+		s.metrics.observeRPC(method, start, &err)
+		return nil, err
 	}
 	s.metrics.rpcStreams.Inc()
-	return sub, s.metrics.rpcStreams.Dec, nil
+	src := &subSource{s: s, ctx: ctx, method: method, op: op, name: name, sub: sub, start: start}
+	sub.Notify(ready)
+	return src, nil
 }
 
-// pump sends the updates of sub on stream until an error; nil when the
-// client closed the stream or the connection. Send waits while the rpc
-// layer's queue for the stream is full, so the stream goes at its
-// reader's pace and the subscription's bounded queue absorbs the
-// difference: a reader that falls SubscriberBuffer updates behind is cut
-// off by the agent, and the stream ends with that error once the updates
-// queued before the cut are sent.
-func (s *Server) pump(ctx context.Context, op, name string, sub *agent.Subscription, stream rpc.Stream) error {
-	for {
-		u, err := sub.Next(ctx)
-		if err == nil {
-			err = stream.Send(&u)
+// subSource is a Subscribe or Leader stream's source: the updates of its
+// agent subscription, taken by the connection's writer. A reader that
+// falls SubscriberBuffer updates behind is cut off by the agent, and the
+// stream ends with that error once the updates queued before the cut are
+// sent.
+type subSource struct {
+	s                *Server
+	ctx              context.Context // the stream's
+	method, op, name string
+	sub              *agent.Subscription
+	start            time.Time
+	cur              api.ServiceUpdate // the update being sent: encoded before the next Next
+	end              error             // what the stream ended with, for the metrics
+}
+
+func (src *subSource) Next() (any, bool, error) {
+	u, ok, err := src.sub.TryNext()
+	if err != nil {
+		src.end = src.s.streamEnd(src.ctx, src.op, src.name, err)
+		if src.end == nil {
+			return nil, false, io.EOF
 		}
-		if err != nil {
-			return s.streamEnd(ctx, op, name, err)
-		}
+		return nil, false, src.end
 	}
+	if !ok {
+		return nil, false, nil
+	}
+	src.cur = u
+	return &src.cur, true, nil
+}
+
+func (src *subSource) Close() {
+	src.sub.Close()
+	src.s.metrics.rpcStreams.Dec()
+	src.s.metrics.observeRPC(src.method, src.start, &src.end)
 }
 
 // streamEnd returns what a stream ends with after err from its
