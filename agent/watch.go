@@ -366,10 +366,14 @@ func (w *watch) applyLocked(typ backend.EventType, u api.ServiceUpdate, leaders 
 // fanOutLocked queues u to every subscription of set, cutting off those
 // whose queue is full.
 func (w *watch) fanOutLocked(set map[*Subscription]struct{}, u api.ServiceUpdate) {
+	if len(set) == 0 {
+		return
+	}
 	limit := w.a.cfg.SubscriberBuffer
 	var queued uint64
+	p := &u // one copy, shared by every queue
 	for s := range set {
-		if s.push(u, limit) {
+		if s.push(p, limit) {
 			queued++
 			continue
 		}
@@ -469,10 +473,15 @@ func (a *Agent) join(ctx context.Context, name string, leader bool) (*Subscripti
 		return nil, errShutdown
 	}
 	if leader {
-		s.q = []api.ServiceUpdate{w.leader}
+		leader := w.leader
+		s.q = []*api.ServiceUpdate{&leader}
 		w.leaders[s] = struct{}{}
 	} else {
-		s.q = append(w.snapshotLocked(1), api.ServiceUpdate{})
+		snap := append(w.snapshotLocked(1), api.ServiceUpdate{})
+		s.q = make([]*api.ServiceUpdate, len(snap))
+		for i := range snap {
+			s.q[i] = &snap[i]
+		}
 		w.subs[s] = struct{}{}
 	}
 	s.snapLeft = len(s.q)
@@ -551,7 +560,7 @@ type Subscription struct {
 	closeOnce sync.Once
 
 	mu       sync.Mutex
-	q        []api.ServiceUpdate // q[head:] is pending
+	q        []*api.ServiceUpdate // q[head:] is pending; shared between subscribers
 	head     int
 	snapLeft int   // pending items of the initial snapshot (not bounded)
 	err      error // why the stream ends, once q is drained
@@ -560,7 +569,7 @@ type Subscription struct {
 // push queues u unless the subscription ended. It reports false when the
 // live part of the queue is full: the subscription is then cut off. It
 // never blocks on the consumer.
-func (s *Subscription) push(u api.ServiceUpdate, limit int) bool {
+func (s *Subscription) push(u *api.ServiceUpdate, limit int) bool {
 	s.mu.Lock()
 	if s.err != nil {
 		s.mu.Unlock()
@@ -607,23 +616,25 @@ func (s *Subscription) Notify(f func()) {
 	f()
 }
 
-// TryNext is Next without blocking: ok is false when no update is queued.
-// When the stream has ended it first returns the updates still queued,
-// then the reason, as Next does.
-func (s *Subscription) TryNext() (u api.ServiceUpdate, ok bool, err error) {
+// TryNext is Next without blocking: it returns nil, nil when no update is
+// queued. When the stream has ended it first returns the updates still
+// queued, then the reason, as Next does. The update returned is shared
+// with the other subscribers of the change (the same pointer: a
+// consumer may encode it once for all) and must not be modified.
+func (s *Subscription) TryNext() (*api.ServiceUpdate, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.head < len(s.q) {
-		return s.popLocked(), true, nil
+		return s.popLocked(), nil
 	}
-	return api.ServiceUpdate{}, false, s.err
+	return nil, s.err
 }
 
 // popLocked takes the oldest queued update. s.mu must be held and the
 // queue must not be empty.
-func (s *Subscription) popLocked() api.ServiceUpdate {
+func (s *Subscription) popLocked() *api.ServiceUpdate {
 	u := s.q[s.head]
-	s.q[s.head] = api.ServiceUpdate{}
+	s.q[s.head] = nil
 	s.head++
 	if s.snapLeft > 0 {
 		s.snapLeft--
@@ -662,7 +673,7 @@ func (s *Subscription) Next(ctx context.Context) (api.ServiceUpdate, error) {
 		if s.head < len(s.q) {
 			u := s.popLocked()
 			s.mu.Unlock()
-			return u, nil
+			return *u, nil
 		}
 		err := s.err
 		s.mu.Unlock()

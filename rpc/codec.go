@@ -62,6 +62,9 @@ type response struct {
 	errText string // "" for a value; "EOS" or an error text otherwise
 	body    any    // ignored when errText is set
 	final   bool   // the last reply for seq
+	// shared: body is an immutable value that other replies may carry
+	// too (SharedValues); the codec encodes it once for a run of them.
+	shared bool
 	// slot, when set, is the pool of the call's slot (serverConn), given
 	// back once this reply is written.
 	slot chan struct{}
@@ -100,14 +103,38 @@ type gobServerCodec struct {
 	dec *gob.Decoder
 	enc *gob.Encoder
 	w   *bufio.Writer
+	tap *tapWriter // between enc and w
+
+	// The last shared body written and its gob message (without the
+	// type definitions that may have preceded it).
+	lastBody any
+	lastMsg  []byte
+}
+
+// tapWriter passes writes on, keeping a copy of the last one while on.
+// A gob.Encoder writes each message (a type definition, a value) with one
+// Write, so after encoding a value the last write is the value's message.
+type tapWriter struct {
+	w    io.Writer
+	on   bool
+	last []byte
+}
+
+func (t *tapWriter) Write(p []byte) (int, error) {
+	if t.on {
+		t.last = append(t.last[:0], p...)
+	}
+	return t.w.Write(p)
 }
 
 func newGobServerCodec(rw io.ReadWriter, maxMsg int) *gobServerCodec {
 	w := bufio.NewWriter(rw)
+	tap := &tapWriter{w: w}
 	return &gobServerCodec{
 		dec: gob.NewDecoder(newGobFrameReader(rw, maxMsg)),
-		enc: gob.NewEncoder(w),
+		enc: gob.NewEncoder(tap),
 		w:   w,
+		tap: tap,
 	}
 }
 
@@ -130,8 +157,23 @@ func (c *gobServerCodec) writeResponse(r *response) error {
 	if r.errText != "" || body == nil {
 		body = emptyBody
 	}
-	if err := c.enc.Encode(body); err != nil {
+	shared := r.shared && body == r.body
+	if shared && body == c.lastBody {
+		// Encoded for the previous reply: this encoder has sent its type.
+		if _, err := c.w.Write(c.lastMsg); err != nil {
+			return fmt.Errorf("rpc: writing reply body of %s: %w", r.method, err)
+		}
+		return nil
+	}
+	c.tap.on = shared
+	err := c.enc.Encode(body)
+	c.tap.on = false
+	if err != nil {
 		return fmt.Errorf("rpc: encoding reply body of %s: %w", r.method, err)
+	}
+	if shared {
+		c.lastBody = body
+		c.lastMsg, c.tap.last = c.tap.last, c.lastMsg
 	}
 	return nil
 }
@@ -149,6 +191,10 @@ type jsonServerCodec struct {
 	enc *json.Encoder
 
 	params json.RawMessage // of the request just read; reader goroutine only
+
+	// The last shared body written and its JSON (writer goroutine only).
+	lastBody any
+	lastJSON json.RawMessage
 
 	mu   sync.Mutex
 	seq  uint64
@@ -239,9 +285,19 @@ func (c *jsonServerCodec) writeResponse(r *response) error {
 	if ok {
 		resp.ID = json.RawMessage(id)
 	}
-	if r.errText != "" {
+	switch {
+	case r.errText != "":
 		resp.Error = r.errText
-	} else {
+	case r.shared && r.body != nil:
+		if r.body != c.lastBody {
+			b, err := json.Marshal(r.body)
+			if err != nil {
+				return fmt.Errorf("rpc: encoding reply of %s: %w", r.method, err)
+			}
+			c.lastBody, c.lastJSON = r.body, b
+		}
+		resp.Result = c.lastJSON
+	default:
 		resp.Result = r.body
 	}
 	if err := c.enc.Encode(resp); err != nil {

@@ -304,7 +304,7 @@ func (c *serverConn) startStream(req request, m *method, args any) bool {
 	default:
 		return c.replyError(req, errorText(c.srv.tooManyStreams()))
 	}
-	st := &serverStream{c: c, seq: req.seq, method: req.method}
+	st := &serverStream{c: c, seq: req.seq, method: req.method, shared: m.shared}
 	st.q.st = st
 	st.ctx, st.cancel = context.WithCancelCause(c.callCtx)
 	c.mu.Lock()
@@ -530,6 +530,7 @@ type serverStream struct {
 	c      *serverConn
 	seq    uint64
 	method string
+	shared bool // its values are shared (SharedValues)
 	ctx    context.Context
 	cancel context.CancelCauseFunc
 

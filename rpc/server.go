@@ -92,6 +92,7 @@ type method struct {
 	call   func(ctx context.Context, args, reply any) error
 	stream func(ctx context.Context, args any, st Stream) error
 	source func(ctx context.Context, args any, ready func()) (Source, error) // RegisterSource
+	shared bool                                                              // SharedValues
 	// express: calls take slots from the connection's express pool (see
 	// Express).
 	express bool

@@ -44,17 +44,33 @@ type Source interface {
 //
 // On the wire a pulled stream is an ordinary stream. Errors and
 // concurrency are as for RegisterUnary.
-func RegisterSource[A any](s *Server, serviceMethod string, open func(ctx context.Context, args *A, ready func()) (Source, error)) error {
+func RegisterSource[A any](s *Server, serviceMethod string, open func(ctx context.Context, args *A, ready func()) (Source, error), opts ...SourceOption) error {
 	if open == nil {
 		return fmt.Errorf("rpc: RegisterSource %s: nil function", serviceMethod)
 	}
-	return s.registerFunc("RegisterSource", serviceMethod, &method{
+	m := &method{
 		argType: reflect.TypeFor[A](),
 		source: func(ctx context.Context, args any, ready func()) (Source, error) {
 			return open(ctx, args.(*A), ready)
 		},
-	})
+	}
+	for _, o := range opts {
+		o(m)
+	}
+	return s.registerFunc("RegisterSource", serviceMethod, m)
 }
+
+// A SourceOption changes how RegisterSource serves a method.
+type SourceOption func(*method)
+
+// SharedValues declares that the sources' values are pointers to values
+// that are never modified once a source returned them, and that one
+// value may be returned by many sources (a change fanned out to many
+// streams). A connection's writer then encodes such a value once and
+// writes the same bytes for each reply that carries it in a row, as when
+// a change reaches the many streams of one connection. A source that
+// reuses its value (see Source.Next) must not be registered with it.
+func SharedValues() SourceOption { return func(m *method) { m.shared = true } }
 
 // runSource is the goroutine that opens the source of st, then hands it
 // to the writer.
@@ -141,7 +157,9 @@ func (c *serverConn) pullLocked(st *serverStream) (msg response, ok bool) {
 		return response{}, false
 	}
 	c.readyLocked(st) // it may have more: ask again in its turn
-	return response{method: st.method, seq: st.seq, body: v}, true
+	// Only a pointer can be shared (and compared by the codec).
+	shared := st.shared && reflect.ValueOf(v).Kind() == reflect.Pointer
+	return response{method: st.method, seq: st.seq, body: v, shared: shared}, true
 }
 
 // closeEnded closes the sources of ended streams. It is called by the

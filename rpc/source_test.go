@@ -216,3 +216,70 @@ func TestSourceManyStreams(t *testing.T) {
 		}
 	}
 }
+
+// sharedFeed is a Source of shared values: every source of the test
+// returns the same pointers, in order, then io.EOF.
+type sharedFeed struct {
+	vals []*Reply
+	i    int
+}
+
+func (f *sharedFeed) Next() (any, bool, error) {
+	if f.i == len(f.vals) {
+		return nil, false, io.EOF
+	}
+	f.i++
+	return f.vals[f.i-1], true, nil
+}
+
+func (f *sharedFeed) Close() {}
+
+// Values shared between the streams of a connection (SharedValues) reach
+// every stream intact, whether the connection encoded them afresh or
+// wrote the bytes of the previous reply again, from its first reply on
+// (where gob also sends the type) and after replies of other kinds.
+func TestSourceSharedValues(t *testing.T) {
+	forCodecs(t, func(t *testing.T, codec rpc.Codec) {
+		ts := startServer(t, nil)
+		vals := []*Reply{{C: 1, S: "a", Attrs: map[string]string{"k": "v"}}, {C: 2, S: "b"}, {C: 3}}
+		err := rpc.RegisterSource(ts.srv, "Shared.Open", func(ctx context.Context, args *Args, ready func()) (rpc.Source, error) {
+			return &sharedFeed{vals: vals}, nil
+		}, rpc.SharedValues())
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx := testCtx(t)
+		for _, warm := range []bool{false, true} {
+			c := mustDial(t, ts.addr, codec)
+			if warm {
+				var r Reply
+				if err := c.Call(ctx, "Arith.Add", &Args{A: 1}, &r); err != nil {
+					t.Fatal(err)
+				}
+			}
+			const streams = 20
+			chans := make([]chan Reply, streams)
+			calls := make([]*rpc.StreamCall, streams)
+			for i := range chans {
+				chans[i] = make(chan Reply, len(vals))
+				if calls[i], err = c.Stream(ctx, "Shared.Open", &Args{}, chans[i]); err != nil {
+					t.Fatal(err)
+				}
+			}
+			for i, ch := range chans {
+				got := drain(t, ch)
+				if len(got) != len(vals) {
+					t.Fatalf("warm %v, stream %d: %d replies, want %d", warm, i, len(got), len(vals))
+				}
+				for j, r := range got {
+					if r.C != vals[j].C || r.S != vals[j].S || len(r.Attrs) != len(vals[j].Attrs) || r.Attrs["k"] != vals[j].Attrs["k"] {
+						t.Fatalf("warm %v, stream %d, reply %d = %+v, want %+v", warm, i, j, r, *vals[j])
+					}
+				}
+				if err := calls[i].Err(); err != nil {
+					t.Fatalf("stream %d: Err = %v", i, err)
+				}
+			}
+		}
+	})
+}

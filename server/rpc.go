@@ -73,7 +73,9 @@ func (s *Server) watchConn(c rpc.Conn, st *connState) {
 // Subscribe and Leader are pulled streams (rpc.RegisterSource): the
 // connection's writer takes each update from the agent's subscription
 // when it can write it, so an open stream holds no goroutine, and a
-// change fanned out to a connection's streams wakes only its writer.
+// change fanned out to a connection's streams wakes only its writer,
+// which encodes the change once for all of them (the agent hands every
+// subscriber the same *ServiceUpdate; rpc.SharedValues).
 //
 // Heartbeat is an express method (rpc.Express): it never touches the store,
 // and it must get through while a connection's Register and Unregister
@@ -86,8 +88,8 @@ func (s *Server) registerRPC(rs *rpc.Server) error {
 		rpc.RegisterUnary(rs, api.MethodRegister, r.register),
 		rpc.RegisterUnary(rs, api.MethodHeartbeat, r.heartbeat, rpc.Express()),
 		rpc.RegisterUnary(rs, api.MethodUnregister, r.unregister),
-		rpc.RegisterSource(rs, api.MethodSubscribe, r.subscribe),
-		rpc.RegisterSource(rs, api.MethodLeader, r.leader),
+		rpc.RegisterSource(rs, api.MethodSubscribe, r.subscribe, rpc.SharedValues()),
+		rpc.RegisterSource(rs, api.MethodLeader, r.leader, rpc.SharedValues()),
 	)
 }
 
@@ -203,12 +205,11 @@ type subSource struct {
 	method, op, name string
 	sub              *agent.Subscription
 	start            time.Time
-	cur              api.ServiceUpdate // the update being sent: encoded before the next Next
-	end              error             // what the stream ended with, for the metrics
+	end              error // what the stream ended with, for the metrics
 }
 
 func (src *subSource) Next() (any, bool, error) {
-	u, ok, err := src.sub.TryNext()
+	u, err := src.sub.TryNext()
 	if err != nil {
 		src.end = src.s.streamEnd(src.ctx, src.op, src.name, err)
 		if src.end == nil {
@@ -216,11 +217,10 @@ func (src *subSource) Next() (any, bool, error) {
 		}
 		return nil, false, src.end
 	}
-	if !ok {
+	if u == nil {
 		return nil, false, nil
 	}
-	src.cur = u
-	return &src.cur, true, nil
+	return u, true, nil // shared with the name's other subscribers
 }
 
 func (src *subSource) Close() {
