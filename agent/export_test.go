@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"fmt"
 	"slices"
 	"time"
 
@@ -48,3 +49,21 @@ func Orphans(a *Agent) (orphans, failedBatches int) {
 // SetLocalWait sets how long lookups wait for the agent's watch to show
 // a write the agent made (a second by default), before the agent is used.
 func SetLocalWait(a *Agent, d time.Duration) { a.localWait = d }
+
+// HoldFake makes s hold n registrations of name in memory only, as if
+// registered and heartbeated now, without store writes: for benchmarks of
+// the agent's in-memory paths (the janitor's sweep).
+func HoldFake(s *Session, name string, n int) {
+	a := s.a
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	now := a.clock.Now()
+	for i := range n {
+		k := regKey{name, fmt.Sprintf("10.%d.%d.%d:80", i>>16&255, i>>8&255, i&255)}
+		a.regs[k] = &registration{owner: s, attrs: map[string]string{"v": "1"}, beat: now}
+		s.regs[k] = struct{}{}
+	}
+}
+
+// Sweep runs one janitor sweep now.
+func Sweep(a *Agent) { a.sweep(a.clock.Now()) }

@@ -144,3 +144,28 @@ func TestConcurrentSessions(t *testing.T) {
 		t.Fatalf("stats %+v after closing every session", st)
 	}
 }
+
+// BenchmarkSweep100k: the janitor's periodic sweep over 100,000 live
+// registrations (none expired: the common case, run every TTL/4). Its
+// time per op is the sweep's CPU; B/op what it allocates.
+func BenchmarkSweep100k(b *testing.B) {
+	const n = 100_000
+	srv := etcdtest.NewServer(b)
+	a := mustAgent(b, mustBackend(b, srv, 10*time.Second), agent.Config{})
+	s := a.NewSession(-1)
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	agent.HoldFake(s, "web", n)
+	runtime.GC()
+	runtime.ReadMemStats(&after)
+	b.ReportMetric(float64(after.HeapInuse-before.HeapInuse)/n, "agent-heap-B/registration")
+	b.ResetTimer()
+	for b.Loop() {
+		agent.Sweep(a)
+	}
+	b.StopTimer()
+	if got := a.Stats().Registrations; got != n {
+		b.Fatalf("%d registrations after the sweeps, want %d", got, n)
+	}
+}

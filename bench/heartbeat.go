@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -25,6 +26,15 @@ type HeartbeatResult struct {
 	ProposalsPerTTL  float64 `json:"raft_proposals_per_ttl"`
 	KeepalivesPerTTL float64 `json:"lease_keepalives_per_ttl"`
 	HeldAtEnd        int     `json:"held_at_end"` // registrations the agent still held
+	// Growth of this process (agent, rpc clients and the embedded etcd
+	// together: an upper bound of the agent's share) per registration,
+	// from before the registrations to after them: Go heap and stacks in
+	// use after a GC, and RSS.
+	GoBytesPerReg  float64 `json:"process_go_bytes_per_registration"`
+	RSSBytesPerReg float64 `json:"process_rss_bytes_per_registration"`
+	// CPU of this process during the window (heartbeat calls, the
+	// agent's sweeps, etcd's lease keepalives), as a share of one core.
+	WindowCPUShare float64 `json:"window_cpu_share"`
 	Expired          uint64  `json:"expired"`
 }
 
@@ -51,6 +61,7 @@ func benchHeartbeat(ctx context.Context, env *env, cfg *config) (*HeartbeatResul
 	attrs := map[string]string{"v": "1"}
 	addrOf := func(c, j int) string { return instanceAddr(c*cfg.HeartbeatPerConn + j) }
 
+	go0, rss0 := goInUse(), rssBytes(0)
 	start := time.Now()
 	if err := forEach(ctx, len(conns), func(ctx context.Context, c int) error {
 		for j := range cfg.HeartbeatPerConn {
@@ -63,6 +74,8 @@ func benchHeartbeat(ctx context.Context, env *env, cfg *config) (*HeartbeatResul
 		return nil, err
 	}
 	res.RegisterSecs = time.Since(start).Seconds()
+	res.GoBytesPerReg = float64(goInUse()-go0) / float64(res.Registrations)
+	res.RSSBytesPerReg = float64(rssBytes(0)-rss0) / float64(res.Registrations)
 
 	interval := min(api.HeartbeatInterval, ttl/2)
 	hctx, stop := context.WithCancel(ctx)
@@ -114,7 +127,7 @@ func benchHeartbeat(ctx context.Context, env *env, cfg *config) (*HeartbeatResul
 	}
 	prop0, _ := etcdMetric("etcd_server_proposals_committed_total", nil)
 	ka0, _ := etcdMetric("grpc_server_msg_received_total", map[string]string{"grpc_method": "LeaseKeepAlive"})
-	t0 := time.Now()
+	t0, cpu0 := time.Now(), cpuTime(0)
 	timer := time.NewTimer(ttl)
 	select {
 	case <-timer.C:
@@ -132,6 +145,7 @@ func benchHeartbeat(ctx context.Context, env *env, cfg *config) (*HeartbeatResul
 	prop1, _ := etcdMetric("etcd_server_proposals_committed_total", nil)
 	ka1, _ := etcdMetric("grpc_server_msg_received_total", map[string]string{"grpc_method": "LeaseKeepAlive"})
 	window := time.Since(t0)
+	res.WindowCPUShare = float64(cpuTime(0)-cpu0) / float64(window)
 	stopHeartbeats()
 
 	perTTL := ttl.Seconds() / window.Seconds()
@@ -154,6 +168,10 @@ func benchHeartbeat(ctx context.Context, env *env, cfg *config) (*HeartbeatResul
 		Etcd:  fmt.Sprintf("%d keepalives (a lease each)", 3*res.Registrations)})
 	env.row(Row{Scenario: "3 heartbeat", Figure: "heartbeat calls answered in the window; held/expired",
 		Value: fmt.Sprintf("%d; %d/%d", res.HeartbeatCalls, res.HeldAtEnd, res.Expired)})
+	env.row(Row{Scenario: "3 heartbeat", Figure: "process growth per registration, Go heap+stacks (RSS); agent+clients+etcd",
+		Value: fmt.Sprintf("%.1f KiB (%.1f KiB)", res.GoBytesPerReg/1024, res.RSSBytesPerReg/1024)})
+	env.row(Row{Scenario: "3 heartbeat", Figure: "process CPU in the window (heartbeats, sweeps, keepalives)",
+		Value: fmt.Sprintf("%.0f %% of a core", 100*res.WindowCPUShare)})
 	return res, nil
 }
 
@@ -177,4 +195,12 @@ func forEach(ctx context.Context, n int, f func(ctx context.Context, i int) erro
 	wg.Wait()
 	close(errs)
 	return <-errs
+}
+
+// goInUse returns this process's Go heap and stacks in use after a GC.
+func goInUse() int64 {
+	runtime.GC()
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	return int64(ms.HeapInuse + ms.StackInuse)
 }
