@@ -35,7 +35,7 @@ type HeartbeatResult struct {
 	// CPU of this process during the window (heartbeat calls, the
 	// agent's sweeps, etcd's lease keepalives), as a share of one core.
 	WindowCPUShare float64 `json:"window_cpu_share"`
-	Expired          uint64  `json:"expired"`
+	Expired        uint64  `json:"expired"`
 }
 
 // benchHeartbeat holds conns × perConn idle registrations on one agent,
