@@ -103,7 +103,8 @@ type gobServerCodec struct {
 	dec *gob.Decoder
 	enc *gob.Encoder
 	w   *bufio.Writer
-	tap *tapWriter // between enc and w
+	tap *tapWriter  // between enc and w
+	hdr gobResponse // the header being written (encoded through a pointer: no allocation per reply)
 
 	// The last shared body written and its gob message (without the
 	// type definitions that may have preceded it).
@@ -150,7 +151,8 @@ func (c *gobServerCodec) readRequestHeader(r *request) error {
 func (c *gobServerCodec) readRequestBody(v any) error { return c.dec.Decode(v) }
 
 func (c *gobServerCodec) writeResponse(r *response) error {
-	if err := c.enc.Encode(gobResponse{ServiceMethod: r.method, Seq: r.seq, Error: r.errText}); err != nil {
+	c.hdr = gobResponse{ServiceMethod: r.method, Seq: r.seq, Error: r.errText}
+	if err := c.enc.Encode(&c.hdr); err != nil {
 		return fmt.Errorf("rpc: encoding response header: %w", err)
 	}
 	body := r.body

@@ -411,7 +411,8 @@ func (c *serverConn) enqueueLocked(q *outQueue, r response) {
 // when nothing else is runnable.
 func (c *serverConn) writeLoop() {
 	defer close(c.writerDone)
-	yielded := false // since the last flush
+	yielded := false    // since the last flush
+	var pulled response // a pulled stream's reply being written: one allocation for the connection, not one per reply
 	var idle <-chan time.Time
 	if d := c.srv.IdleTimeout; d > 0 {
 		c.lastRead.Store(time.Now().UnixNano())
@@ -456,10 +457,13 @@ func (c *serverConn) writeLoop() {
 		c.ready[0] = nil
 		c.ready = c.ready[1:]
 		if len(q.msgs) == 0 && q.st != nil && q.st.src != nil {
-			msg, ok := c.pullLocked(q.st)
+			var ok bool
+			pulled, ok = c.pullLocked(q.st)
 			c.mu.Unlock()
 			if ok {
-				if err := c.codec.writeResponse(&msg); err != nil {
+				err := c.codec.writeResponse(&pulled)
+				pulled = response{}
+				if err != nil {
 					c.shutdown(err)
 					return
 				}
