@@ -61,31 +61,33 @@ func benchHeartbeat(ctx context.Context, env *env, cfg *config) (*HeartbeatResul
 	attrs := map[string]string{"v": "1"}
 	addrOf := func(c, j int) string { return instanceAddr(c*cfg.HeartbeatPerConn + j) }
 
+	// Each connection registers its share, then heartbeats it until
+	// stop (a registration made long before the last one must not expire
+	// while the others are still being made: 100,000 take longer than a
+	// TTL). The window is measured once all are registered.
 	go0, rss0 := goInUse(), rssBytes(0)
 	start := time.Now()
-	if err := forEach(ctx, len(conns), func(ctx context.Context, c int) error {
-		for j := range cfg.HeartbeatPerConn {
-			if err := register(ctx, conns[c], name, addrOf(c, j), attrs); err != nil {
-				return err
-			}
-		}
-		return nil
-	}); err != nil {
-		return nil, err
-	}
-	res.RegisterSecs = time.Since(start).Seconds()
-	res.GoBytesPerReg = float64(goInUse()-go0) / float64(res.Registrations)
-	res.RSSBytesPerReg = float64(rssBytes(0)-rss0) / float64(res.Registrations)
-
 	interval := min(api.HeartbeatInterval, ttl/2)
 	hctx, stop := context.WithCancel(ctx)
 	var calls atomic.Int64
-	var wg sync.WaitGroup
+	var wg, registered sync.WaitGroup
 	errs := make(chan error, len(conns))
 	for c := range conns {
 		wg.Add(1)
-		go func() { // heartbeats conn c's registrations until stop
+		registered.Add(1)
+		go func() { // registers, then heartbeats, conn c's registrations until stop
 			defer wg.Done()
+			var regErr error
+			for j := range cfg.HeartbeatPerConn {
+				if regErr = register(hctx, conns[c], name, addrOf(c, j), attrs); regErr != nil {
+					break
+				}
+			}
+			registered.Done()
+			if regErr != nil {
+				errs <- regErr
+				return
+			}
 			offset := interval * time.Duration(c) / time.Duration(len(conns))
 			t := time.NewTimer(offset)
 			defer t.Stop()
@@ -120,6 +122,21 @@ func benchHeartbeat(ctx context.Context, env *env, cfg *config) (*HeartbeatResul
 	}
 	stopHeartbeats := func() { stop(); wg.Wait() }
 	defer stopHeartbeats()
+	allRegistered := make(chan struct{})
+	go func() { registered.Wait(); close(allRegistered) }() // ends: every goroutine passes registered.Done
+	select {
+	case <-allRegistered:
+	case err := <-errs:
+		return nil, err
+	}
+	select {
+	case err := <-errs:
+		return nil, err
+	default:
+	}
+	res.RegisterSecs = time.Since(start).Seconds()
+	res.GoBytesPerReg = float64(goInUse()-go0) / float64(res.Registrations)
+	res.RSSBytesPerReg = float64(rssBytes(0)-rss0) / float64(res.Registrations)
 
 	rev0, err := revision(ctx, env.client)
 	if err != nil {
