@@ -192,28 +192,6 @@ func benchHeartbeat(ctx context.Context, env *env, cfg *config) (*HeartbeatResul
 	return res, nil
 }
 
-// forEach runs f(i) for i in [0, n) concurrently and returns the first
-// error.
-func forEach(ctx context.Context, n int, f func(ctx context.Context, i int) error) error {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	errs := make(chan error, n)
-	var wg sync.WaitGroup
-	for i := range n {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if err := f(ctx, i); err != nil {
-				errs <- err
-				cancel()
-			}
-		}()
-	}
-	wg.Wait()
-	close(errs)
-	return <-errs
-}
-
 // goInUse returns this process's Go heap and stacks in use after a GC.
 func goInUse() int64 {
 	runtime.GC()
