@@ -138,7 +138,7 @@ func (c *serverConn) pullLocked(st *serverStream) (msg response, ok bool) {
 	st.signalled = false
 	src := st.src
 	c.mu.Unlock()
-	v, ok, err := src.Next()
+	v, ok, err := c.next(st, src)
 	c.mu.Lock()
 	switch {
 	case st.final || c.dead:
@@ -160,6 +160,13 @@ func (c *serverConn) pullLocked(st *serverStream) (msg response, ok bool) {
 	// Only a pointer can be shared (and compared by the codec).
 	shared := st.shared && reflect.ValueOf(v).Kind() == reflect.Pointer
 	return response{method: st.method, seq: st.seq, body: v, shared: shared}, true
+}
+
+// next asks src for its next value, turning a panic into an error that
+// ends the stream (logged with its stack), as for a method's panic.
+func (c *serverConn) next(st *serverStream, src Source) (v any, ok bool, err error) {
+	defer c.recoverMethod(st.method, &err)
+	return src.Next()
 }
 
 // closeEnded closes the sources of ended streams. It is called by the

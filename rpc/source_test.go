@@ -283,3 +283,37 @@ func TestSourceSharedValues(t *testing.T) {
 		}
 	})
 }
+
+type panicSource struct{ closed chan struct{} }
+
+func (p *panicSource) Next() (any, bool, error) { panic("boom") }
+func (p *panicSource) Close()                   { close(p.closed) }
+
+// A source whose Next panics ends its stream with an internal error; the
+// connection and the server go on.
+func TestSourcePanics(t *testing.T) {
+	ts := startServer(t, nil)
+	src := &panicSource{closed: make(chan struct{})}
+	err := rpc.RegisterSource(ts.srv, "Panic.Open", func(ctx context.Context, args *Args, ready func()) (rpc.Source, error) {
+		return src, nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := mustDial(t, ts.addr, rpc.Gob)
+	ctx := testCtx(t)
+	ch := make(chan Reply, 1)
+	sc, err := c.Stream(ctx, "Panic.Open", &Args{}, ch)
+	if err != nil {
+		t.Fatal(err)
+	}
+	drain(t, ch)
+	if err := sc.Err(); err == nil || err.Error() != "rpc: method Panic.Open failed (internal error)" {
+		t.Fatalf("Err = %v, want the internal error", err)
+	}
+	recv(t, src.closed, "the source's Close")
+	var r Reply
+	if err := c.Call(ctx, "Arith.Add", &Args{A: 1, B: 1}, &r); err != nil || r.C != 2 {
+		t.Fatalf("Add after the panic = %+v, %v", r, err)
+	}
+}
