@@ -32,8 +32,12 @@
 // "Greeter.Count", count), with the shapes above (ctx required). On the
 // wire they are indistinguishable from a receiver's methods. A stream is a
 // goroutine parked in its method for the stream's life, and calling it
-// directly keeps that goroutine's stack small: prefer RegisterStream for
-// streams that are many and long-lived.
+// directly keeps that goroutine's stack small. For streams that are many
+// and long-lived, RegisterSource publishes a pulled stream instead: the
+// method opens a Source and returns, and the connection's writer takes
+// the source's values when it can write them, so an open stream holds no
+// goroutine (with SharedValues, a value that many streams of a connection
+// send is also encoded once).
 //
 // Each connection has one reader (the ServeConn goroutine), one writer
 // goroutine that serialises every reply, and one goroutine per executing
