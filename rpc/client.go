@@ -3,6 +3,7 @@ package rpc
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -10,6 +11,7 @@ import (
 	"net/http"
 	"reflect"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 )
@@ -84,15 +86,44 @@ func (call *Call) done() {
 
 // Dial connects to addr over TCP, performs the CONNECT upgrade at
 // DefaultPath asking for codec, and returns a client on the connection.
-// ctx bounds the dial and the upgrade only.
+// ctx bounds the dial and the upgrade only. It is (&Dialer{}).Dial.
 func Dial(ctx context.Context, addr string, codec Codec) (*Client, error) {
-	var d net.Dialer
-	conn, err := d.DialContext(ctx, "tcp", addr)
+	return (&Dialer{}).Dial(ctx, addr, codec)
+}
+
+// Dialer dials rpc servers with options. The zero value dials plain TCP
+// and sends no extra header, as Dial does. A Dialer is safe for
+// concurrent use once configured.
+type Dialer struct {
+	// TLS, if set, makes the connection TLS with this configuration
+	// (ServerName defaults to addr's host, as tls.Dial does); the
+	// handshake completes before the CONNECT request is sent.
+	TLS *tls.Config
+	// Header is sent with the CONNECT request (for example
+	// Authorization). Accept is set by the codec and cannot be
+	// overridden.
+	Header http.Header
+}
+
+// Dial connects to addr, performs the CONNECT upgrade at DefaultPath
+// asking for codec, and returns a client on the connection. ctx bounds
+// the dial, the TLS handshake and the upgrade only. A refused upgrade is
+// an error that quotes the server's status line.
+func (d *Dialer) Dial(ctx context.Context, addr string, codec Codec) (*Client, error) {
+	var nd net.Dialer
+	var conn net.Conn
+	var err error
+	if d.TLS != nil {
+		td := tls.Dialer{NetDialer: &nd, Config: d.TLS}
+		conn, err = td.DialContext(ctx, "tcp", addr)
+	} else {
+		conn, err = nd.DialContext(ctx, "tcp", addr)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("rpc: dial %s: %w", addr, err)
 	}
 	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Unix(1, 0)) })
-	br, err := upgrade(conn, codec)
+	br, err := upgrade(conn, codec, d.Header)
 	if !stop() {
 		err = ctx.Err()
 	}
@@ -107,12 +138,22 @@ func Dial(ctx context.Context, addr string, codec Codec) (*Client, error) {
 	return NewClient(rwc, codec), nil
 }
 
-func upgrade(conn net.Conn, codec Codec) (*bufio.Reader, error) {
+func upgrade(conn net.Conn, codec Codec, header http.Header) (*bufio.Reader, error) {
 	accept := gobAccept
 	if codec == JSON {
 		accept = jsonAccept
 	}
-	if _, err := io.WriteString(conn, "CONNECT "+DefaultPath+" HTTP/1.0\r\nAccept: "+accept+"\r\n\r\n"); err != nil {
+	var req strings.Builder
+	req.WriteString("CONNECT " + DefaultPath + " HTTP/1.0\r\nAccept: " + accept + "\r\n")
+	if len(header) > 0 {
+		h := header.Clone()
+		h.Del("Accept")
+		if err := h.Write(&req); err != nil {
+			return nil, err
+		}
+	}
+	req.WriteString("\r\n")
+	if _, err := io.WriteString(conn, req.String()); err != nil {
 		return nil, err
 	}
 	br := bufio.NewReader(conn)

@@ -114,7 +114,7 @@ type outQueue struct {
 	st     *serverStream // the stream these replies belong to; nil for a unary call
 }
 
-func newServerConn(s *Server, id uint64, rwc io.ReadWriteCloser, codec Codec) *serverConn {
+func newServerConn(base context.Context, s *Server, id uint64, rwc io.ReadWriteCloser, codec Codec) *serverConn {
 	c := &serverConn{
 		srv:        s,
 		id:         id,
@@ -132,7 +132,7 @@ func newServerConn(s *Server, id uint64, rwc io.ReadWriteCloser, codec Codec) *s
 		c.remote = a.RemoteAddr().String()
 	}
 	c.log = s.logger().With("conn", id, "remote", c.remote, "codec", codec.String())
-	c.ctx, c.cancel = context.WithCancelCause(context.Background())
+	c.ctx, c.cancel = context.WithCancelCause(base)
 	c.callCtx = context.WithValue(c.ctx, connKey{}, c)
 	return c
 }

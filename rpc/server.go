@@ -56,6 +56,12 @@ type Server struct {
 	// map is the intended use: "does this connection hold state that its
 	// close would end?").
 	KeepIdle func(Conn) bool
+	// ConnContext, if set, returns the context of a connection upgraded
+	// by ServeHTTP from the CONNECT request r, derived from ctx. Its
+	// values are visible in the context of every call on the connection
+	// (an authenticated identity is the intended use); cancelling it
+	// ends the connection. Connections served by ServeConn use ctx as is.
+	ConnContext func(ctx context.Context, r *http.Request) context.Context
 	// Logger receives the reasons connections are closed and handler
 	// panics. Default slog.Default().
 	Logger *slog.Logger
@@ -431,7 +437,11 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		// The client pipelined bytes after the CONNECT request.
 		rwc = &bufferedConn{Conn: conn, r: brw.Reader}
 	}
-	s.ServeConn(rwc, codec)
+	base := context.Background()
+	if s.ConnContext != nil {
+		base = s.ConnContext(base, r)
+	}
+	s.serveConn(base, rwc, codec)
 }
 
 // bufferedConn reads through the bufio.Reader that holds bytes the HTTP
@@ -450,6 +460,10 @@ func (c *bufferedConn) Read(p []byte) (int, error) { return c.r.Read(p) }
 // closes conn. Methods must therefore return once their ctx is done.
 // Calling ServeConn after Close closes conn at once.
 func (s *Server) ServeConn(conn io.ReadWriteCloser, codec Codec) {
+	s.serveConn(context.Background(), conn, codec)
+}
+
+func (s *Server) serveConn(base context.Context, conn io.ReadWriteCloser, codec Codec) {
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
@@ -457,7 +471,7 @@ func (s *Server) ServeConn(conn io.ReadWriteCloser, codec Codec) {
 		return
 	}
 	s.nextID++
-	c := newServerConn(s, s.nextID, conn, codec)
+	c := newServerConn(base, s, s.nextID, conn, codec)
 	if s.conns == nil {
 		s.conns = make(map[*serverConn]struct{})
 	}
