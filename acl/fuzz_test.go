@@ -11,7 +11,7 @@ import (
 // testdata/fuzz/FuzzParse) and checks that an accepted file yields rules
 // that agree with the patterns as written.
 func FuzzParse(f *testing.F) {
-	f.Add([]byte(`{"tokens": [{"name": "web-deployer", "sha256": "` + sum("t") + `", "register": ["web", "web-*"], "read": ["*"]}], "anonymous": {"register": [], "read": ["*"]}}`), "web-api")
+	f.Add([]byte(`{"tokens": [{"name": "web-deployer", "sha256": "`+sum("t")+`", "register": ["web", "web-*"], "read": ["*"]}], "anonymous": {"register": [], "read": ["*"]}}`), "web-api")
 	f.Fuzz(func(t *testing.T, data []byte, name string) {
 		a, err := acl.Parse(data)
 		if err != nil {

@@ -101,6 +101,11 @@ type Config struct {
 	Cache Cache
 	// Logger receives the server's logs. Default slog.Default().
 	Logger *slog.Logger
+	// Allow, if set, is asked whether the instances of a service name may
+	// be given out (the agent's anonymous read rules); a name it refuses
+	// is answered REFUSED. It must be safe for concurrent use and must not
+	// block. Default: every name.
+	Allow func(name string) bool
 }
 
 // Server is a running DNS server. Its methods are safe for concurrent use.
@@ -113,6 +118,7 @@ type Server struct {
 	lookup    time.Duration
 	log       *slog.Logger
 	metrics   *metrics
+	allow     func(name string) bool
 
 	servers  []*dns.Server  // one per UDP socket on a wildcard address
 	udpConns []*net.UDPConn // the UDP sockets of an address: serveUDP
@@ -184,6 +190,7 @@ func Listen(cfg Config) (*Server, error) {
 		lookup:    cfg.LookupTimeout,
 		log:       cfg.Logger,
 		metrics:   newMetrics(cfg.Cache),
+		allow:     cfg.Allow,
 		udpAddr:   pcs[0].LocalAddr(),
 		tcpAddr:   ln.Addr(),
 		ctx:       ctx,
@@ -452,6 +459,9 @@ func (s *Server) reply(ctx context.Context, q *query, tcp, wait bool, b []byte) 
 			return s.pack(m, b)
 		}
 		return s.negative(q, dns.RcodeSuccess, ttl, false, b)
+	}
+	if s.allow != nil && !s.allow(n.service) {
+		return s.replyRcode(q, dns.RcodeRefused, b)
 	}
 	// A name held is answered without blocking; a name not held yet
 	// starts its watch, and this first Get returns at once.

@@ -57,7 +57,7 @@ func (s *Server) routes() {
 
 // handle mounts h at pattern, counting its requests under route.
 func (s *Server) handle(pattern, route string, h http.HandlerFunc) {
-	s.mux.Handle(pattern, s.metrics.instrument(route, h))
+	s.mux.Handle(pattern, s.metrics.instrument(route, s.authorize(pattern, h)))
 }
 
 // pathName returns the service name of r's path, or writes the error for

@@ -103,7 +103,7 @@ type rpcAgent struct{ s *Server }
 // expanded address.
 func (r *rpcAgent) register(ctx context.Context, args *api.Args, reply *string) (err error) {
 	defer r.s.metrics.observeRPC(api.MethodRegister, time.Now(), &err)
-	return r.call(ctx, "register", args.ValidateRegister, func(ctx context.Context, st *connState) (err error) {
+	return r.call(ctx, "register", r.s.allowRPC(ctx, rightRegister, args.Name, args.ValidateRegister), func(ctx context.Context, st *connState) (err error) {
 		*reply, err = st.session.Register(ctx, *args)
 		return err
 	}, true)
@@ -113,12 +113,15 @@ func (r *rpcAgent) register(ctx context.Context, args *api.Args, reply *string) 
 // when this connection does not hold it.
 func (r *rpcAgent) heartbeat(ctx context.Context, args *api.Args, _ *struct{}) (err error) {
 	defer r.s.metrics.observeRPC(api.MethodHeartbeat, time.Now(), &err)
-	return r.call(ctx, "heartbeat", args.ValidateKey, func(ctx context.Context, st *connState) error {
+	return r.call(ctx, "heartbeat", r.s.allowRPC(ctx, rightRegister, args.Name, args.ValidateKey), func(ctx context.Context, st *connState) error {
 		return st.session.Heartbeat(ctx, *args)
 	}, true)
 }
 
-// unregister removes the registration args.Name/args.Addr now.
+// unregister removes the registration args.Name/args.Addr now. The ACL
+// is not asked: a connection can only remove what it owns (anything else
+// is permission_denied), so a token whose rights were withdrawn can still
+// clean up after itself.
 func (r *rpcAgent) unregister(ctx context.Context, args *api.Args, _ *struct{}) (err error) {
 	defer r.s.metrics.observeRPC(api.MethodUnregister, time.Now(), &err)
 	return r.call(ctx, "unregister", args.ValidateKey, func(ctx context.Context, st *connState) error {
@@ -176,6 +179,9 @@ func (s *Server) openSource(ctx context.Context, method, op, name string,
 	if _, err := s.conn(ctx); err != nil {
 		s.metrics.observeRPC(method, start, &err)
 		return nil, err
+	}
+	if err := s.checkRPC(ctx, rightRead, name); err != nil {
+		return nil, nil, err
 	}
 	sub, err := open(ctx, name)
 	if err != nil {

@@ -21,8 +21,10 @@ import (
 	"log/slog"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 
+	"github.com/flynn/discoverd/acl"
 	"github.com/flynn/discoverd/agent"
 	"github.com/flynn/discoverd/api"
 	"github.com/flynn/discoverd/backend"
@@ -121,6 +123,10 @@ type Options struct {
 	RPC *rpc.Server
 	// Logger receives the front ends' logs. Default slog.Default().
 	Logger *slog.Logger
+	// ACL, if set, holds the access rules in force, read at each request
+	// (its owner swaps them on reload); nil, or a nil *acl.ACL in it,
+	// allows everything. See auth.go.
+	ACL *atomic.Pointer[acl.ACL]
 }
 
 // Defaults of Options.
@@ -160,6 +166,7 @@ type Server struct {
 	rpc     *rpc.Server
 	mux     *http.ServeMux
 	metrics *metrics
+	auth    auth
 
 	// ctx is cancelled by Close; it ends SSE streams and connection
 	// watchers.
@@ -248,6 +255,7 @@ func New(a Agent, opts Options) (*Server, error) {
 	}
 	rs.IdleTimeout = max(opts.RPCIdleTimeout, 0)
 	rs.KeepIdle = s.keepIdle
+	s.initAuth()
 	if err := s.registerRPC(rs); err != nil {
 		cancel()
 		return nil, fmt.Errorf("server: register rpc receiver: %w", err)

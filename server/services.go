@@ -60,6 +60,11 @@ func (s *Server) listServices(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, "list services", api.Errorf(api.CodeInvalidArgument, "after: longer than a service name may be"))
 		return
 	}
+	canRead, err := s.readable(r)
+	if err != nil {
+		s.writeError(w, "list services", err)
+		return
+	}
 	ctx, cancel := context.WithTimeout(r.Context(), s.opts.CallTimeout)
 	defer cancel()
 	page, next, err := s.opts.Services.ListServices(ctx, after, limit)
@@ -69,6 +74,9 @@ func (s *Server) listServices(w http.ResponseWriter, r *http.Request) {
 	}
 	out := ServiceList{Services: make([]ServiceSummary, 0, len(page)), Next: next}
 	for _, p := range page {
+		if !canRead(p.Name) {
+			continue
+		}
 		out.Services = append(out.Services, ServiceSummary{
 			Name: p.Name, Instances: p.Instances, Leader: p.Leader.Addr, LeaderCreated: uint(p.Leader.Created),
 		})
