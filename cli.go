@@ -320,8 +320,19 @@ const listTimeout = 30 * time.Second
 
 // listServices prints every service, reading GET /services page by page.
 func (cl *cli) listServices(ctx context.Context, asJSON bool) error {
-	base := "http://" + strings.TrimPrefix(cl.agent, "tcp://") + "/services"
+	addr, useTLS, err := discoverd.ParseAgentAddr(cl.agent)
+	if err != nil {
+		return err
+	}
+	base := "http://" + addr + "/services"
 	tr := &http.Transport{Proxy: nil} // the agent is local, or at least not behind a proxy
+	if useTLS {
+		base = "https://" + addr + "/services"
+		if tr.TLSClientConfig, err = discoverd.TLSConfigFromEnv(nil); err != nil {
+			return err
+		}
+	}
+	token := os.Getenv(discoverd.EnvToken)
 	defer tr.CloseIdleConnections()
 	hc := &http.Client{Transport: tr, Timeout: listTimeout}
 	all := []server.ServiceSummary{}
@@ -329,6 +340,9 @@ func (cl *cli) listServices(ctx context.Context, asJSON bool) error {
 		req, err := http.NewRequestWithContext(ctx, http.MethodGet, base+"?after="+url.QueryEscape(after), nil)
 		if err != nil {
 			return err
+		}
+		if token != "" {
+			req.Header.Set("Authorization", "Bearer "+token)
 		}
 		resp, err := hc.Do(req)
 		if err != nil {

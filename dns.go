@@ -63,6 +63,7 @@ func (m *Main) startDNS() error {
 		TTL:    m.DNSTTL,
 		Cache:  m.dnsView,
 		Logger: m.Logger.With("component", "dns"),
+		Allow:  m.server.AllowAnonymousRead,
 	})
 	if err != nil {
 		return err

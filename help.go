@@ -78,7 +78,13 @@ Commands:
 
 Environment:
   DISCOVERD         agent address of the commands and of client libraries
-                    (default %s; a tcp:// prefix is accepted); -agent wins
+                    (default %s; a tcp:// prefix is accepted,
+                    https://host:port connects over TLS); -agent wins
+  DISCOVERD_TOKEN   bearer token the commands and client libraries send
+  DISCOVERD_CA_CERT, DISCOVERD_CLIENT_CERT, DISCOVERD_CLIENT_KEY
+                    PEM files for TLS to the agent (https://): its CAs,
+                    and a client certificate and key
+  DISCOVERD_ETCD_PASSWORD  password of the agent's -etcd-user
   EXTERNAL_IP       the agent's IP for addresses given as ":port"
                     (-external-ip and DISCOVERD_EXTERNAL_IP win)
   DISCOVERD_<FLAG>  sets the agent flag -<flag> (upper case, dashes as

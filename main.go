@@ -136,6 +136,8 @@ type Main struct {
 	Logger *slog.Logger
 	// The DNS front end's settings (DNS, DNSDomain, DNSTTL): see dns.go.
 	dnsMain
+	// TLS, ACL and store credentials: see security.go.
+	securityMain
 
 	// MaxConns caps the client connections served at once ("-max-conns");
 	// 0 derives it from the descriptor limit (see connBudget).
@@ -259,6 +261,7 @@ func (m *Main) flagSet(getenv func(string) string) *flag.FlagSet {
 	fs.DurationVar(&m.BodyTimeout, "http-body-timeout", m.BodyTimeout, "how long an HTTP request body may take to arrive")
 	fs.IntVar(&m.MaxHTTPRegistrationsPerAddr, "http-registrations-per-addr", m.MaxHTTPRegistrationsPerAddr, "cap on the HTTP registrations of one client address")
 	m.dnsFlags(fs)
+	m.securityFlags(fs, getenv)
 	return fs
 }
 
@@ -286,6 +289,9 @@ func (m *Main) validate() error {
 		if err := api.ValidateAddr(net.JoinHostPort(m.ExternalIP, "1")); err != nil {
 			return fmt.Errorf("external IP %q is not an IP address or host name", m.ExternalIP)
 		}
+	}
+	if err := m.validateSecurity(len(m.Etcd) > 0, len(m.ZooKeeper) > 0); err != nil {
+		return err
 	}
 	return m.validateDNS()
 }
@@ -320,6 +326,9 @@ func (m *Main) Start(ctx context.Context) (err error) {
 			m.Close()
 		}
 	}()
+	if err := m.loadSecurity(); err != nil {
+		return err
+	}
 	m.ln, err = net.Listen("tcp", m.Bind)
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)
@@ -334,7 +343,7 @@ func (m *Main) Start(ctx context.Context) (err error) {
 		ErrorLog:          slog.NewLogLogger(m.Logger.Handler(), slog.LevelWarn),
 	}
 	m.serveDone = make(chan error, 1)
-	go func() { m.serveDone <- m.http.Serve(m.conns.Listen(m.ln)) }() // stopped by Close
+	go func() { m.serveDone <- m.http.Serve(m.conns.Listen(m.wrapListener(m.ln))) }() // stopped by Close
 	if m.backend, err = m.openBackend(ctx); err != nil {
 		return err
 	}
@@ -355,6 +364,7 @@ func (m *Main) Start(ctx context.Context) (err error) {
 		RPCIdleTimeout:              cmp.Or(m.RPCIdleTimeout, -1), // 0: never
 		MaxHTTPRegistrationsPerAddr: m.MaxHTTPRegistrationsPerAddr,
 		Store:                       m.storeName(),
+		ACL:                         m.aclPointer(),
 	}
 	if l, ok := m.backend.(backend.Lister); ok {
 		opts.Services = l
@@ -370,7 +380,10 @@ func (m *Main) Start(ctx context.Context) (err error) {
 	m.starting.Close(ctx) // its RPC clients reconnect, to the agent proper
 	build := buildinfo.Read()
 	m.Logger.Info("discoverd serving", "addr", m.ln.Addr().String(), "store", m.storeName(), "ttl", m.TTL.String(),
-		"max_conns", m.conns.Max, "version", build.Version, "revision", build.ShortRevision())
+		"max_conns", m.conns.Max, "version", build.Version, "revision", build.ShortRevision(),
+		"tls", m.tls != nil, "acl_file", m.ACLFile)
+	m.warnOpen(m.Logger, m.ln.Addr())
+	m.startReloader(m.Logger.With("component", "security"))
 	return nil
 }
 
@@ -423,6 +436,7 @@ func (m *Main) Run(ctx context.Context) error {
 // embedded etcd. It is idempotent.
 func (m *Main) Close() error {
 	m.closeOnce.Do(func() {
+		m.closeReloader()
 		errs := []error{m.closeDNS()}
 		if m.agent != nil {
 			errs = append(errs, m.agent.Close())
@@ -472,7 +486,7 @@ func (m *Main) openBackend(ctx context.Context) (backend.Backend, error) {
 	if len(m.ZooKeeper) > 0 {
 		log := m.Logger.With("component", "zookeeper")
 		return m.retry(ctx, "zookeeper", func(ctx context.Context) (backend.Backend, error) {
-			b, err := zookeeper.Open(ctx, zookeeper.Config{Servers: m.ZooKeeper, TTL: m.TTL, Logger: log})
+			b, err := zookeeper.Open(ctx, zookeeper.Config{Servers: m.ZooKeeper, TTL: m.TTL, Logger: log, Auth: m.ZooKeeperAuth})
 			if err != nil {
 				return nil, err
 			}
@@ -501,7 +515,12 @@ func (m *Main) openBackend(ctx context.Context) (backend.Backend, error) {
 		endpoints = e.Endpoints()
 	}
 	log := m.Logger.With("component", "etcd")
-	cfg := etcd.Config{Endpoints: endpoints, TTL: m.TTL, Logger: log}
+	tlsConf, err := m.etcdTLS()
+	if err != nil {
+		return nil, err
+	}
+	cfg := etcd.Config{Endpoints: endpoints, TTL: m.TTL, Logger: log, Prefix: m.EtcdPrefix,
+		TLS: tlsConf, Username: m.EtcdUser, Password: m.EtcdPassword}
 	if m.embedded != nil {
 		// The embedded etcd is this agent's alone: registrations left on
 		// a previous run's lease (its clients died with it) go once their

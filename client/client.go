@@ -2,10 +2,10 @@ package discoverd
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"log/slog"
 	"os"
-	"strings"
 	"sync"
 	"time"
 
@@ -53,9 +53,18 @@ type ConnEvent struct {
 // Config configures a Client made by NewClientWithConfig. The zero value
 // of every field means its documented default.
 type Config struct {
-	// Addr is the agent's host:port (a "tcp://" prefix is tolerated).
+	// Addr is the agent's host:port (a "tcp://" prefix is tolerated;
+	// "https://host:port" connects over TLS, see TLS).
 	// Default: the DISCOVERD environment variable, else api.DefaultAgentAddr.
 	Addr string
+	// TLS, if set, connects over TLS with this configuration. Default:
+	// for an https:// Addr, TLSConfigFromEnv (DISCOVERD_CA_CERT,
+	// DISCOVERD_CLIENT_CERT, DISCOVERD_CLIENT_KEY); else plain TCP.
+	TLS *tls.Config
+	// Token is sent to the agent as "Authorization: Bearer <token>" in
+	// the connection's CONNECT request, for an agent with an ACL file.
+	// Default: the DISCOVERD_TOKEN environment variable.
+	Token string
 	// HeartbeatInterval is how often the registrations are heartbeated,
 	// all at once; a heartbeat (or the registration that follows a
 	// not_found) is given at most half an interval. It must be well under
@@ -87,7 +96,6 @@ func (c *Config) setDefaults() {
 	if c.Addr == "" {
 		c.Addr = api.DefaultAgentAddr
 	}
-	c.Addr = strings.TrimPrefix(c.Addr, "tcp://")
 	if c.HeartbeatInterval <= 0 {
 		c.HeartbeatInterval = api.DefaultTTL / 2
 	}
@@ -166,6 +174,9 @@ func NewClientUsingAddress(addr string) (*Client, error) { return NewClientWithA
 // (at most cfg.DialTimeout) and fails if that first attempt does.
 func NewClientWithConfig(cfg Config) (*Client, error) {
 	cfg.setDefaults()
+	if err := cfg.setSecurity(); err != nil {
+		return nil, api.Errorf(api.CodeInvalidArgument, "discoverd client: %v", err)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	c := &Client{
 		cfg:          cfg,
@@ -266,7 +277,7 @@ func (c *Client) notify(status ConnStatus) {
 func (c *Client) dial() (*rpc.Client, error) {
 	ctx, cancel := context.WithTimeout(c.ctx, c.cfg.DialTimeout)
 	defer cancel()
-	return rpc.Dial(ctx, c.cfg.Addr, rpc.Gob)
+	return c.cfg.rpcDialer().Dial(ctx, c.cfg.Addr, rpc.Gob)
 }
 
 // current returns the live connection, or nil while disconnected.

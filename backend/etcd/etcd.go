@@ -29,6 +29,7 @@ package etcd
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -66,6 +67,14 @@ type Config struct {
 	TTL time.Duration
 	// DialTimeout bounds Open's wait for the store and each Ping. Default 5 s.
 	DialTimeout time.Duration
+	// TLS, if set, is the client's TLS configuration (CAs of the servers,
+	// client certificate) for https endpoints.
+	TLS *tls.Config
+	// Username and Password authenticate to etcd's RBAC. Without them,
+	// and with a client certificate in TLS, etcd takes the certificate's
+	// common name as the user. The user needs read and write on Prefix
+	// only (etcd checks a lease revoke against the keys on the lease).
+	Username, Password string
 	// Prefix is the key prefix of registrations; it must end in "/".
 	// Default DefaultPrefix. Backends share registrations only if they
 	// share the prefix.
@@ -223,7 +232,10 @@ func Open(ctx context.Context, cfg Config) (*Backend, error) {
 			},
 			MinConnectTimeout: cfg.DialTimeout,
 		})},
-		Logger: zapslog.Logger(log, zapcore.ErrorLevel, nil),
+		Logger:   zapslog.Logger(log, zapcore.ErrorLevel, nil),
+		TLS:      cfg.TLS,
+		Username: cfg.Username,
+		Password: cfg.Password,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("etcd: connecting to %v: %w", cfg.Endpoints, err)

@@ -115,6 +115,13 @@ type Config struct {
 	// Logger receives the backend's and the ZooKeeper client's log lines.
 	// Default slog.Default().
 	Logger *slog.Logger
+	// Auth, if set, is "user:password": the session authenticates with
+	// ZooKeeper's digest scheme, and every znode the backend creates gets
+	// the ACL "that user may do anything, anyone may read", so that other
+	// ZooKeeper users cannot change or delete registrations. Every agent
+	// of a fleet must use the same user. Without it znodes are open to
+	// all (world:anyone).
+	Auth string
 }
 
 // Backend is a backend.Backend on one ZooKeeper session. It is safe for
@@ -122,6 +129,7 @@ type Config struct {
 type Backend struct {
 	prefix string
 	log    *slog.Logger
+	acl    []zk.ACL // of every znode the backend creates
 	conn   *zk.Conn
 	zkEv   <-chan zk.Event // the client's event channel; closed when its goroutines are done
 	dial   *cutDialer
@@ -209,9 +217,18 @@ func Open(ctx context.Context, cfg Config) (*Backend, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
+	acl := zk.WorldACL(zk.PermAll)
+	if cfg.Auth != "" {
+		user, pass, ok := strings.Cut(cfg.Auth, ":")
+		if !ok || user == "" || pass == "" {
+			return nil, errors.New("zookeeper: auth must be user:password")
+		}
+		acl = append(zk.DigestACL(zk.PermAll, user, pass), zk.WorldACL(zk.PermRead)...)
+	}
 	life, endLife := context.WithCancel(context.Background())
 	b := &Backend{
 		prefix:  cfg.Prefix,
+		acl:     acl,
 		log:     cfg.Logger.With("backend", "zookeeper"),
 		dial:    &cutDialer{},
 		kick:    make(chan struct{}, 1),
@@ -242,6 +259,15 @@ func Open(ctx context.Context, cfg Config) (*Backend, error) {
 		endLife()
 		b.shutdownConn()
 		return nil, fmt.Errorf("zookeeper: open session with %v: %w", cfg.Servers, err)
+	}
+	if cfg.Auth != "" {
+		// The client keeps the credentials and sends them again on every
+		// reconnection.
+		if err := conn.AddAuth("digest", []byte(cfg.Auth)); err != nil {
+			endLife()
+			b.shutdownConn()
+			return nil, fmt.Errorf("zookeeper: digest auth: %w", err)
+		}
 	}
 	if err := b.do(ctx, func() error { return b.ensurePath(b.prefix) }); err != nil {
 		endLife()
@@ -583,7 +609,7 @@ func (b *Backend) put(p string, attrs map[string]string, tok uint64, known, take
 			}
 			_, err = b.conn.Multi(
 				&zk.DeleteRequest{Path: p, Version: stat.Version},
-				&zk.CreateRequest{Path: p, Data: data, Acl: zk.WorldACL(zk.PermAll), Flags: zk.FlagEphemeral},
+				&zk.CreateRequest{Path: p, Data: data, Acl: b.acl, Flags: zk.FlagEphemeral},
 			)
 			switch {
 			case err == nil:
@@ -636,7 +662,7 @@ func (b *Backend) create(p string, attrs map[string]string, tok uint64) (uint64,
 	if err != nil {
 		return 0, err
 	}
-	acl := zk.WorldACL(zk.PermAll)
+	acl := b.acl
 	if tok != 0 {
 		_, err := b.conn.Create(p, data, zk.FlagEphemeral, acl)
 		return tok, err
@@ -660,7 +686,7 @@ func (b *Backend) create(p string, attrs map[string]string, tok uint64) (uint64,
 // are persistent.
 func (b *Backend) ensureServiceDir(dir string) error {
 	for range 2 {
-		_, err := b.conn.CreateContainer(dir, nil, zk.FlagContainer, zk.WorldACL(zk.PermAll))
+		_, err := b.conn.CreateContainer(dir, nil, zk.FlagContainer, b.acl)
 		switch {
 		case err == nil, errors.Is(err, zk.ErrNodeExists):
 			return nil
@@ -680,7 +706,7 @@ func (b *Backend) ensurePath(p string) error {
 	if p == "/" {
 		return nil
 	}
-	_, err := b.conn.Create(p, nil, 0, zk.WorldACL(zk.PermAll))
+	_, err := b.conn.Create(p, nil, 0, b.acl)
 	switch {
 	case err == nil, errors.Is(err, zk.ErrNodeExists):
 		return nil
@@ -688,7 +714,7 @@ func (b *Backend) ensurePath(p string) error {
 		if err := b.ensurePath(path.Dir(p)); err != nil {
 			return err
 		}
-		_, err = b.conn.Create(p, nil, 0, zk.WorldACL(zk.PermAll))
+		_, err = b.conn.Create(p, nil, 0, b.acl)
 		if err == nil || errors.Is(err, zk.ErrNodeExists) {
 			return nil
 		}
