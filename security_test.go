@@ -1,0 +1,468 @@
+package main
+
+import (
+	"context"
+	"crypto/sha256"
+	"crypto/tls"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+
+	"github.com/miekg/dns"
+
+	"github.com/flynn/discoverd/api"
+	discoverd "github.com/flynn/discoverd/client"
+	"github.com/flynn/discoverd/internal/testcert"
+	"github.com/flynn/discoverd/rpc"
+)
+
+func tokenHash(token string) string {
+	s := sha256.Sum256([]byte(token))
+	return hex.EncodeToString(s[:])
+}
+
+// aclV1 is the ACL the secure agent starts with; aclV2 (SIGHUP) lets the
+// reader register db too.
+var (
+	aclV1 = `{"tokens": [
+	  {"name": "web-deployer", "sha256": "` + tokenHash("deploy-secret") + `", "register": ["web", "web-*", "pub-*"], "read": ["*"]},
+	  {"name": "reader", "sha256": "` + tokenHash("read-secret") + `", "register": [], "read": ["web"]}
+	], "anonymous": {"register": ["anon-*"], "read": ["pub-*", "anon-*"]}}`
+	aclV2 = strings.Replace(aclV1, `"register": [], "read": ["web"]`, `"register": ["db"], "read": ["web", "db"]`, 1)
+)
+
+// secureAgent is an agent with TLS that requires client certificates and
+// an ACL file, and what a client needs to reach it.
+type secureAgent struct {
+	m       *Main
+	addr    string
+	ca      *testcert.CA
+	client  tls.Certificate // signed by ca
+	aclFile string
+}
+
+func startSecureAgent(t *testing.T) *secureAgent {
+	t.Helper()
+	dir := t.TempDir()
+	ca := testcert.NewCA(t, "agent CA")
+	srvCert, srvKey := ca.Issue(t, testcert.Options{CommonName: "agent", Hosts: []string{"127.0.0.1"}}).Write(t, dir, "agent")
+	sa := &secureAgent{
+		ca:      ca,
+		client:  ca.Issue(t, testcert.Options{CommonName: "app"}).TLS,
+		aclFile: filepath.Join(dir, "acl.json"),
+	}
+	if err := os.WriteFile(sa.aclFile, []byte(aclV1), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	m := testMain(t)
+	m.DNS = "127.0.0.1:0"
+	m.TLSCert, m.TLSKey, m.TLSClientCA = srvCert, srvKey, ca.Write(t, dir)
+	m.ACLFile = sa.aclFile
+	m.reloaded = make(chan struct{}, 1)
+	mustStart(t, m)
+	sa.m, sa.addr = m, m.Addr().String()
+	return sa
+}
+
+func (sa *secureAgent) tlsConfig() *tls.Config {
+	return &tls.Config{RootCAs: sa.ca.Pool(), Certificates: []tls.Certificate{sa.client}}
+}
+
+func (sa *secureAgent) dial(t *testing.T, token string) *rpc.Client {
+	t.Helper()
+	d := &rpc.Dialer{TLS: sa.tlsConfig()}
+	if token != "" {
+		d.Header = http.Header{"Authorization": {"Bearer " + token}}
+	}
+	c, err := d.Dial(testContext(t), sa.addr, rpc.Gob)
+	if err != nil {
+		t.Fatalf("Dial: %v", err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// do sends an HTTP request to the agent; auth is "Bearer ...", "cookie:TOKEN"
+// or "".
+func (sa *secureAgent) do(t *testing.T, method, path, auth string, header ...string) (int, string) {
+	t.Helper()
+	req, err := http.NewRequestWithContext(testContext(t), method, "https://"+sa.addr+path, strings.NewReader("{}"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if token, ok := strings.CutPrefix(auth, "cookie:"); ok {
+		req.AddCookie(&http.Cookie{Name: "discoverd_token", Value: token})
+	} else if auth != "" {
+		req.Header.Set("Authorization", auth)
+	}
+	for i := 0; i+1 < len(header); i += 2 {
+		req.Header.Set(header[i], header[i+1])
+	}
+	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: sa.tlsConfig()}}
+	defer hc.CloseIdleConnections()
+	resp, err := hc.Do(req)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, path, err)
+	}
+	defer resp.Body.Close()
+	if resp.Header.Get("Content-Type") == "text/event-stream" {
+		return resp.StatusCode, "" // a stream that was allowed; do not wait for it
+	}
+	body, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(body)
+}
+
+func testContext(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+func wantCode(t *testing.T, what string, err error, want api.Code) {
+	t.Helper()
+	if got := api.ErrorCode(api.ParseError(errText(err))); got != want {
+		t.Errorf("%s: error %v, want code %q", what, err, want)
+	}
+}
+
+func errText(err error) string {
+	if err == nil {
+		return ""
+	}
+	return strings.TrimPrefix(err.Error(), "rpc: ")
+}
+
+// TestSecureAgentACL drives an agent with TLS and an ACL file through
+// every front end and rule kind: register and read, allowed and denied,
+// for a token, the anonymous rules and an unknown token, then reloads the
+// file with SIGHUP.
+func TestSecureAgentACL(t *testing.T) {
+	sa := startSecureAgent(t)
+
+	t.Run("rpc register", func(t *testing.T) {
+		for _, tt := range []struct {
+			token, name string
+			want        api.Code
+		}{
+			{"deploy-secret", "web", ""},
+			{"deploy-secret", "web-api", ""},
+			{"deploy-secret", "pub-docs", ""},
+			{"deploy-secret", "db", api.CodePermissionDenied},
+			{"read-secret", "web", api.CodePermissionDenied},
+			{"", "anon-1", ""},
+			{"", "web", api.CodePermissionDenied},
+			{"not-a-token", "anon-1", api.CodePermissionDenied},
+		} {
+			c := sa.dial(t, tt.token)
+			var addr string
+			err := c.Call(testContext(t), api.MethodRegister, &api.Args{Name: tt.name, Addr: "10.0.0.1:80"}, &addr)
+			wantCode(t, fmt.Sprintf("token %q registers %q", tt.token, tt.name), err, tt.want)
+			if err == nil {
+				// Unregister is not checked: a connection removes only
+				// what it owns.
+				if err := c.Call(testContext(t), api.MethodUnregister, &api.Args{Name: tt.name, Addr: "10.0.0.1:80"}, &struct{}{}); err != nil {
+					t.Errorf("unregister %q: %v", tt.name, err)
+				}
+			}
+		}
+	})
+
+	// Registrations that stay for the reads below.
+	holder := sa.dial(t, "deploy-secret")
+	for _, name := range []string{"web", "pub-docs"} {
+		var addr string
+		if err := holder.Call(testContext(t), api.MethodRegister, &api.Args{Name: name, Addr: "10.0.0.2:80"}, &addr); err != nil {
+			t.Fatalf("register %s: %v", name, err)
+		}
+	}
+
+	t.Run("rpc subscribe", func(t *testing.T) {
+		for _, tt := range []struct {
+			token, name string
+			want        api.Code
+		}{
+			{"read-secret", "web", ""},
+			{"read-secret", "pub-docs", api.CodePermissionDenied},
+			{"", "pub-docs", ""},
+			{"", "web", api.CodePermissionDenied},
+		} {
+			c := sa.dial(t, tt.token)
+			ch := make(chan *api.ServiceUpdate, 16)
+			sc, err := c.Stream(testContext(t), api.MethodSubscribe, &api.Args{Name: tt.name}, ch)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tt.want == "" {
+				select {
+				case u := <-ch:
+					if u.Addr != "10.0.0.2:80" {
+						t.Errorf("token %q subscribes %q: first update %+v", tt.token, tt.name, u)
+					}
+				case <-sc.Done():
+					t.Errorf("token %q subscribes %q: stream ended: %v", tt.token, tt.name, sc.Err())
+				}
+				sc.Close()
+				continue
+			}
+			for u := range ch { // closed when the stream ends
+				t.Errorf("token %q subscribes %q: got %+v, want a denial", tt.token, tt.name, u)
+			}
+			wantCode(t, fmt.Sprintf("token %q subscribes %q", tt.token, tt.name), sc.Err(), tt.want)
+		}
+	})
+
+	t.Run("http", func(t *testing.T) {
+		for _, tt := range []struct {
+			method, path, auth string
+			want               int
+		}{
+			{"PUT", "/services/web-x/instances/10.0.0.3:80", "Bearer deploy-secret", 200},
+			{"PUT", "/services/web-x/instances/10.0.0.4:80", "cookie:deploy-secret", 200},
+			{"PUT", "/services/web-x/instances/10.0.0.5:80", "", 403},
+			{"PUT", "/services/web-x/instances/10.0.0.5:80", "Basic Zm9vOmJhcg==", 403},
+			{"PUT", "/services/anon-h/instances/10.0.0.5:80", "", 200},
+			{"DELETE", "/services/web-x/instances/10.0.0.3:80", "", 403},
+			{"DELETE", "/services/web-x/instances/10.0.0.3:80", "Bearer deploy-secret", 204},
+			{"GET", "/services/web", "Bearer read-secret", 200},
+			{"GET", "/services/web", "cookie:read-secret", 200},
+			{"GET", "/services/web", "", 403},
+			{"GET", "/services/web/leader", "", 403},
+			{"GET", "/services/pub-docs/leader", "", 200},
+			{"GET", "/services/web", "Bearer wrong", 403},
+			{"GET", "/services", "Bearer wrong", 403},
+			{"GET", "/health", "", 200},
+		} {
+			code, body := sa.do(t, tt.method, tt.path, tt.auth)
+			if code != tt.want {
+				t.Errorf("%s %s (%s): %d %s, want %d", tt.method, tt.path, tt.auth, code, body, tt.want)
+			}
+			if code == 403 && !strings.Contains(body, `"code":"permission_denied"`) {
+				t.Errorf("%s %s (%s): body %s, want code permission_denied", tt.method, tt.path, tt.auth, body)
+			}
+		}
+		// Watches (SSE), as a browser's EventSource sends them: the
+		// token in the cookie.
+		if code, body := sa.do(t, "GET", "/services/web", "", "Accept", "text/event-stream"); code != 403 {
+			t.Errorf("anonymous watch of web: %d %s, want 403", code, body)
+		}
+		if code, body := sa.do(t, "GET", "/services/web", "cookie:read-secret", "Accept", "text/event-stream"); code != 200 {
+			t.Errorf("watch of web with the reader's cookie: %d %s, want 200", code, body)
+		}
+		// The listing leaves out what the caller may not read.
+		_, body := sa.do(t, "GET", "/services", "")
+		if !strings.Contains(body, `"pub-docs"`) || strings.Contains(body, `"web"`) {
+			t.Errorf("anonymous listing: %s, want pub-docs and not web", body)
+		}
+		_, body = sa.do(t, "GET", "/services", "Bearer deploy-secret")
+		if !strings.Contains(body, `"pub-docs"`) || !strings.Contains(body, `"web"`) {
+			t.Errorf("deployer's listing: %s, want pub-docs and web", body)
+		}
+	})
+
+	t.Run("dns follows the anonymous rules", func(t *testing.T) {
+		for _, tt := range []struct {
+			name  string
+			rcode int
+		}{
+			{"pub-docs.discoverd.", dns.RcodeSuccess},
+			{"web.discoverd.", dns.RcodeRefused},
+			{"leader.web.discoverd.", dns.RcodeRefused},
+		} {
+			q := new(dns.Msg)
+			q.SetQuestion(tt.name, dns.TypeA)
+			resp, _, err := (&dns.Client{Timeout: waitTimeout}).Exchange(q, sa.m.DNSAddr())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if resp.Rcode != tt.rcode || (tt.rcode == dns.RcodeSuccess && len(resp.Answer) != 1) {
+				t.Errorf("%s: rcode %s, %d answers; want %s", tt.name, dns.RcodeToString[resp.Rcode], len(resp.Answer), dns.RcodeToString[tt.rcode])
+			}
+		}
+	})
+
+	t.Run("denials are counted", func(t *testing.T) {
+		_, body := sa.do(t, "GET", "/metrics", "")
+		for _, want := range []string{
+			`discoverd_acl_denied_total{front="rpc",right="register"}`,
+			`discoverd_acl_denied_total{front="rpc",right="read"}`,
+			`discoverd_acl_denied_total{front="http",right="register"}`,
+			`discoverd_acl_denied_total{front="http",right="read"}`,
+			`discoverd_acl_denied_total{front="dns",right="read"} 2`,
+		} {
+			if !strings.Contains(body, want) {
+				t.Errorf("/metrics lacks %s", want)
+			}
+		}
+	})
+
+	t.Run("the Go client sends its token", func(t *testing.T) {
+		c, err := discoverd.NewClientWithConfig(discoverd.Config{Addr: "https://" + sa.addr, TLS: sa.tlsConfig(), Token: "read-secret"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		if err := c.Register("db", "10.0.0.9:5432"); api.ErrorCode(err) != api.CodePermissionDenied {
+			t.Errorf("reader registers db: %v, want permission_denied", err)
+		}
+		services, err := c.Services("web", waitTimeout)
+		if err != nil || len(services) != 1 {
+			t.Errorf("reader looks up web: %v, %v", services, err)
+		}
+	})
+
+	t.Run("SIGHUP reloads the file", func(t *testing.T) {
+		c := sa.dial(t, "read-secret") // connected before the reload
+		if err := os.WriteFile(sa.aclFile, []byte(aclV2), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := syscall.Kill(os.Getpid(), syscall.SIGHUP); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-sa.m.reloaded:
+		case <-testContext(t).Done():
+			t.Fatal("no reload after SIGHUP")
+		}
+		var addr string
+		if err := c.Call(testContext(t), api.MethodRegister, &api.Args{Name: "db", Addr: "10.0.0.9:5432"}, &addr); err != nil {
+			t.Errorf("reader registers db after the reload: %v", err)
+		}
+		// A file that does not parse leaves the rules in force.
+		if err := os.WriteFile(sa.aclFile, []byte(`{"tokens": [`), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := syscall.Kill(os.Getpid(), syscall.SIGHUP); err != nil {
+			t.Fatal(err)
+		}
+		<-sa.m.reloaded
+		if err := c.Call(testContext(t), api.MethodRegister, &api.Args{Name: "db", Addr: "10.0.0.9:5433"}, &addr); err != nil {
+			t.Errorf("reader registers db after a bad reload: %v", err)
+		}
+	})
+}
+
+// TestSecureAgentTLS: the agent's port refuses plain TCP, clients without
+// a certificate, with an expired one or one from another CA, and clients
+// that do not trust its CA.
+func TestSecureAgentTLS(t *testing.T) {
+	sa := startSecureAgent(t)
+	other := testcert.NewCA(t, "other CA")
+	expired := sa.ca.Issue(t, testcert.Options{CommonName: "app", Expired: true}).TLS
+	foreign := other.Issue(t, testcert.Options{CommonName: "app"}).TLS
+
+	for _, tt := range []struct {
+		name string
+		conf *tls.Config
+	}{
+		{"plain TCP", nil},
+		{"no client certificate", &tls.Config{RootCAs: sa.ca.Pool()}},
+		{"expired client certificate", &tls.Config{RootCAs: sa.ca.Pool(), Certificates: []tls.Certificate{expired}}},
+		{"client certificate of another CA", &tls.Config{RootCAs: sa.ca.Pool(), Certificates: []tls.Certificate{foreign}}},
+		{"client does not trust the agent's CA", &tls.Config{RootCAs: other.Pool(), Certificates: []tls.Certificate{sa.client}}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			c, err := (&rpc.Dialer{TLS: tt.conf}).Dial(testContext(t), sa.addr, rpc.Gob)
+			if err == nil {
+				// TLS 1.3 reports a refused client certificate at the
+				// first read, after the handshake: the call fails.
+				var addr string
+				err = c.Call(testContext(t), api.MethodRegister, &api.Args{Name: "anon-x", Addr: "10.0.0.1:80"}, &addr)
+				c.Close()
+			}
+			if err == nil {
+				t.Fatal("the agent served the connection")
+			}
+		})
+	}
+	t.Run("valid certificate", func(t *testing.T) {
+		c := sa.dial(t, "")
+		var addr string
+		if err := c.Call(testContext(t), api.MethodRegister, &api.Args{Name: "anon-x", Addr: "10.0.0.1:80"}, &addr); err != nil {
+			t.Fatal(err)
+		}
+	})
+}
+
+// TestSecurityFlags: the combinations the agent refuses before it starts.
+func TestSecurityFlags(t *testing.T) {
+	for _, tt := range []struct {
+		args []string
+		env  map[string]string
+		want string
+	}{
+		{[]string{"-tls-cert", "c.pem"}, nil, "-tls-cert and -tls-key go together"},
+		{[]string{"-tls-client-ca", "ca.pem"}, nil, "-tls-client-ca needs"},
+		{[]string{"-etcd-cacert", "ca.pem"}, nil, "apply to an external etcd"},
+		{[]string{"-etcd", "https://h:2379", "-etcd-user", "u"}, nil, "needs its password in DISCOVERD_ETCD_PASSWORD"},
+		{[]string{"-etcd", "https://h:2379"}, map[string]string{"DISCOVERD_ETCD_PASSWORD": "p"}, "without -etcd-user"},
+		{[]string{"-etcd-prefix", "tenant/"}, nil, "must start and end with /"},
+		{[]string{"-zookeeper", "h:2181", "-zookeeper-auth", "nopassword"}, nil, "want user:password"},
+		{[]string{"-zookeeper-auth", "u:p"}, nil, "applies to -zookeeper"},
+	} {
+		m := NewMain()
+		err := m.ParseFlags(tt.args, func(k string) string { return tt.env[k] }, io.Discard)
+		if err == nil || !strings.Contains(err.Error(), tt.want) {
+			t.Errorf("%v: %v, want an error containing %q", tt.args, err, tt.want)
+		}
+	}
+	m := NewMain()
+	env := map[string]string{"DISCOVERD_ETCD_PASSWORD": "pw", "DISCOVERD_ZOOKEEPER_AUTH": ""}
+	if err := m.ParseFlags([]string{"-etcd", "https://h:2379", "-etcd-user", "u", "-etcd-prefix", "/t1/"}, func(k string) string { return env[k] }, io.Discard); err != nil {
+		t.Fatal(err)
+	}
+	if m.EtcdPassword != "pw" || m.EtcdPrefix != "/t1/" {
+		t.Fatalf("password %q prefix %q", m.EtcdPassword, m.EtcdPrefix)
+	}
+}
+
+// TestStartRefusesBadSecurityFiles: a missing certificate or a bad ACL
+// file stops the start with an error that names it.
+func TestStartRefusesBadSecurityFiles(t *testing.T) {
+	dir := t.TempDir()
+	bad := filepath.Join(dir, "acl.json")
+	if err := os.WriteFile(bad, []byte(`{"anonymous": {"read": ["*x"]}}`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, tt := range []struct {
+		set  func(m *Main)
+		want string
+	}{
+		{func(m *Main) { m.ACLFile = bad }, "acl.json"},
+		{func(m *Main) { m.TLSCert, m.TLSKey = filepath.Join(dir, "none.pem"), filepath.Join(dir, "none-key.pem") }, "none.pem"},
+	} {
+		m := testMain(t)
+		tt.set(m)
+		err := m.Start(testContext(t))
+		if err == nil {
+			m.Close()
+			t.Fatalf("Start succeeded, want an error naming %s", tt.want)
+		}
+		if !strings.Contains(err.Error(), tt.want) {
+			t.Errorf("Start: %v, want an error naming %s", err, tt.want)
+		}
+	}
+}
+
+// TestOpenAgentWarns: without -acl-file, an agent on a non-loopback
+// address logs a warning.
+func TestOpenAgentWarns(t *testing.T) {
+	var logs strings.Builder
+	m := &securityMain{}
+	m.warnOpen(slog.New(slog.NewTextHandler(&logs, nil)), &net.TCPAddr{IP: net.IPv4(10, 0, 0, 1), Port: 1111})
+	if !strings.Contains(logs.String(), "no -acl-file") {
+		t.Errorf("no warning on 10.0.0.1: %q", logs.String())
+	}
+	logs.Reset()
+	m.warnOpen(slog.New(slog.NewTextHandler(&logs, nil)), &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 1111})
+	if logs.Len() != 0 {
+		t.Errorf("warning on loopback: %q", logs.String())
+	}
+}
