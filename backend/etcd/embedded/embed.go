@@ -24,6 +24,7 @@ import (
 	"syscall"
 	"time"
 
+	"go.etcd.io/etcd/client/pkg/v3/transport"
 	"go.etcd.io/etcd/server/v3/embed"
 	"google.golang.org/grpc"
 )
@@ -58,6 +59,18 @@ type Config struct {
 	// report the reason its own way and exit. If it returns, or is nil,
 	// the process exits with status 1 after the error was logged.
 	OnFatal func(error)
+	// ClientTLS, if set, serves clients over TLS (https endpoints).
+	ClientTLS *TLS
+}
+
+// TLS is the server side of TLS on the client port: PEM files of the
+// server's certificate and key and, with ClientCertAuth, of the CAs whose
+// client certificates etcd requires (and, with auth enabled, takes the
+// common name of as the user name).
+type TLS struct {
+	CertFile, KeyFile string
+	TrustedCAFile     string
+	ClientCertAuth    bool
 }
 
 // Server is an etcd server running in this process. Its methods are safe
@@ -156,7 +169,11 @@ func listenURLs(cfg Config) (client, peer url.URL, err error) {
 			return client, peer, err
 		}
 	}
-	return url.URL{Scheme: "http", Host: clientAddr}, url.URL{Scheme: "http", Host: peerAddr}, nil
+	client = url.URL{Scheme: "http", Host: clientAddr}
+	if cfg.ClientTLS != nil {
+		client.Scheme = "https"
+	}
+	return client, url.URL{Scheme: "http", Host: peerAddr}, nil
 }
 
 // etcdConfig returns the server's configuration: its name, URLs and
@@ -171,6 +188,10 @@ func etcdConfig(cfg Config, clientURL, peerURL url.URL) *embed.Config {
 	ec.ListenPeerUrls = []url.URL{peerURL}
 	ec.AdvertisePeerUrls = []url.URL{peerURL}
 	ec.InitialCluster = cfg.InitialCluster
+	if t := cfg.ClientTLS; t != nil {
+		ec.ClientTLSInfo = transport.TLSInfo{CertFile: t.CertFile, KeyFile: t.KeyFile,
+			TrustedCAFile: t.TrustedCAFile, ClientCertAuth: t.ClientCertAuth}
+	}
 	if ec.InitialCluster == "" {
 		ec.InitialCluster = ec.InitialClusterFromName(ec.Name)
 	}

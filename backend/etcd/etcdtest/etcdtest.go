@@ -47,6 +47,20 @@ func NewServer(tb testing.TB) *embedded.Server {
 	return srv
 }
 
+// NewTLSServer starts a single-member etcd server that serves clients
+// over TLS (https endpoints) with the given files, like NewServer.
+func NewTLSServer(tb testing.TB, files embedded.TLS) *embedded.Server {
+	tb.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), startTimeout)
+	defer cancel()
+	srv, err := embedded.Start(ctx, embedded.Config{Dir: tb.TempDir(), ClientTLS: &files})
+	if err != nil {
+		tb.Fatalf("etcdtest: %v", err)
+	}
+	tb.Cleanup(func() { srv.Close() })
+	return srv
+}
+
 // Cluster is an etcd cluster of embedded members on 127.0.0.1. Its
 // methods are safe for concurrent use.
 type Cluster struct {
