@@ -710,6 +710,12 @@ func (b *Backend) ensurePath(p string) error {
 	switch {
 	case err == nil, errors.Is(err, zk.ErrNodeExists):
 		return nil
+	case errors.Is(err, zk.ErrNoAuth):
+		// ZooKeeper checks the parent's ACL before it looks for p, so a
+		// parent we may not write answers this even when p exists.
+		if ok, _, xerr := b.conn.Exists(p); xerr == nil && ok {
+			return nil
+		}
 	case errors.Is(err, zk.ErrNoNode):
 		if err := b.ensurePath(path.Dir(p)); err != nil {
 			return err
