@@ -17,8 +17,12 @@ import (
 	"testing"
 
 	"github.com/miekg/dns"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
 
 	"github.com/flynn/discoverd/api"
+	"github.com/flynn/discoverd/backend/etcd/embedded"
+	"github.com/flynn/discoverd/backend/etcd/etcdtest"
 	discoverd "github.com/flynn/discoverd/client"
 	"github.com/flynn/discoverd/internal/testcert"
 	"github.com/flynn/discoverd/rpc"
@@ -464,5 +468,43 @@ func TestOpenAgentWarns(t *testing.T) {
 	m.warnOpen(slog.New(slog.NewTextHandler(&logs, nil)), &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 1111})
 	if logs.Len() != 0 {
 		t.Errorf("warning on loopback: %q", logs.String())
+	}
+}
+
+// TestAgentOnTLSEtcd: the agent's etcd flags (-etcd https://,
+// -etcd-cacert, -etcd-cert, -etcd-key, -etcd-prefix) reach a store that
+// requires client certificates, and registrations land under the prefix.
+func TestAgentOnTLSEtcd(t *testing.T) {
+	dir := t.TempDir()
+	ca := testcert.NewCA(t, "etcd CA")
+	cert, key := ca.Issue(t, testcert.Options{CommonName: "etcd", Hosts: []string{"127.0.0.1"}}).Write(t, dir, "etcd")
+	caFile := ca.Write(t, dir)
+	srv := etcdtest.NewTLSServer(t, embedded.TLS{CertFile: cert, KeyFile: key, TrustedCAFile: caFile, ClientCertAuth: true})
+	agentCert, agentKey := ca.Issue(t, testcert.Options{CommonName: "agent"}).Write(t, dir, "agent")
+
+	m := testMain(t)
+	args := []string{"-bind", "127.0.0.1:0", "-dns", "", "-etcd", strings.Join(srv.Endpoints(), ","),
+		"-etcd-cacert", caFile, "-etcd-cert", agentCert, "-etcd-key", agentKey, "-etcd-prefix", "/fleet1/"}
+	if err := m.ParseFlags(args, func(string) string { return "" }, io.Discard); err != nil {
+		t.Fatal(err)
+	}
+	mustStart(t, m)
+	c := mustRegister(t, m.Addr().String()) // web 10.0.0.1:80
+	defer c.Close()
+
+	etc, err := clientv3.New(clientv3.Config{
+		Endpoints: srv.Endpoints(), DialTimeout: waitTimeout, Logger: zap.NewNop(),
+		TLS: &tls.Config{RootCAs: ca.Pool(), Certificates: []tls.Certificate{ca.Issue(t, testcert.Options{CommonName: "check"}).TLS}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer etc.Close()
+	resp, err := etc.Get(testContext(t), "/fleet1/web/", clientv3.WithPrefix())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(resp.Kvs) != 1 || string(resp.Kvs[0].Key) != "/fleet1/web/10.0.0.1:80" {
+		t.Fatalf("keys under /fleet1/web/: %v", resp.Kvs)
 	}
 }
