@@ -3,6 +3,7 @@ package acl_test
 import (
 	"crypto/sha256"
 	"encoding/hex"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -127,5 +128,25 @@ func TestLoad(t *testing.T) {
 	}
 	if _, err := acl.Load(path); err == nil || !strings.Contains(err.Error(), path) {
 		t.Fatalf("Load of a bad file: %v, want an error naming the file", err)
+	}
+}
+
+// BenchmarkPrincipal is the cost of one check against a file of 100
+// tokens (the token matched is the last; every entry is compared).
+func BenchmarkPrincipal(b *testing.B) {
+	f := acl.File{}
+	for i := range 100 {
+		f.Tokens = append(f.Tokens, acl.Token{Name: fmt.Sprint("t", i), SHA256: sum(fmt.Sprint("token-", i)),
+			Rules: acl.Rules{Register: []string{"web", "web-*"}, Read: []string{"*"}}})
+	}
+	a, err := acl.Compile(f)
+	if err != nil {
+		b.Fatal(err)
+	}
+	c := acl.NewCredential("token-99")
+	for b.Loop() {
+		if !a.Principal(c).CanRegister("web-api") {
+			b.Fatal("denied")
+		}
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -16,6 +17,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 
+	"github.com/flynn/discoverd/acl"
 	"github.com/flynn/discoverd/agent"
 	"github.com/flynn/discoverd/api"
 	"github.com/flynn/discoverd/backend/etcd"
@@ -46,6 +48,8 @@ type agentOptions struct {
 	// api.DefaultMaxRegistrationsPerConn) for the scenarios that register
 	// more than that through one connection.
 	MaxRegistrationsPerConn int
+	// ACL, if set, holds the agent's access rules (server.Options.ACL).
+	ACL *atomic.Pointer[acl.ACL]
 }
 
 // startAgent starts an agent on the etcd at endpoints, listening on a
@@ -82,7 +86,7 @@ func startAgentOn(ctx context.Context, bind string, endpoints []string, opts age
 	if err != nil {
 		return nil, err
 	}
-	la.server, err = server.New(la.agent, server.Options{Logger: log})
+	la.server, err = server.New(la.agent, server.Options{Logger: log, ACL: opts.ACL})
 	if err != nil {
 		return nil, err
 	}

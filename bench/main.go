@@ -48,7 +48,7 @@ func main() {
 }
 
 // scenarios in the order they run.
-var scenarios = []string{"throughput", "latency", "heartbeat", "fanout", "failure", "start", "conns", "dns"}
+var scenarios = []string{"throughput", "latency", "heartbeat", "fanout", "failure", "start", "conns", "dns", "acl"}
 
 // config is the sizes of a run.
 type config struct {
@@ -250,6 +250,7 @@ type Report struct {
 	Start      *StartResult      `json:"start,omitempty"`
 	Conns      *ConnsResult      `json:"conns,omitempty"`
 	DNS        *DNSResult        `json:"dns,omitempty"`
+	ACL        *ACLResult        `json:"acl,omitempty"`
 }
 
 // Machine describes where the figures were taken.
@@ -417,6 +418,7 @@ func runScenarios(ctx context.Context, cfg *config, rep *Report, stderr io.Write
 	step("start", func() (err error) { rep.Start, err = benchStart(ctx, e, cfg); return })
 	step("conns", func() (err error) { rep.Conns, err = benchConns(ctx, e, cfg); return })
 	step("dns", func() (err error) { rep.DNS, err = benchDNS(ctx, e, cfg); return })
+	step("acl", func() (err error) { rep.ACL, err = benchACL(ctx, e, cfg); return })
 	rep.Rows = e.rows
 	return ctx.Err()
 }
