@@ -22,7 +22,7 @@ type ACLRun struct {
 	ACLPerSec  float64 `json:"acl_per_sec"`
 }
 
-// ACLResult is scenario 9: the cost of token checks.
+// ACLResult is the acl scenario (issue 15): the cost of token checks.
 type ACLResult struct {
 	Runs []ACLRun `json:"runs"`
 }
@@ -61,7 +61,7 @@ func benchACL(ctx context.Context, env *env, cfg *config) (*ACLResult, error) {
 		}
 		res.Runs = append(res.Runs, run)
 		env.row(Row{
-			Scenario: "9 acl",
+			Scenario: "acl",
 			Figure:   fmt.Sprintf("registrations/s with a %d-token ACL, %d conn × %d in flight", aclTokens, sh.conns, sh.perConn),
 			Value:    fmt.Sprintf("%.0f/s", run.ACLPerSec),
 			Etcd:     fmt.Sprintf("no ACL: %.0f/s", run.OpenPerSec),
