@@ -182,14 +182,15 @@ func (s *Server) readable(r *http.Request) (func(name string) bool, error) {
 		return func(string) bool { return true }, nil
 	}
 	cred, err := credentialOf(r, true)
-	if err == nil && !a.Principal(cred).Known {
+	p := a.Principal(cred)
+	if err == nil && !p.Known {
 		err = api.Errorf(api.CodePermissionDenied, "the token presented is not in the agent's ACL file")
 	}
 	if err != nil {
 		s.auth.denied.WithLabelValues("http", rightRead.String()).Inc()
 		return nil, err
 	}
-	return a.Principal(cred).CanRead, nil
+	return p.CanRead, nil
 }
 
 // AllowAnonymousRead reports whether a request without a token may read
