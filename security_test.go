@@ -440,7 +440,9 @@ func TestStartRefusesBadSecurityFiles(t *testing.T) {
 		want string
 	}{
 		{func(m *Main) { m.ACLFile = bad }, "acl.json"},
-		{func(m *Main) { m.TLSCert, m.TLSKey = filepath.Join(dir, "none.pem"), filepath.Join(dir, "none-key.pem") }, "none.pem"},
+		{func(m *Main) {
+			m.TLSCert, m.TLSKey = filepath.Join(dir, "none.pem"), filepath.Join(dir, "none-key.pem")
+		}, "none.pem"},
 	} {
 		m := testMain(t)
 		tt.set(m)
