@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"crypto/tls"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -15,7 +16,9 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
+	"github.com/go-zookeeper/zk"
 	"github.com/miekg/dns"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
@@ -23,6 +26,8 @@ import (
 	"github.com/flynn/discoverd/api"
 	"github.com/flynn/discoverd/backend/etcd/embedded"
 	"github.com/flynn/discoverd/backend/etcd/etcdtest"
+	"github.com/flynn/discoverd/backend/zookeeper"
+	"github.com/flynn/discoverd/backend/zookeeper/zktest"
 	discoverd "github.com/flynn/discoverd/client"
 	"github.com/flynn/discoverd/internal/testcert"
 	"github.com/flynn/discoverd/rpc"
@@ -51,6 +56,9 @@ type secureAgent struct {
 	ca      *testcert.CA
 	client  tls.Certificate // signed by ca
 	aclFile string
+	// Files for the environment of clients: the CA, and client's
+	// certificate and key.
+	caFile, certFile, keyFile string
 }
 
 func startSecureAgent(t *testing.T) *secureAgent {
@@ -58,17 +66,20 @@ func startSecureAgent(t *testing.T) *secureAgent {
 	dir := t.TempDir()
 	ca := testcert.NewCA(t, "agent CA")
 	srvCert, srvKey := ca.Issue(t, testcert.Options{CommonName: "agent", Hosts: []string{"127.0.0.1"}}).Write(t, dir, "agent")
+	pair := ca.Issue(t, testcert.Options{CommonName: "app"})
 	sa := &secureAgent{
 		ca:      ca,
-		client:  ca.Issue(t, testcert.Options{CommonName: "app"}).TLS,
+		client:  pair.TLS,
 		aclFile: filepath.Join(dir, "acl.json"),
+		caFile:  ca.Write(t, dir),
 	}
+	sa.certFile, sa.keyFile = pair.Write(t, dir, "app")
 	if err := os.WriteFile(sa.aclFile, []byte(aclV1), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	m := testMain(t)
 	m.DNS = "127.0.0.1:0"
-	m.TLSCert, m.TLSKey, m.TLSClientCA = srvCert, srvKey, ca.Write(t, dir)
+	m.TLSCert, m.TLSKey, m.TLSClientCA = srvCert, srvKey, sa.caFile
 	m.ACLFile = sa.aclFile
 	m.reloaded = make(chan struct{}, 1)
 	mustStart(t, m)
@@ -322,6 +333,37 @@ func TestSecureAgentACL(t *testing.T) {
 		}
 	})
 
+	t.Run("the client library and the CLI read the environment", func(t *testing.T) {
+		t.Setenv("DISCOVERD", "https://"+sa.addr)
+		t.Setenv("DISCOVERD_CA_CERT", sa.caFile)
+		t.Setenv("DISCOVERD_CLIENT_CERT", sa.certFile)
+		t.Setenv("DISCOVERD_CLIENT_KEY", sa.keyFile)
+		t.Setenv("DISCOVERD_TOKEN", "deploy-secret")
+		c, err := discoverd.NewClient()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		if err := c.Register("web-env", "10.0.0.8:80"); err != nil {
+			t.Errorf("deployer registers web-env: %v", err)
+		}
+		var stdout, stderr strings.Builder
+		if code := run(testContext(t), []string{"services"}, os.Getenv, &stdout, &stderr); code != 0 {
+			t.Fatalf("discoverd services: exit %d: %s", code, stderr.String())
+		}
+		if !strings.Contains(stdout.String(), "web-env") || !strings.Contains(stdout.String(), "pub-docs") {
+			t.Errorf("discoverd services with the deployer's token:\n%s", stdout.String())
+		}
+		t.Setenv("DISCOVERD_TOKEN", "")
+		stdout.Reset()
+		if code := run(testContext(t), []string{"services"}, os.Getenv, &stdout, &stderr); code != 0 {
+			t.Fatalf("anonymous discoverd services: exit %d: %s", code, stderr.String())
+		}
+		if strings.Contains(stdout.String(), "web") {
+			t.Errorf("anonymous discoverd services lists what it may not read:\n%s", stdout.String())
+		}
+	})
+
 	t.Run("SIGHUP reloads the file", func(t *testing.T) {
 		c := sa.dial(t, "read-secret") // connected before the reload
 		if err := os.WriteFile(sa.aclFile, []byte(aclV2), 0o600); err != nil {
@@ -510,3 +552,43 @@ func TestAgentOnTLSEtcd(t *testing.T) {
 		t.Fatalf("keys under /fleet1/web/: %v", resp.Kvs)
 	}
 }
+
+// TestAgentOnZooKeeperWithAuth: -zookeeper-auth (here from its
+// environment variable) reaches the backend: the agent's znodes carry the
+// digest ACL.
+func TestAgentOnZooKeeperWithAuth(t *testing.T) {
+	srv := zktest.NewServer(t)
+	m := testMain(t)
+	env := map[string]string{"DISCOVERD_ZOOKEEPER_AUTH": "fleet:pw"}
+	if err := m.ParseFlags([]string{"-bind", "127.0.0.1:0", "-dns", "", "-zookeeper", strings.Join(srv.Servers(), ",")},
+		func(k string) string { return env[k] }, io.Discard); err != nil {
+		t.Fatal(err)
+	}
+	mustStart(t, m)
+	c := mustRegister(t, m.Addr().String()) // web 10.0.0.1:80
+	defer c.Close()
+
+	zc, events, err := zk.Connect(srv.Servers(), 10*time.Second, zk.WithLogInfo(false), zk.WithLogger(zkQuiet{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		zc.Close()
+		for range events {
+		}
+	}()
+	acl, _, err := zc.GetACL(zookeeper.DefaultPrefix + "/web/10.0.0.1:80")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(acl) != 2 || acl[0].Scheme != "digest" || !strings.HasPrefix(acl[0].ID, "fleet:") || acl[1].Perms != zk.PermRead {
+		t.Fatalf("ACL of the registration: %v, want digest fleet (all) and world (read)", acl)
+	}
+	if err := zc.Delete(zookeeper.DefaultPrefix+"/web/10.0.0.1:80", -1); !errors.Is(err, zk.ErrNoAuth) {
+		t.Fatalf("anonymous delete: %v, want ErrNoAuth", err)
+	}
+}
+
+type zkQuiet struct{}
+
+func (zkQuiet) Printf(string, ...any) {}
