@@ -34,7 +34,7 @@ func TestDialerTLSAndHeader(t *testing.T) {
 	ts.StartTLS()
 	t.Cleanup(func() {
 		ts.Close()
-		srv.Close()
+		srv.Close(context.Background())
 	})
 	addr := strings.TrimPrefix(ts.URL, "https://")
 	tlsConf := ts.Client().Transport.(*http.Transport).TLSClientConfig
