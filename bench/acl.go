@@ -54,7 +54,7 @@ func benchACL(ctx context.Context, env *env, cfg *config) (*ACLResult, error) {
 	token := fmt.Sprintf("bench-token-%d", aclTokens-1)
 
 	res := &ACLResult{}
-	for _, sh := range []shape{{1, 1}, {1, 64}} {
+	for _, sh := range []shape{{conns: 1, perConn: 1}, {conns: 1, perConn: 64}} {
 		run, err := aclShape(ctx, env, sh, cfg, guard, token)
 		if err != nil {
 			return res, err

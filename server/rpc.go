@@ -181,7 +181,8 @@ func (s *Server) openSource(ctx context.Context, method, op, name string,
 		return nil, err
 	}
 	if err := s.checkRPC(ctx, rightRead, name); err != nil {
-		return nil, nil, err
+		s.metrics.observeRPC(method, start, &err)
+		return nil, err
 	}
 	sub, err := open(ctx, name)
 	if err != nil {
