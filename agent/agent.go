@@ -321,7 +321,7 @@ func (a *Agent) sweep(now time.Time) {
 	}
 	var keys []regKey
 	for k, r := range a.regs {
-		if now.Sub(r.beat) > a.cfg.TTL {
+		if !r.owner.kept && now.Sub(r.beat) > a.cfg.TTL {
 			keys = append(keys, k)
 		}
 	}
@@ -357,7 +357,7 @@ func (a *Agent) prepareSweep(k regKey) bool {
 	}
 	if r := a.regs[k]; r != nil {
 		delete(a.orphans, k)
-		if a.clock.Since(r.beat) <= a.cfg.TTL {
+		if r.owner.kept || a.clock.Since(r.beat) <= a.cfg.TTL {
 			a.mu.Unlock()
 			return false
 		}

@@ -38,6 +38,7 @@ type Session struct {
 	a      *Agent
 	max    int  // <0: unlimited
 	shared bool // an owner class without a connection (HTTP): never takes over
+	kept   bool // the agent's own class (health checks): shared, and never expires (kept.go)
 
 	// guarded by a.mu
 	regs    map[regKey]struct{}
@@ -310,6 +311,8 @@ func (s *Session) ownerErrLocked(k regKey, r *registration, takeover bool) error
 		return nil
 	case s.shared && !r.owner.shared:
 		return api.Errorf(api.CodeConflict, "%s/%s is registered by a connection (RPC); an HTTP request cannot take it over or remove it", k.name, k.addr)
+	case s.shared && r.owner.kept != s.kept:
+		return api.Errorf(api.CodeConflict, "%s/%s is held by another owner class (a checked registration, or an HTTP one); it cannot be taken over or removed from here", k.name, k.addr)
 	case takeover:
 		return nil
 	}

@@ -23,6 +23,11 @@ type Args struct {
 	Name  string
 	Addr  string
 	Attrs map[string]string
+	// Check, in a Register call, hands the registration to the agent,
+	// which keeps it online while the check passes (no heartbeats). nil
+	// for an ordinary registration. Older clients never send it, and
+	// older agents ignore it (gob and JSON skip unknown fields).
+	Check *Check
 }
 
 // ServiceUpdate describes one instance of a service, or one change to it.
