@@ -31,8 +31,10 @@ var commands = map[string]struct {
 	help  string
 	run   func(cl *cli, ctx context.Context, args []string) error
 }{
-	"register": {"register [-agent ADDR] NAME ADDR [key=value...]",
-		"register an instance and keep it registered until interrupted", (*cli).register},
+	"register": {"register [-agent ADDR] [-check-http URL | -check-tcp ADDR [-interval D] [-timeout D] [-rise N] [-fall N] [-deregister-after D] [-detach]] NAME ADDR [key=value...]",
+		"register an instance and keep it registered until interrupted; with a check, the agent keeps it online while the check passes (-detach: and this command exits)", (*cli).register},
+	"unregister": {"unregister [-agent ADDR] NAME ADDR",
+		"remove a registration the agent keeps for a health check", (*cli).unregister},
 	"services": {"services [-agent ADDR] [-json] [NAME]",
 		"without NAME: every service with its instance count and leader; with NAME: its online instances, oldest first", (*cli).services},
 	"watch": {"watch [-agent ADDR] [-json] NAME",
@@ -200,7 +202,13 @@ func (cl *cli) openSet(fs *flag.FlagSet, args []string) (set discoverd.ServiceSe
 // interrupted, then unregister.
 func (cl *cli) register(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("register", flag.ContinueOnError)
+	var cf checkFlags
+	cf.define(fs)
 	pos, err := cl.parse(fs, args, 2, -1)
+	if err != nil {
+		return err
+	}
+	check, err := cf.check(fs)
 	if err != nil {
 		return err
 	}
@@ -216,6 +224,9 @@ func (cl *cli) register(ctx context.Context, args []string) error {
 	c, err := cl.connect()
 	if err != nil {
 		return err
+	}
+	if check != nil {
+		return cl.registerChecked(ctx, c, name, addr, attrs, check, cf.detach)
 	}
 	events := c.WatchReconnects()
 	expanded, err := c.RegisterInstance(name, addr, attrs)
@@ -307,7 +318,11 @@ func (cl *cli) services(ctx context.Context, args []string) error {
 		for _, s := range services {
 			out = append(out, instanceJSON(s.Name, s.Addr, s.Attrs, s.Created))
 		}
-		return cl.writeJSON(out)
+		sts, err := cl.fetchChecks(ctx, pos[0])
+		if err != nil {
+			return err
+		}
+		return cl.writeJSON(withChecks(out, sts))
 	}
 	for _, s := range services {
 		fmt.Fprintln(cl.stdout, s.Addr)

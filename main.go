@@ -138,6 +138,8 @@ type Main struct {
 	dnsMain
 	// TLS, ACL and store credentials: see security.go.
 	securityMain
+	// The health checks' settings (MaxCheckProbes, MaxChecks): see checks_main.go.
+	checksMain
 
 	// MaxConns caps the client connections served at once ("-max-conns");
 	// 0 derives it from the descriptor limit (see connBudget).
@@ -187,6 +189,7 @@ func NewMain() *Main {
 		BodyTimeout:                 server.DefaultBodyTimeout,
 		MaxHTTPRegistrationsPerAddr: server.DefaultMaxHTTPRegistrationsPerAddr,
 		dnsMain:                     defaultDNS(),
+		checksMain:                  defaultChecks(),
 	}
 }
 
@@ -262,6 +265,7 @@ func (m *Main) flagSet(getenv func(string) string) *flag.FlagSet {
 	fs.IntVar(&m.MaxHTTPRegistrationsPerAddr, "http-registrations-per-addr", m.MaxHTTPRegistrationsPerAddr, "cap on the HTTP registrations of one client address")
 	m.dnsFlags(fs)
 	m.securityFlags(fs, getenv)
+	m.checkFlags(fs)
 	return fs
 }
 
@@ -291,6 +295,9 @@ func (m *Main) validate() error {
 		}
 	}
 	if err := m.validateSecurity(len(m.Etcd) > 0, len(m.ZooKeeper) > 0); err != nil {
+		return err
+	}
+	if err := m.validateChecks(); err != nil {
 		return err
 	}
 	return m.validateDNS()
@@ -356,7 +363,11 @@ func (m *Main) Start(ctx context.Context) (err error) {
 	if err != nil {
 		return err
 	}
+	if err := m.startChecks(); err != nil {
+		return err
+	}
 	opts := server.Options{
+		Checks:                      m.checks,
 		Logger:                      m.Logger.With("component", "server"),
 		TTL:                         m.TTL,
 		Conns:                       m.conns,
@@ -437,7 +448,7 @@ func (m *Main) Run(ctx context.Context) error {
 func (m *Main) Close() error {
 	m.closeOnce.Do(func() {
 		m.closeReloader()
-		errs := []error{m.closeDNS()}
+		errs := []error{m.closeDNS(), m.closeChecks()}
 		if m.agent != nil {
 			errs = append(errs, m.agent.Close())
 		}

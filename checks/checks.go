@@ -60,6 +60,8 @@ type Registrar interface {
 const (
 	// DefaultMaxInFlight is the default cap on probes running at once.
 	DefaultMaxInFlight = 64
+	// DefaultMaxChecks is the default cap on checked registrations.
+	DefaultMaxChecks = 10000
 	// FlapWindow and FlapChanges: more than FlapChanges online/offline
 	// changes within FlapWindow make an instance flapping.
 	FlapWindow  = time.Minute
@@ -91,6 +93,9 @@ type Config struct {
 	// MaxInFlight caps the probes running at once. Default
 	// DefaultMaxInFlight.
 	MaxInFlight int
+	// MaxChecks caps the checked registrations held at once. Default
+	// DefaultMaxChecks.
+	MaxChecks int
 	// Clock drives intervals, rise/fall, flapping and deregister_after.
 	// Default the real clock.
 	Clock clockwork.Clock
@@ -116,9 +121,10 @@ type Manager struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup // every runner and expiry
 
-	mu     sync.Mutex
-	closed bool
-	checks map[key]*check
+	mu      sync.Mutex
+	closed  bool
+	checks  map[key]*check
+	pending int // new checks being added, counted against MaxChecks
 
 	stats counters
 }
@@ -131,8 +137,11 @@ func New(cfg Config) (*Manager, error) {
 	if cfg.Registrar == nil {
 		return nil, errors.New("checks: Config.Registrar is required")
 	}
-	if cfg.MaxInFlight < 0 {
-		return nil, errors.New("checks: Config.MaxInFlight must not be negative")
+	if cfg.MaxInFlight < 0 || cfg.MaxChecks < 0 {
+		return nil, errors.New("checks: Config.MaxInFlight and MaxChecks must not be negative")
+	}
+	if cfg.MaxChecks == 0 {
+		cfg.MaxChecks = DefaultMaxChecks
 	}
 	if cfg.MaxInFlight == 0 {
 		cfg.MaxInFlight = DefaultMaxInFlight
@@ -219,7 +228,7 @@ func (m *Manager) validate(args *api.Args) error {
 // It blocks for the journal write, and for the store write of an
 // attribute change; ctx bounds the wait for another Add or Remove of the
 // same registration. Errors: *api.Error with CodeInvalidArgument (bad
-// args or check), CodeUnavailable (the journal could not be written, or
+// args or check), CodeResourceExhausted (MaxChecks reached), CodeUnavailable (the journal could not be written, or
 // the manager is closed); or ctx.Err().
 func (m *Manager) Add(ctx context.Context, args api.Args) (string, error) {
 	if err := m.validate(&args); err != nil {
@@ -237,6 +246,18 @@ func (m *Manager) Add(ctx context.Context, args api.Args) (string, error) {
 		return "", errClosed
 	}
 	old := m.checks[k]
+	if old == nil {
+		if len(m.checks)+m.pending >= m.cfg.MaxChecks {
+			m.mu.Unlock()
+			return "", api.Errorf(api.CodeResourceExhausted, "too many checked registrations on this agent: the limit is %d", m.cfg.MaxChecks)
+		}
+		m.pending++
+		defer func() {
+			m.mu.Lock()
+			m.pending--
+			m.mu.Unlock()
+		}()
+	}
 	m.mu.Unlock()
 	if old != nil && maps.Equal(old.args.Attrs, args.Attrs) && *old.args.Check == *args.Check {
 		return k.addr, nil

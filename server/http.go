@@ -20,6 +20,9 @@ type Instance struct {
 	Addr    string            `json:"addr"`
 	Attrs   map[string]string `json:"attrs"`
 	Created uint              `json:"created"`
+	// Check is the status of a checked registration (CLI "services
+	// -json"); absent otherwise.
+	Check *api.CheckStatus `json:"check,omitempty"`
 }
 
 func instanceOf(u api.ServiceUpdate) Instance {
@@ -39,6 +42,7 @@ type ErrorBody struct {
 // putBody is the JSON body of PUT /services/{name}/instances/{addr}.
 type putBody struct {
 	Attrs map[string]string `json:"attrs"`
+	Check *api.Check        `json:"check"` // a checked registration, kept by the agent (checks.go)
 }
 
 func (s *Server) routes() {
@@ -48,6 +52,7 @@ func (s *Server) routes() {
 	s.handle("PUT /services/{name}/instances/{addr}", "/services/{name}/instances/{addr}", s.putInstance)
 	s.handle("DELETE /services/{name}/instances/{addr}", "/services/{name}/instances/{addr}", s.deleteInstance)
 	s.handle("GET /health", "/health", s.health)
+	s.checkRoutes()
 	s.opsRoutes()
 	s.consoleRoutes() // GET /ui/ (web console), GET /agent
 	s.handle("GET /metrics", "/metrics", promhttp.HandlerFor(s.metrics.reg, promhttp.HandlerOpts{
@@ -132,6 +137,15 @@ func (s *Server) putInstance(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, "register", err)
 		return
 	}
+	if body.Check != nil {
+		args.Check = body.Check
+		s.addChecked(w, r, args)
+		return
+	}
+	if s.isChecked(args.Name, args.Addr) {
+		s.writeError(w, "register", api.Errorf(api.CodeConflict, "%s/%s is a checked registration: PUT it with its check to update it, or DELETE it", args.Name, args.Addr))
+		return
+	}
 	undo, err := s.httpQuota.admit(clientAddr(r), httpKey{args.Name, args.Addr})
 	if err != nil {
 		s.writeError(w, "register", err)
@@ -156,6 +170,14 @@ func (s *Server) deleteInstance(w http.ResponseWriter, r *http.Request) {
 	args := api.Args{Name: r.PathValue("name"), Addr: r.PathValue("addr")}
 	if err := args.ValidateKey(); err != nil {
 		s.writeError(w, "unregister", err)
+		return
+	}
+	if s.isChecked(args.Name, args.Addr) {
+		if err := s.opts.Checks.Remove(r.Context(), args.Name, args.Addr); err != nil {
+			s.writeError(w, "unregister", err)
+			return
+		}
+		w.WriteHeader(http.StatusNoContent)
 		return
 	}
 	if err := s.httpSession.Unregister(r.Context(), args); err != nil {

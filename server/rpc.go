@@ -103,6 +103,9 @@ type rpcAgent struct{ s *Server }
 // expanded address.
 func (r *rpcAgent) register(ctx context.Context, args *api.Args, reply *string) (err error) {
 	defer r.s.metrics.observeRPC(api.MethodRegister, time.Now(), &err)
+	if args.Check != nil { // kept by the agent, not by this connection (checks.go)
+		return r.registerChecked(ctx, args, reply)
+	}
 	return r.call(ctx, "register", r.s.allowRPC(ctx, rightRegister, args.Name, args.ValidateRegister), func(ctx context.Context, st *connState) (err error) {
 		*reply, err = st.session.Register(ctx, *args)
 		return err
@@ -124,6 +127,9 @@ func (r *rpcAgent) heartbeat(ctx context.Context, args *api.Args, _ *struct{}) (
 // clean up after itself.
 func (r *rpcAgent) unregister(ctx context.Context, args *api.Args, _ *struct{}) (err error) {
 	defer r.s.metrics.observeRPC(api.MethodUnregister, time.Now(), &err)
+	if r.s.isChecked(args.Name, args.Addr) {
+		return r.unregisterChecked(ctx, args)
+	}
 	return r.call(ctx, "unregister", args.ValidateKey, func(ctx context.Context, st *connState) error {
 		return st.session.Unregister(ctx, *args)
 	}, false)

@@ -121,6 +121,9 @@ type Options struct {
 	// Logger then Logger. New sets its MaxStreamsPerConn and
 	// TooManyStreams (see MaxStreamsPerConn).
 	RPC *rpc.Server
+	// Checks runs the health checks of checked registrations (a PUT or
+	// Register with a check); nil refuses them with CodeUnavailable.
+	Checks Checker
 	// Logger receives the front ends' logs. Default slog.Default().
 	Logger *slog.Logger
 	// ACL, if set, holds the access rules in force, read at each request
