@@ -96,6 +96,9 @@ func (cl *cli) unregister(ctx context.Context, args []string) error {
 		return err
 	}
 	if err := c.UnregisterChecked(pos[0], pos[1]); err != nil {
+		if api.ErrorCode(err) == api.CodeNotFound {
+			return fmt.Errorf("the agent keeps no registration %s %s", pos[0], pos[1])
+		}
 		return err
 	}
 	fmt.Fprintf(cl.stdout, "unregistered %s %s\n", pos[0], pos[1])

@@ -297,6 +297,9 @@ func (m *Manager) start(k key, args api.Args, prev *check) *check {
 		m.mu.Unlock()
 	}
 	c.st.Attrs = args.Attrs
+	if c.st.Attrs == nil {
+		c.st.Attrs = map[string]string{}
+	}
 	c.st.Check = *args.Check
 	m.mu.Lock()
 	defer m.mu.Unlock()

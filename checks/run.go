@@ -123,9 +123,9 @@ func (m *Manager) apply(ctx context.Context, c *check, probeErr error, latency t
 	}
 	switch {
 	case st.State == api.CheckOffline && st.Passes >= spec.Rise:
-		m.changeLocked(c, now, api.CheckOnline, fmt.Sprintf("%d passes in a row", st.Passes))
+		m.changeLocked(c, now, api.CheckOnline, fmt.Sprintf("passed %d in a row (rise %d)", st.Passes, spec.Rise))
 	case st.State == api.CheckOnline && st.Fails >= spec.Fall:
-		m.changeLocked(c, now, api.CheckOffline, fmt.Sprintf("%d failures in a row: %s", st.Fails, st.LastError))
+		m.changeLocked(c, now, api.CheckOffline, fmt.Sprintf("failed %d in a row (fall %d): %s", st.Fails, spec.Fall, st.LastError))
 	}
 	want := st.State == api.CheckOnline
 	owed := want != st.Stored
