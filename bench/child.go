@@ -28,6 +28,7 @@ import (
 	"github.com/flynn/discoverd/agent"
 	"github.com/flynn/discoverd/api"
 	"github.com/flynn/discoverd/backend/etcd/embedded"
+	"github.com/flynn/discoverd/checks"
 )
 
 // childFlag is the first argument that selects a child mode.
@@ -50,6 +51,8 @@ type childStats struct {
 	RSS        int64       `json:"rss"`
 	Goroutines int         `json:"goroutines"`
 	Agent      agent.Stats `json:"agent"`
+	// Checks is the health checks' stats (-checks only).
+	Checks *checks.Stats `json:"checks,omitempty"`
 }
 
 // childMain runs a child mode and returns the exit code.
@@ -87,6 +90,7 @@ func childAgent(args []string, out *json.Encoder) error {
 	regAddr := fs.String("register", "", "addr to register through an in-process session")
 	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile of the agent to this file on exit")
 	heapProfile := fs.String("heapprofile", "", "write a heap profile to this file at each \"stats\"")
+	withChecks := fs.Bool("checks", false, "run health checks (journal in a temp dir)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -117,7 +121,16 @@ func childAgent(args []string, out *json.Encoder) error {
 		defer e.Close()
 		eps = e.Endpoints()
 	}
-	la, err := startAgentOn(ctx, *bind, eps, agentOptions{TTL: *ttl}, log)
+	opts := agentOptions{TTL: *ttl}
+	if *withChecks {
+		dir, err := os.MkdirTemp("", "discoverd-bench-checks-")
+		if err != nil {
+			return err
+		}
+		defer os.RemoveAll(dir)
+		opts.ChecksFile = filepath.Join(dir, "checks.journal")
+	}
+	la, err := startAgentOn(ctx, *bind, eps, opts, log)
 	if err != nil {
 		return err
 	}
@@ -166,6 +179,10 @@ func childAgent(args []string, out *json.Encoder) error {
 				RSS:        rssBytes(0),
 				Goroutines: runtime.NumGoroutine(),
 				Agent:      la.agent.Stats(),
+			}
+			if la.checks != nil {
+				cs := la.checks.Stats()
+				st.Checks = &cs
 			}
 			if *heapProfile != "" {
 				if err := writeHeapProfile(*heapProfile); err != nil {

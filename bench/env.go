@@ -21,6 +21,7 @@ import (
 	"github.com/flynn/discoverd/agent"
 	"github.com/flynn/discoverd/api"
 	"github.com/flynn/discoverd/backend/etcd"
+	"github.com/flynn/discoverd/checks"
 	"github.com/flynn/discoverd/rpc"
 	"github.com/flynn/discoverd/server"
 )
@@ -34,6 +35,7 @@ const opTimeout = 30 * time.Second
 type localAgent struct {
 	backend   *etcd.Backend
 	agent     *agent.Agent
+	checks    *checks.Manager // with agentOptions.ChecksFile only
 	server    *server.Server
 	http      *http.Server
 	ln        net.Listener
@@ -50,6 +52,9 @@ type agentOptions struct {
 	MaxRegistrationsPerConn int
 	// ACL, if set, holds the agent's access rules (server.Options.ACL).
 	ACL *atomic.Pointer[acl.ACL]
+	// ChecksFile, if set, runs health checks (journalled there), as
+	// main.go wires them.
+	ChecksFile string
 }
 
 // startAgent starts an agent on the etcd at endpoints, listening on a
@@ -86,7 +91,15 @@ func startAgentOn(ctx context.Context, bind string, endpoints []string, opts age
 	if err != nil {
 		return nil, err
 	}
-	la.server, err = server.New(la.agent, server.Options{Logger: log, ACL: opts.ACL})
+	sopts := server.Options{Logger: log, ACL: opts.ACL}
+	if opts.ChecksFile != "" {
+		la.checks, err = checks.New(checks.Config{Registrar: la.agent.NewKeptSession(), File: opts.ChecksFile, Logger: log})
+		if err != nil {
+			return nil, err
+		}
+		sopts.Checks = la.checks
+	}
+	la.server, err = server.New(la.agent, sopts)
 	if err != nil {
 		return nil, err
 	}
@@ -107,6 +120,9 @@ func (la *localAgent) Addr() string { return la.ln.Addr().String() }
 // server, backend (revoking its lease removes its registrations at once).
 func (la *localAgent) Close() error {
 	var errs []error
+	if la.checks != nil {
+		errs = append(errs, la.checks.Close())
+	}
 	if la.agent != nil {
 		errs = append(errs, la.agent.Close())
 	}

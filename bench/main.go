@@ -48,7 +48,7 @@ func main() {
 }
 
 // scenarios in the order they run.
-var scenarios = []string{"throughput", "latency", "heartbeat", "fanout", "failure", "start", "conns", "dns", "acl"}
+var scenarios = []string{"throughput", "latency", "heartbeat", "fanout", "failure", "start", "conns", "dns", "acl", "checks"}
 
 // config is the sizes of a run.
 type config struct {
@@ -76,6 +76,9 @@ type config struct {
 	ConnsNofile      int           // the agent's descriptor limit in scenario 7
 	DNSDuration      time.Duration // each dnsperf run (scenario 8)
 	DNSVisible       int           // register→DNS visible samples per case
+	Checks           int           // checked registrations (scenario 9)
+	ChecksInterval   time.Duration // their check interval
+	ChecksWindow     time.Duration // the steady window measured
 }
 
 // fullConfig is make bench's run; quickConfig a smoke run.
@@ -90,6 +93,7 @@ func fullConfig() config {
 		Starts:      3, StartMode: "binary",
 		ConnsNofile: 4096,
 		DNSDuration: 5 * time.Second, DNSVisible: 200,
+		Checks: 5000, ChecksInterval: 10 * time.Second, ChecksWindow: time.Minute,
 	}
 }
 
@@ -104,6 +108,7 @@ func quickConfig() config {
 		Starts:      1, StartMode: "child",
 		ConnsNofile: 256,
 		DNSDuration: time.Second, DNSVisible: 10,
+		Checks: 50, ChecksInterval: time.Second, ChecksWindow: 3 * time.Second,
 	}
 }
 
@@ -134,6 +139,9 @@ func parseFlags(args []string, stderr io.Writer) (*config, error) {
 	fs.DurationVar(&cfg.DNSDuration, "dns-duration", cfg.DNSDuration, "length of each dnsperf run (whole seconds)")
 	fs.StringVar(&cfg.StartMode, "start-mode", cfg.StartMode, "binary: go build the discoverd binary and time it; child: time this tool re-executed as an agent")
 	fs.IntVar(&cfg.ConnsNofile, "conns-nofile", cfg.ConnsNofile, "descriptor limit (ulimit -n) of the agent flooded with connections")
+	fs.IntVar(&cfg.Checks, "checks", cfg.Checks, "checked registrations on one agent (scenario 9)")
+	fs.DurationVar(&cfg.ChecksInterval, "checks-interval", cfg.ChecksInterval, "their check interval")
+	fs.DurationVar(&cfg.ChecksWindow, "checks-window", cfg.ChecksWindow, "steady window measured in scenario 9")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
@@ -161,6 +169,9 @@ func parseFlags(args []string, stderr io.Writer) (*config, error) {
 			"start-mode":         func() { cfg.StartMode = keep.StartMode },
 			"conns-nofile":       func() { cfg.ConnsNofile = keep.ConnsNofile },
 			"dns-duration":       func() { cfg.DNSDuration = keep.DNSDuration },
+			"checks":             func() { cfg.Checks = keep.Checks },
+			"checks-interval":    func() { cfg.ChecksInterval = keep.ChecksInterval },
+			"checks-window":      func() { cfg.ChecksWindow = keep.ChecksWindow },
 		} {
 			if set[name] {
 				v()
@@ -189,7 +200,8 @@ func parseFlags(args []string, stderr io.Writer) (*config, error) {
 	case cfg.Duration <= 0, cfg.LatencyEvents <= 0, cfg.LatencyBudget <= 0,
 		cfg.HeartbeatConns <= 0, cfg.HeartbeatPerConn <= 0, cfg.HeartbeatTTL < time.Second,
 		cfg.FanoutSubs <= 0, cfg.FanoutConns <= 0, cfg.FanoutRounds <= 0,
-		cfg.ClientKills < 0, cfg.Starts <= 0, cfg.DNSDuration < time.Second:
+		cfg.ClientKills < 0, cfg.Starts <= 0, cfg.DNSDuration < time.Second,
+		cfg.Checks <= 0, cfg.ChecksInterval < time.Second, cfg.ChecksWindow < time.Second:
 		return nil, errors.New("sizes must be positive (and -heartbeat-ttl and -dns-duration at least 1s)")
 	case cfg.StartMode != "binary" && cfg.StartMode != "child":
 		return nil, fmt.Errorf("-start-mode %q: want binary or child", cfg.StartMode)
@@ -251,6 +263,7 @@ type Report struct {
 	Conns      *ConnsResult      `json:"conns,omitempty"`
 	DNS        *DNSResult        `json:"dns,omitempty"`
 	ACL        *ACLResult        `json:"acl,omitempty"`
+	Checks     *ChecksResult     `json:"checks,omitempty"`
 }
 
 // Machine describes where the figures were taken.
@@ -419,6 +432,7 @@ func runScenarios(ctx context.Context, cfg *config, rep *Report, stderr io.Write
 	step("conns", func() (err error) { rep.Conns, err = benchConns(ctx, e, cfg); return })
 	step("dns", func() (err error) { rep.DNS, err = benchDNS(ctx, e, cfg); return })
 	step("acl", func() (err error) { rep.ACL, err = benchACL(ctx, e, cfg); return })
+	step("checks", func() (err error) { rep.Checks, err = benchChecks(ctx, e, cfg); return })
 	rep.Rows = e.rows
 	return ctx.Err()
 }
