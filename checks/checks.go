@@ -24,8 +24,8 @@
 // spread uniformly over its interval, each later period varies by ±10 %,
 // and at most Config.MaxInFlight probes run at once.
 //
-// Time (intervals, rise/fall, flapping, deregister_after) follows
-// Config.Clock; the timeouts of probes and store calls are real time,
+// Time (intervals, rise/fall, flapping, deregister_after) follows the
+// manager's clock (real, or fake in tests); the timeouts of probes and store calls are real time,
 // since they bound real I/O.
 package checks
 
@@ -96,9 +96,6 @@ type Config struct {
 	// MaxChecks caps the checked registrations held at once. Default
 	// DefaultMaxChecks.
 	MaxChecks int
-	// Clock drives intervals, rise/fall, flapping and deregister_after.
-	// Default the real clock.
-	Clock clockwork.Clock
 	// Logger receives the manager's logs. Default slog.Default().
 	Logger *slog.Logger
 }
@@ -134,6 +131,12 @@ type Manager struct {
 // manager. The caller must call Close. It fails if the journal cannot be
 // read or written.
 func New(cfg Config) (*Manager, error) {
+	return newManager(cfg, clockwork.NewRealClock())
+}
+
+// newManager is New on clock, which drives intervals, rise/fall, flapping
+// and deregister_after (a fake clock in tests: export_test.go).
+func newManager(cfg Config, clock clockwork.Clock) (*Manager, error) {
 	if cfg.Registrar == nil {
 		return nil, errors.New("checks: Config.Registrar is required")
 	}
@@ -146,16 +149,13 @@ func New(cfg Config) (*Manager, error) {
 	if cfg.MaxInFlight == 0 {
 		cfg.MaxInFlight = DefaultMaxInFlight
 	}
-	if cfg.Clock == nil {
-		cfg.Clock = clockwork.NewRealClock()
-	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	m := &Manager{
 		cfg:    cfg,
-		clock:  cfg.Clock,
+		clock:  clock,
 		log:    cfg.Logger,
 		sem:    make(chan struct{}, cfg.MaxInFlight),
 		dialer: &net.Dialer{},

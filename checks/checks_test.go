@@ -84,9 +84,9 @@ func newEnv(t *testing.T) *env {
 // open starts a manager on e's journal (again, after close: a restart).
 func (e *env) open() {
 	e.t.Helper()
-	m, err := checks.New(checks.Config{Registrar: e.sess, File: e.file, Clock: e.clock, Logger: quiet()})
+	m, err := checks.NewWithClock(checks.Config{Registrar: e.sess, File: e.file, Logger: quiet()}, e.clock)
 	if err != nil {
-		e.t.Fatalf("checks.New: %v", err)
+		e.t.Fatalf("checks.NewWithClock: %v", err)
 	}
 	e.m = m
 	e.t.Cleanup(func() { m.Close() })
