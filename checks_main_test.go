@@ -67,6 +67,7 @@ func TestRegisterCheckFlagErrors(t *testing.T) {
 		{"register", "-detach", "db", "10.0.0.1:1"},
 		{"register", "-interval", "5s", "db", "10.0.0.1:1"},
 		{"register", "-check-tcp", "nohost", "db", "10.0.0.1:1"},
+		{"register", "-check-grpc", "nohost/pkg.Svc", "db", "10.0.0.1:1"},
 		{"register", "-check-http", "http://h/", "-check-tcp", "h:1", "db", "10.0.0.1:1"},
 		{"unregister", "db"},
 	} {

@@ -31,7 +31,7 @@ var commands = map[string]struct {
 	help  string
 	run   func(cl *cli, ctx context.Context, args []string) error
 }{
-	"register": {"register [-agent ADDR] [-check-http URL | -check-tcp ADDR [-interval D] [-timeout D] [-rise N] [-fall N] [-deregister-after D] [-detach]] NAME ADDR [key=value...]",
+	"register": {"register [-agent ADDR] [-check-http URL | -check-tcp ADDR | -check-grpc ADDR[/SERVICE] [-interval D] [-timeout D] [-rise N] [-fall N] [-deregister-after D] [-detach]] NAME ADDR [key=value...]",
 		"register an instance and keep it registered until interrupted; with a check, the agent keeps it online while the check passes (-detach: and this command exits)", (*cli).register},
 	"unregister": {"unregister [-agent ADDR] NAME ADDR",
 		"remove a registration the agent keeps for a health check", (*cli).unregister},

@@ -19,7 +19,7 @@ import (
 // checkFlags are the flags of "register" that hand the registration to
 // the agent with a health check.
 type checkFlags struct {
-	http, tcp                          string
+	http, tcp, grpc                    string
 	interval, timeout, deregisterAfter time.Duration
 	rise, fall                         int
 	detach                             bool
@@ -28,6 +28,7 @@ type checkFlags struct {
 func (f *checkFlags) define(fs *flag.FlagSet) {
 	fs.StringVar(&f.http, "check-http", "", "health-check `URL` (GET; 2xx and 3xx pass): the agent keeps the registration")
 	fs.StringVar(&f.tcp, "check-tcp", "", "health-check `host:port` (a TCP connect): the agent keeps the registration")
+	fs.StringVar(&f.grpc, "check-grpc", "", "health-check `host:port[/service]` (gRPC health service; SERVING passes): the agent keeps the registration")
 	fs.DurationVar(&f.interval, "interval", 0, "time between probes (default 10s)")
 	fs.DurationVar(&f.timeout, "timeout", 0, "bound on one probe (default min(interval/2, 5s))")
 	fs.IntVar(&f.rise, "rise", 0, "passes in a row to go online (default 2)")
@@ -39,7 +40,7 @@ func (f *checkFlags) define(fs *flag.FlagSet) {
 // check returns the check the flags describe, or nil without -check-http
 // or -check-tcp; a usage error for check flags given without one.
 func (f *checkFlags) check(fs *flag.FlagSet) (*api.Check, error) {
-	if f.http == "" && f.tcp == "" {
+	if f.http == "" && f.tcp == "" && f.grpc == "" {
 		var stray []string
 		fs.Visit(func(fl *flag.Flag) {
 			switch fl.Name {
@@ -48,11 +49,11 @@ func (f *checkFlags) check(fs *flag.FlagSet) (*api.Check, error) {
 			}
 		})
 		if len(stray) > 0 {
-			return nil, usagef("%s needs -check-http or -check-tcp", strings.Join(stray, ", "))
+			return nil, usagef("%s needs -check-http, -check-tcp or -check-grpc", strings.Join(stray, ", "))
 		}
 		return nil, nil
 	}
-	c := &api.Check{HTTP: f.http, TCP: f.tcp, Interval: api.Duration(f.interval), Timeout: api.Duration(f.timeout),
+	c := &api.Check{HTTP: f.http, TCP: f.tcp, GRPC: f.grpc, Interval: api.Duration(f.interval), Timeout: api.Duration(f.timeout),
 		Rise: f.rise, Fall: f.fall, DeregisterAfter: api.Duration(f.deregisterAfter)}
 	if err := c.Validate(); err != nil {
 		return nil, usagef("%s", err.(*api.Error).Message)

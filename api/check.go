@@ -3,13 +3,17 @@ package api
 import (
 	"fmt"
 	"net/url"
+	"strings"
 	"time"
+	"unicode"
 	"unicode/utf8"
 )
 
 // Check is a health check the agent runs for a registration (docs/API.md,
 // "Health checks"). Exactly one target is set: HTTP (a GET of the URL,
-// where a 2xx or 3xx status passes) or TCP (a connection to a host:port).
+// where a 2xx or 3xx status passes), TCP (a connection to a host:port),
+// or GRPC (the standard gRPC health service, grpc.health.v1.Health/Check,
+// of "host:port" as a whole or of "host:port/service": SERVING passes).
 // A zero Interval, Timeout, Rise or Fall selects its default
 // (WithDefaults); a zero DeregisterAfter means never.
 //
@@ -19,6 +23,7 @@ import (
 type Check struct {
 	HTTP string `json:"http,omitempty"`
 	TCP  string `json:"tcp,omitempty"`
+	GRPC string `json:"grpc,omitempty"`
 	// Interval is the period between probes. Default DefaultCheckInterval.
 	Interval Duration `json:"interval,omitempty"`
 	// Timeout bounds one probe. Default min(Interval/2, MaxDefaultCheckTimeout).
@@ -47,26 +52,39 @@ const (
 	MaxCheckCount           = 100 // the largest Rise or Fall
 	MinCheckDeregisterAfter = time.Minute
 	MaxCheckURLLen          = 2048
+	MaxCheckGRPCServiceLen  = 256 // bytes in the service of a GRPC target
 )
 
-// Kind returns "http" or "tcp", the kind of probe c runs ("" if it has no
-// target).
+// Kind returns "http", "tcp" or "grpc", the kind of probe c runs ("" if
+// it has no target).
 func (c *Check) Kind() string {
 	switch {
 	case c.HTTP != "":
 		return "http"
 	case c.TCP != "":
 		return "tcp"
+	case c.GRPC != "":
+		return "grpc"
 	}
 	return ""
 }
 
 // Target returns the URL or address c probes.
 func (c *Check) Target() string {
-	if c.HTTP != "" {
+	switch {
+	case c.HTTP != "":
 		return c.HTTP
+	case c.TCP != "":
+		return c.TCP
 	}
-	return c.TCP
+	return c.GRPC
+}
+
+// SplitGRPCTarget splits a GRPC target "host:port[/service]" into the
+// server's address and the service ("" for the server as a whole).
+func SplitGRPCTarget(target string) (addr, service string) {
+	addr, service, _ = strings.Cut(target, "/")
+	return addr, service
 }
 
 // WithDefaults returns c with its zero fields set to their defaults.
@@ -93,18 +111,32 @@ func (c Check) WithDefaults() Check {
 // DeregisterAfter 0 or at least MinCheckDeregisterAfter. Errors are
 // *Error with CodeInvalidArgument.
 func (c *Check) Validate() error {
+	targets := 0
+	for _, t := range []string{c.HTTP, c.TCP, c.GRPC} {
+		if t != "" {
+			targets++
+		}
+	}
 	switch {
-	case c.HTTP != "" && c.TCP != "":
-		return Errorf(CodeInvalidArgument, "check: give one of http and tcp, not both")
-	case c.HTTP == "" && c.TCP == "":
-		return Errorf(CodeInvalidArgument, "check: no target: give http (a URL) or tcp (a host:port)")
+	case targets > 1:
+		return Errorf(CodeInvalidArgument, "check: give one of http, tcp and grpc, not several")
+	case targets == 0:
+		return Errorf(CodeInvalidArgument, "check: no target: give http (a URL), tcp (a host:port) or grpc (a host:port[/service])")
 	case c.HTTP != "":
 		if err := validateCheckURL(c.HTTP); err != nil {
 			return err
 		}
-	default:
+	case c.TCP != "":
 		if err := ValidateAddr(c.TCP); err != nil {
 			return Errorf(CodeInvalidArgument, "check: tcp: %s", err.(*Error).Message)
+		}
+	default:
+		addr, service := SplitGRPCTarget(c.GRPC)
+		if err := ValidateAddr(addr); err != nil {
+			return Errorf(CodeInvalidArgument, "check: grpc: %s", err.(*Error).Message)
+		}
+		if len(service) > MaxCheckGRPCServiceLen || !utf8.ValidString(service) || strings.IndexFunc(service, unicode.IsControl) >= 0 {
+			return Errorf(CodeInvalidArgument, "check: grpc: service %.40q: want at most %d bytes of printable UTF-8", service, MaxCheckGRPCServiceLen)
 		}
 	}
 	d := c.WithDefaults()

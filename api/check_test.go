@@ -22,6 +22,11 @@ func TestCheckValidate(t *testing.T) {
 		{"http", api.Check{HTTP: "http://10.0.0.1:8080/healthz"}, true},
 		{"https with port", api.Check{HTTP: "https://db.example:8443/h?x=1"}, true},
 		{"every field", api.Check{TCP: "h:1", Interval: sec(30), Timeout: sec(30), Rise: 100, Fall: 1, DeregisterAfter: sec(60)}, true},
+		{"grpc server", api.Check{GRPC: "10.0.0.1:50051"}, true},
+		{"grpc service", api.Check{GRPC: "10.0.0.1:50051/pkg.Service"}, true},
+		{"grpc without port", api.Check{GRPC: "10.0.0.1/pkg.Service"}, false},
+		{"grpc control in service", api.Check{GRPC: "h:1/a\nb"}, false},
+		{"grpc and tcp", api.Check{GRPC: "h:1", TCP: "h:1"}, false},
 		{"no target", api.Check{}, false},
 		{"both targets", api.Check{TCP: "h:1", HTTP: "http://h/"}, false},
 		{"tcp without port", api.Check{TCP: "h"}, false},
@@ -140,7 +145,7 @@ func FuzzValidateCheck(f *testing.F) {
 			}
 			return
 		}
-		if (c.HTTP == "") == (c.TCP == "") {
+		if n := len(c.Kind()); n == 0 || (c.HTTP != "") && (c.TCP != "" || c.GRPC != "") || c.TCP != "" && c.GRPC != "" {
 			t.Fatalf("accepted %+v without exactly one target", c)
 		}
 		d := c.WithDefaults()

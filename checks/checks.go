@@ -466,7 +466,7 @@ type Stats struct {
 	StoreWrites, StoreErrors uint64
 	// InFlight is how many probes run now; MaxInFlight the cap.
 	InFlight, MaxInFlight int
-	// Latency is the duration of probes, by kind ("http", "tcp").
+	// Latency is the duration of probes, by kind ("http", "tcp", "grpc").
 	Latency map[string]Histogram
 	// StartDelay is how late probes started after their scheduled time
 	// (the timer, then the wait for a slot under MaxInFlight).
@@ -476,7 +476,7 @@ type Stats struct {
 type counters struct {
 	probes, probeFailures, transitions, damped, storeWrites, storeErrors atomic.Uint64
 
-	httpLatency, tcpLatency, startDelay hist
+	httpLatency, tcpLatency, grpcLatency, startDelay hist
 }
 
 // Stats returns the current gauges and counters. It is safe for
@@ -501,7 +501,7 @@ func (m *Manager) Stats() Stats {
 	s.Damped = m.stats.damped.Load()
 	s.StoreWrites = m.stats.storeWrites.Load()
 	s.StoreErrors = m.stats.storeErrors.Load()
-	s.Latency = map[string]Histogram{"http": m.stats.httpLatency.snapshot(), "tcp": m.stats.tcpLatency.snapshot()}
+	s.Latency = map[string]Histogram{"http": m.stats.httpLatency.snapshot(), "tcp": m.stats.tcpLatency.snapshot(), "grpc": m.stats.grpcLatency.snapshot()}
 	s.StartDelay = m.stats.startDelay.snapshot()
 	return s
 }

@@ -19,8 +19,11 @@ const maxProbeBody = 4 << 10
 func (m *Manager) probe(ctx context.Context, spec *api.Check) error {
 	ctx, cancel := context.WithTimeout(ctx, time.Duration(spec.Timeout))
 	defer cancel()
-	if spec.HTTP != "" {
+	switch {
+	case spec.HTTP != "":
 		return m.probeHTTP(ctx, spec.HTTP)
+	case spec.GRPC != "":
+		return probeGRPC(ctx, spec.GRPC)
 	}
 	conn, err := m.dialer.DialContext(ctx, "tcp", spec.TCP)
 	if err != nil {

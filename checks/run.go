@@ -77,9 +77,12 @@ func (m *Manager) run(ctx context.Context, c *check, first time.Duration) {
 		if ctx.Err() != nil {
 			return // removed or closed: the result means nothing
 		}
-		if spec.HTTP != "" {
+		switch {
+		case spec.HTTP != "":
 			m.stats.httpLatency.observe(latency)
-		} else {
+		case spec.GRPC != "":
+			m.stats.grpcLatency.observe(latency)
+		default:
 			m.stats.tcpLatency.observe(latency)
 		}
 		m.stats.probes.Add(1)

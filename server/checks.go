@@ -118,7 +118,7 @@ var (
 	descCheckInFlight = prometheus.NewDesc("discoverd_check_probes_in_flight",
 		"Health-check probes running now (capped by -max-check-probes).", nil, nil)
 	descCheckLatency = prometheus.NewDesc("discoverd_check_probe_duration_seconds",
-		"Duration of health-check probes, by kind (http, tcp).", []string{"kind"}, nil)
+		"Duration of health-check probes, by kind (http, tcp, grpc).", []string{"kind"}, nil)
 	descCheckDelay = prometheus.NewDesc("discoverd_check_probe_start_delay_seconds",
 		"How late probes start after their scheduled time (timer, then a free slot under -max-check-probes).", nil, nil)
 )
@@ -145,7 +145,7 @@ func (c checksCollector) Collect(ch chan<- prometheus.Metric) {
 	metric(descCheckStoreWrites, prometheus.CounterValue, float64(st.StoreWrites-st.StoreErrors), "ok")
 	metric(descCheckStoreWrites, prometheus.CounterValue, float64(st.StoreErrors), "error")
 	metric(descCheckInFlight, prometheus.GaugeValue, float64(st.InFlight))
-	for _, kind := range []string{"http", "tcp"} {
+	for _, kind := range []string{"http", "tcp", "grpc"} {
 		ch <- constHistogram(descCheckLatency, st.Latency[kind], kind)
 	}
 	ch <- constHistogram(descCheckDelay, st.StartDelay)
