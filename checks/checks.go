@@ -183,7 +183,7 @@ func newManager(cfg Config, clock clockwork.Clock) (*Manager, error) {
 				m.log.Warn("checks: dropping a saved checked registration that is no longer valid", "name", args.Name, "addr", args.Addr, "err", err)
 				continue
 			}
-			m.start(key{args.Name, args.Addr}, args, nil)
+			m.launch(m.newCheck(key{args.Name, args.Addr}, args, nil))
 		}
 		if len(saved) > 0 {
 			m.log.Info("checks: checked registrations restored; each is offline until its check passes", "count", len(m.checks), "file", cfg.File)
@@ -271,24 +271,23 @@ func (m *Manager) Add(ctx context.Context, args api.Args) (string, error) {
 	if old != nil {
 		old.stop()
 	}
-	c := m.start(k, args, old)
-	if c != nil && old != nil && !maps.Equal(old.args.Attrs, args.Attrs) {
+	c := m.newCheck(k, args, old)
+	if old != nil && !maps.Equal(old.args.Attrs, args.Attrs) {
 		m.mu.Lock()
 		stored := c.st.Stored
 		m.mu.Unlock()
-		if stored {
+		if stored { // before the runner starts: no write races this one
 			m.write(ctx, c, true)
 		}
 	}
+	m.launch(c)
 	return k.addr, nil
 }
 
-// start creates the check of k and its runner, inheriting the state of
-// prev (a replaced check) if any. It returns nil when the manager is
-// closed.
-func (m *Manager) start(k key, args api.Args, prev *check) *check {
-	ctx, cancel := context.WithCancel(m.ctx)
-	c := &check{k: k, args: args, cancel: cancel, done: make(chan struct{})}
+// newCheck creates the check of k, inheriting the state of prev (a
+// replaced check, stopped) if any. launch starts it.
+func (m *Manager) newCheck(k key, args api.Args, prev *check) *check {
+	c := &check{k: k, args: args, done: make(chan struct{})}
 	c.st = api.CheckStatus{Name: k.name, Addr: k.addr, State: api.CheckOffline, Transitions: []api.CheckTransition{}}
 	if prev != nil {
 		m.mu.Lock()
@@ -301,18 +300,27 @@ func (m *Manager) start(k key, args api.Args, prev *check) *check {
 		c.st.Attrs = map[string]string{}
 	}
 	c.st.Check = *args.Check
+	return c
+}
+
+// launch makes c the check of its key and starts its runner, its first
+// probe at a uniformly random moment within its interval. It does
+// nothing once the manager is closed.
+func (m *Manager) launch(c *check) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.closed {
-		cancel()
-		return nil
+		close(c.done)
+		c.cancel = func() {}
+		return
 	}
-	m.checks[k] = c
+	ctx, cancel := context.WithCancel(m.ctx)
+	c.cancel = cancel
+	m.checks[c.k] = c
 	m.wg.Add(1)
-	interval := time.Duration(args.Check.Interval)
+	interval := time.Duration(c.args.Check.Interval)
 	first := time.Duration(rand.Int64N(int64(interval))) // spread over the interval
 	go m.run(ctx, c, first)
-	return c
 }
 
 // Remove withdraws the checked registration name/addr: its check stops,

@@ -7,7 +7,9 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -494,5 +496,79 @@ func TestDeregisterAfter(t *testing.T) {
 	e.open()
 	if list := e.m.List(""); len(list) != 0 {
 		t.Fatalf("dropped registration restored: %+v", list)
+	}
+}
+
+// TestConcurrentAddRemove: Adds, updates and Removes of the same keys from
+// many goroutines, while probes run and the clock moves, leave the
+// manager, the store and the journal in agreement.
+func TestConcurrentAddRemove(t *testing.T) {
+	e := newEnv(t)
+	srv := newTCPServer(t)
+	const keys, workers, ops = 8, 8, 40
+	addrOf := func(i int) string { return "127.0.0.1:" + strconv.Itoa(20000+i) }
+	stop := make(chan struct{})
+	ticked := make(chan struct{})
+	go func() { // moves the clock while the workers run
+		defer close(ticked)
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(time.Millisecond):
+				e.clock.Advance(3 * time.Second)
+			}
+		}
+	}()
+	var wg sync.WaitGroup
+	for w := range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for op := range ops {
+				i := (w*ops + op*7) % keys
+				if op%3 == 2 {
+					err := e.m.Remove(ctxT(t), "svc", addrOf(i))
+					if err != nil && api.ErrorCode(err) != api.CodeNotFound {
+						t.Errorf("Remove: %v", err)
+					}
+					continue
+				}
+				args := api.Args{Name: "svc", Addr: addrOf(i), Attrs: map[string]string{"op": strconv.Itoa(op % 2)},
+					Check: &api.Check{TCP: srv.addr, Rise: 1, Fall: 1}}
+				if _, err := e.m.Add(ctxT(t), args); err != nil {
+					t.Errorf("Add: %v", err)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(stop)
+	<-ticked
+
+	held := map[string]string{}
+	for _, st := range e.m.List("svc") {
+		held[st.Addr] = st.Attrs["op"]
+	}
+	if err := e.m.Close(); err != nil {
+		t.Fatal(err)
+	}
+	e.open()
+	for _, st := range e.m.List("svc") {
+		if op, ok := held[st.Addr]; !ok || op != st.Attrs["op"] {
+			t.Errorf("restored %s with op %q; held before: %v", st.Addr, st.Attrs["op"], held)
+		}
+		delete(held, st.Addr)
+	}
+	if len(held) != 0 {
+		t.Errorf("not restored: %v", held)
+	}
+	// Whatever is in the store is held (store writes of removed checks
+	// never land after their removal).
+	e.m.Close()
+	for addr := range e.instances("svc") {
+		if !e.m.Has("svc", addr) {
+			t.Errorf("store holds %s, which no check holds", addr)
+		}
 	}
 }
