@@ -162,6 +162,10 @@ func TestRPCCheckedRegistration(t *testing.T) {
 	if err := c.Call(callCtx(t), api.MethodRegister, args, &got); err != nil || got != target {
 		t.Fatalf("Register with a check: %q %v", got, err)
 	}
+	var plain string
+	if err := c.Call(callCtx(t), api.MethodRegister, &api.Args{Name: "db", Addr: target}, &plain); codeOf(err) != api.CodeConflict {
+		t.Fatalf("Register without the check of a checked registration: %v, want conflict", err)
+	}
 	c.Close() // the agent keeps it: the connection does not own it
 	eventually(t, "the checked instance online", func() bool { return len(mustList(t, base, "db")) == 1 })
 

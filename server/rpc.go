@@ -106,6 +106,9 @@ func (r *rpcAgent) register(ctx context.Context, args *api.Args, reply *string) 
 	if args.Check != nil { // kept by the agent, not by this connection (checks.go)
 		return r.registerChecked(ctx, args, reply)
 	}
+	if r.s.isChecked(args.Name, args.Addr) {
+		return api.Errorf(api.CodeConflict, "%s/%s is a checked registration, kept by the agent: register it with its check to update it, or unregister it first", args.Name, args.Addr)
+	}
 	return r.call(ctx, "register", r.s.allowRPC(ctx, rightRegister, args.Name, args.ValidateRegister), func(ctx context.Context, st *connState) (err error) {
 		*reply, err = st.session.Register(ctx, *args)
 		return err
