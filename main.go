@@ -250,7 +250,7 @@ func (m *Main) flagSet(getenv func(string) string) *flag.FlagSet {
 		m.ZooKeeper = splitList(s)
 		return nil
 	})
-	fs.StringVar(&m.DataDir, "data-dir", m.DataDir, "embedded etcd data `dir`")
+	fs.StringVar(&m.DataDir, "data-dir", m.DataDir, "embedded etcd data `dir`; also holds checks.journal (checked registrations) in every store mode")
 	fs.StringVar(&m.EtcdClientAddr, "etcd-client-addr", m.EtcdClientAddr, "embedded etcd client `host:port` (empty: a free port)")
 	fs.StringVar(&m.EtcdPeerAddr, "etcd-peer-addr", m.EtcdPeerAddr, "embedded etcd peer `host:port` (empty: a free port)")
 	fs.DurationVar(&m.TTL, "ttl", m.TTL, "registration lifetime without a heartbeat; also how long a dead agent's registrations remain")
