@@ -309,10 +309,12 @@ func (s *Session) ownerErrLocked(k regKey, r *registration, takeover bool) error
 	switch {
 	case r.owner == s:
 		return nil
+	case s.kept:
+		return api.Errorf(api.CodeConflict, "%s/%s is held by another session (a connection or an HTTP registration); a checked registration does not take it over", k.name, k.addr)
 	case s.shared && !r.owner.shared:
 		return api.Errorf(api.CodeConflict, "%s/%s is registered by a connection (RPC); an HTTP request cannot take it over or remove it", k.name, k.addr)
-	case s.shared && r.owner.kept != s.kept:
-		return api.Errorf(api.CodeConflict, "%s/%s is held by another owner class (a checked registration, or an HTTP one); it cannot be taken over or removed from here", k.name, k.addr)
+	case s.shared && r.owner.kept:
+		return api.Errorf(api.CodeConflict, "%s/%s is a checked registration, kept by the agent; an HTTP request without its check cannot take it over or remove it", k.name, k.addr)
 	case takeover:
 		return nil
 	}

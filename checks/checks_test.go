@@ -572,3 +572,94 @@ func TestConcurrentAddRemove(t *testing.T) {
 		}
 	}
 }
+
+// TestMaxInFlight: probes beyond the cap wait for a slot; the target
+// never sees more at once.
+func TestMaxInFlight(t *testing.T) {
+	e := newEnv(t)
+	e.m.Close()
+	m, err := checks.NewWithClock(checks.Config{Registrar: e.sess, MaxInFlight: 2, Logger: quiet()}, e.clock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close() })
+	e.m = m
+
+	release := make(chan struct{})
+	var mu sync.Mutex
+	inflight, most := 0, 0
+	arrived := make(chan struct{}, 16)
+	hs := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		inflight++
+		most = max(most, inflight)
+		mu.Unlock()
+		arrived <- struct{}{}
+		<-release
+		mu.Lock()
+		inflight--
+		mu.Unlock()
+	}))
+	defer hs.Close()
+	const n = 6
+	for i := range n {
+		e.add(api.Args{Name: "web", Addr: "10.0.0.1:" + strconv.Itoa(1000+i), Check: &api.Check{HTTP: hs.URL, Rise: 1}})
+	}
+	ctx := ctxT(t)
+	if err := e.clock.BlockUntilContext(ctx, n); err != nil {
+		t.Fatal(err)
+	}
+	e.clock.Advance(11 * time.Second)
+	for range 2 {
+		select {
+		case <-arrived:
+		case <-ctx.Done():
+			t.Fatal("probes did not arrive")
+		}
+	}
+	if s := m.Stats(); s.InFlight != 2 || s.MaxInFlight != 2 {
+		t.Fatalf("in flight %d of %d, want 2 of 2", s.InFlight, s.MaxInFlight)
+	}
+	close(release)
+	for m.Stats().Probes < n {
+		select {
+		case <-ctx.Done():
+			t.Fatalf("only %d probes done", m.Stats().Probes)
+		case <-time.After(2 * time.Millisecond):
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if most != 2 {
+		t.Fatalf("the target saw %d probes at once, the cap is 2", most)
+	}
+}
+
+// TestNoTakeover: a checked registration does not take over one that a
+// connection holds; it goes to the store once that one is gone.
+func TestNoTakeover(t *testing.T) {
+	e := newEnv(t)
+	srv := newTCPServer(t)
+	conn := e.agent.NewSession(0)
+	defer conn.Close()
+	if _, err := conn.Register(ctxT(t), api.Args{Name: "db", Addr: srv.addr, Attrs: map[string]string{"by": "conn"}}); err != nil {
+		t.Fatal(err)
+	}
+	addr := e.add(api.Args{Name: "db", Addr: srv.addr, Attrs: map[string]string{"by": "check"}, Check: &api.Check{TCP: srv.addr, Rise: 1}})
+	e.step(1)
+	st := e.status("db", addr)
+	if st.State != api.CheckOnline || st.Stored || !strings.Contains(st.StoreError, "conflict") {
+		t.Fatalf("check passing while a connection holds the key: %+v", st)
+	}
+	if ups, err := e.agent.Instances(ctxT(t), "db"); err != nil || len(ups) != 1 || ups[0].Attrs["by"] != "conn" {
+		t.Fatalf("store: %+v %v", ups, err)
+	}
+	conn.Close()
+	e.step(1) // the write is owed: retried after this probe
+	if st := e.status("db", addr); !st.Stored || st.StoreError != "" {
+		t.Fatalf("after the connection left: %+v", st)
+	}
+	if ups, err := e.agent.Instances(ctxT(t), "db"); err != nil || len(ups) != 1 || ups[0].Attrs["by"] != "check" {
+		t.Fatalf("store: %+v %v", ups, err)
+	}
+}
