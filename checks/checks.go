@@ -39,6 +39,7 @@ import (
 	"net"
 	"net/http"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -514,11 +515,12 @@ func (m *Manager) Stats() Stats {
 	return s
 }
 
+// truncate bounds an error text kept in a status, as valid UTF-8.
 func truncate(s string) string {
-	if len(s) <= maxErrorLen {
-		return s
+	if len(s) > maxErrorLen {
+		s = s[:maxErrorLen] + "..."
 	}
-	return s[:maxErrorLen] + "..."
+	return strings.ToValidUTF8(s, "\uFFFD")
 }
 
 func (k key) String() string { return fmt.Sprintf("%s/%s", k.name, k.addr) }
