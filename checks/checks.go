@@ -30,6 +30,7 @@
 package checks
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -421,19 +422,7 @@ func (m *Manager) List(name string) []api.CheckStatus {
 	}
 	m.mu.Unlock()
 	slices.SortFunc(out, func(a, b api.CheckStatus) int {
-		if a.Name != b.Name {
-			if a.Name < b.Name {
-				return -1
-			}
-			return 1
-		}
-		switch {
-		case a.Addr < b.Addr:
-			return -1
-		case a.Addr > b.Addr:
-			return 1
-		}
-		return 0
+		return cmp.Or(strings.Compare(a.Name, b.Name), strings.Compare(a.Addr, b.Addr))
 	})
 	return out
 }
