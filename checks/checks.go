@@ -230,8 +230,9 @@ func (m *Manager) validate(args *api.Args) error {
 // It blocks for the journal write, and for the store write of an
 // attribute change; ctx bounds the wait for another Add or Remove of the
 // same registration. Errors: *api.Error with CodeInvalidArgument (bad
-// args or check), CodeResourceExhausted (MaxChecks reached), CodeUnavailable (the journal could not be written, or
-// the manager is closed); or ctx.Err().
+// args or check), CodeResourceExhausted (MaxChecks reached),
+// CodeUnavailable (the journal could not be written, or the manager is
+// closed); or ctx.Err().
 func (m *Manager) Add(ctx context.Context, args api.Args) (string, error) {
 	if err := m.validate(&args); err != nil {
 		return "", err
