@@ -44,6 +44,21 @@ func TestCheckedRegistrationCLIAndRestart(t *testing.T) {
 		t.Fatalf("services -json: %s", out)
 	}
 
+	t.Run("without -detach: until interrupted", func(t *testing.T) {
+		other := tcpListener(t)
+		b := startCommand(t, addr, "register", "-check-tcp", other, "-interval", "1s", "-rise", "1", "web", other)
+		if l := b.line(t); !strings.HasPrefix(l, "registered web "+other+" with a tcp check") {
+			t.Fatalf("first line %q", l)
+		}
+		waitListed(t, addr, "web", other)
+		if code, rest := b.stop(t); code != 0 || len(rest) != 1 || rest[0] != "unregistered web "+other {
+			t.Fatalf("stop: exit %d, %q; stderr %s", code, rest, b.stderr)
+		}
+		if code, out, _ := cliRun(t, addr, "services", "web"); code != 0 || out != "" {
+			t.Fatalf("services after the command stopped: exit %d, %q", code, out)
+		}
+	})
+
 	if err := m.Close(); err != nil {
 		t.Fatalf("Close: %v", err)
 	}
