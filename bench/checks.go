@@ -16,7 +16,7 @@ import (
 	"github.com/flynn/discoverd/checks"
 )
 
-// ChecksResult is scenario 9: checked registrations on one agent.
+// ChecksResult is scenario 10: checked registrations on one agent.
 type ChecksResult struct {
 	Registrations   int     `json:"registrations"`
 	IntervalSeconds float64 `json:"interval_s"`
@@ -218,19 +218,19 @@ func benchChecks(ctx context.Context, env *env, cfg *config) (*ChecksResult, err
 	res.FirstProbe, res.Period = summarize(first), summarize(gaps) // sorts first and gaps
 
 	fig := fmt.Sprintf("%d checked registrations (half HTTP, half TCP), interval %v", n, interval)
-	env.row(Row{Scenario: "9 checks", Figure: "store key writes per minute at steady state, " + fig,
+	env.row(Row{Scenario: "10 checks", Figure: "store key writes per minute at steady state, " + fig,
 		Value: fmt.Sprintf("%.1f", res.WritesPerMinute), Target: "0", Verdict: verdict(res.WritesPerMinute == 0)})
-	env.row(Row{Scenario: "9 checks", Figure: fmt.Sprintf("agent CPU (%% of one core) over %.0fs; probes/s", w.Seconds()),
+	env.row(Row{Scenario: "10 checks", Figure: fmt.Sprintf("agent CPU (%% of one core) over %.0fs; probes/s", w.Seconds()),
 		Value: fmt.Sprintf("%.1f %%; %.0f/s", res.AgentCPUPercent, res.ProbesPerSecond)})
-	env.row(Row{Scenario: "9 checks", Figure: "first probe after PUT p10/p50/p90 (uniform: 0.1/0.5/0.9 × interval)",
+	env.row(Row{Scenario: "10 checks", Figure: "first probe after PUT p10/p50/p90 (uniform: 0.1/0.5/0.9 × interval)",
 		Value: fmt.Sprintf("%.2f / %.2f / %.2f s", rank(first, 0.10).Seconds(), rank(first, 0.50).Seconds(), rank(first, 0.90).Seconds())})
-	env.row(Row{Scenario: "9 checks", Figure: "first probes per tenth of the interval (HTTP half)",
+	env.row(Row{Scenario: "10 checks", Figure: "first probes per tenth of the interval (HTTP half)",
 		Value: fmt.Sprint(res.FirstProbeBuckets)})
-	env.row(Row{Scenario: "9 checks", Figure: "probe period of one target min/p50/max (interval ±10 %)",
+	env.row(Row{Scenario: "10 checks", Figure: "probe period of one target min/p50/max (interval ±10 %)",
 		Value: fmt.Sprintf("%.2f / %.2f / %.2f s", res.Period.Min/1000, res.Period.P50/1000, res.Period.Max/1000)})
-	env.row(Row{Scenario: "9 checks", Figure: "probe start delay p99 / max (timer + in-flight cap); probe latency p99",
+	env.row(Row{Scenario: "10 checks", Figure: "probe start delay p99 / max (timer + in-flight cap); probe latency p99",
 		Value: fmt.Sprintf("≤ %.1f / %.1f ms; ≤ %.1f ms", res.StartDelayP99Ms, res.StartDelayMaxMs, res.LatencyP99Ms)})
-	env.row(Row{Scenario: "9 checks", Figure: "time to PUT all / all online",
+	env.row(Row{Scenario: "10 checks", Figure: "time to PUT all / all online",
 		Value: fmt.Sprintf("%.1f s / %.1f s", res.RegisterSecs, res.OnlineSecs)})
 	return res, nil
 }

@@ -76,7 +76,7 @@ type config struct {
 	ConnsNofile      int           // the agent's descriptor limit in scenario 7
 	DNSDuration      time.Duration // each dnsperf run (scenario 8)
 	DNSVisible       int           // register→DNS visible samples per case
-	Checks           int           // checked registrations (scenario 9)
+	Checks           int           // checked registrations (scenario 10)
 	ChecksInterval   time.Duration // their check interval
 	ChecksWindow     time.Duration // the steady window measured
 }
@@ -139,9 +139,9 @@ func parseFlags(args []string, stderr io.Writer) (*config, error) {
 	fs.DurationVar(&cfg.DNSDuration, "dns-duration", cfg.DNSDuration, "length of each dnsperf run (whole seconds)")
 	fs.StringVar(&cfg.StartMode, "start-mode", cfg.StartMode, "binary: go build the discoverd binary and time it; child: time this tool re-executed as an agent")
 	fs.IntVar(&cfg.ConnsNofile, "conns-nofile", cfg.ConnsNofile, "descriptor limit (ulimit -n) of the agent flooded with connections")
-	fs.IntVar(&cfg.Checks, "checks", cfg.Checks, "checked registrations on one agent (scenario 9)")
+	fs.IntVar(&cfg.Checks, "checks", cfg.Checks, "checked registrations on one agent (scenario 10)")
 	fs.DurationVar(&cfg.ChecksInterval, "checks-interval", cfg.ChecksInterval, "their check interval")
-	fs.DurationVar(&cfg.ChecksWindow, "checks-window", cfg.ChecksWindow, "steady window measured in scenario 9")
+	fs.DurationVar(&cfg.ChecksWindow, "checks-window", cfg.ChecksWindow, "steady window measured in scenario 10")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
