@@ -109,7 +109,13 @@ func (sa *secureAgent) dial(t *testing.T, token string) *rpc.Client {
 // or "".
 func (sa *secureAgent) do(t *testing.T, method, path, auth string, header ...string) (int, string) {
 	t.Helper()
-	req, err := http.NewRequestWithContext(testContext(t), method, "https://"+sa.addr+path, strings.NewReader("{}"))
+	return sa.doBody(t, method, path, auth, "{}", header...)
+}
+
+// doBody is do with a request body.
+func (sa *secureAgent) doBody(t *testing.T, method, path, auth, body string, header ...string) (int, string) {
+	t.Helper()
+	req, err := http.NewRequestWithContext(testContext(t), method, "https://"+sa.addr+path, strings.NewReader(body))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -131,8 +137,8 @@ func (sa *secureAgent) do(t *testing.T, method, path, auth string, header ...str
 	if resp.Header.Get("Content-Type") == "text/event-stream" {
 		return resp.StatusCode, "" // a stream that was allowed; do not wait for it
 	}
-	body, _ := io.ReadAll(resp.Body)
-	return resp.StatusCode, string(body)
+	got, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(got)
 }
 
 func testContext(t *testing.T) context.Context {
@@ -279,6 +285,41 @@ func TestSecureAgentACL(t *testing.T) {
 		_, body = sa.do(t, "GET", "/services", "Bearer deploy-secret")
 		if !strings.Contains(body, `"pub-docs"`) || !strings.Contains(body, `"web"`) {
 			t.Errorf("deployer's listing: %s, want pub-docs and web", body)
+		}
+	})
+
+	t.Run("checked registrations follow the rules", func(t *testing.T) {
+		const path = "/services/web-checked/instances/10.0.0.9:80"
+		const body = `{"check": {"tcp": "127.0.0.1:1", "interval": "1m"}}`
+		for _, tt := range []struct {
+			method, path, auth, body string
+			want                     int
+		}{
+			{"PUT", path, "", body, 403},
+			{"PUT", path, "Bearer read-secret", body, 403},
+			{"PUT", path, "Bearer deploy-secret", body, 200},
+			{"GET", path, "", "", 403},
+			{"GET", path, "Bearer deploy-secret", "", 200},
+			{"GET", "/checks", "Bearer deploy-secret", "", 403}, // needs ?service= with an ACL
+			{"GET", "/checks?service=web-checked", "", "", 403},
+			{"GET", "/checks?service=web-checked", "Bearer read-secret", "", 403},
+			{"GET", "/checks?service=web-checked", "Bearer deploy-secret", "", 200},
+			{"DELETE", path, "", "", 403},
+			{"DELETE", path, "Bearer read-secret", "", 403},
+			{"DELETE", path, "Bearer deploy-secret", "", 204},
+		} {
+			code, got := sa.doBody(t, tt.method, tt.path, tt.auth, tt.body)
+			if code != tt.want {
+				t.Errorf("%s %s (%q): %d %s, want %d", tt.method, tt.path, tt.auth, code, got, tt.want)
+			}
+			if code == 403 && !strings.Contains(got, `"code":"permission_denied"`) {
+				t.Errorf("%s %s (%q): body %s, want code permission_denied", tt.method, tt.path, tt.auth, got)
+			}
+		}
+		// The allowed GET /checks lists it while it was held, and the
+		// DELETE removed it from the agent's checks.
+		if code, got := sa.do(t, "GET", "/checks?service=web-checked", "Bearer deploy-secret"); code != 200 || got != "[]\n" {
+			t.Errorf("checks of web-checked after the DELETE: %d %q, want 200 []", code, got)
 		}
 	})
 
