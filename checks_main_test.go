@@ -2,7 +2,6 @@ package main
 
 import (
 	"encoding/json"
-	"net"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -10,6 +9,7 @@ import (
 
 	"github.com/flynn/discoverd/api"
 	"github.com/flynn/discoverd/backend/etcd/etcdtest"
+	"github.com/flynn/discoverd/internal/testkit"
 	"github.com/flynn/discoverd/server"
 )
 
@@ -26,7 +26,7 @@ func TestCheckedRegistrationCLIAndRestart(t *testing.T) {
 		mustStart(t, m)
 		return m
 	}
-	target := tcpListener(t)
+	target := tcpTargetAddr(t)
 	m := start()
 	addr := m.Addr().String()
 
@@ -45,7 +45,7 @@ func TestCheckedRegistrationCLIAndRestart(t *testing.T) {
 	}
 
 	t.Run("without -detach: until interrupted", func(t *testing.T) {
-		other := tcpListener(t)
+		other := tcpTargetAddr(t)
 		b := startCommand(t, addr, "register", "-check-tcp", other, "-interval", "1s", "-rise", "1", "web", other)
 		if l := b.line(t); !strings.HasPrefix(l, "registered web "+other+" with a tcp check") {
 			t.Fatalf("first line %q", l)
@@ -92,27 +92,6 @@ func TestRegisterCheckFlagErrors(t *testing.T) {
 	}
 }
 
-// tcpListener is a real TCP server that accepts and closes connections.
-func tcpListener(t *testing.T) string {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			c.Close()
-		}
-	}()
-	t.Cleanup(func() { ln.Close(); <-done })
-	return ln.Addr().String()
-}
-
 // waitListed waits until "services NAME" lists addr.
 func waitListed(t *testing.T, agentAddr, name, addr string) {
 	t.Helper()
@@ -127,4 +106,9 @@ func waitListed(t *testing.T, agentAddr, name, addr string) {
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
+}
+
+func tcpTargetAddr(t *testing.T) string {
+	addr, _ := testkit.TCPTarget(t)
+	return addr
 }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"path/filepath"
@@ -17,6 +16,7 @@ import (
 	"github.com/flynn/discoverd/backend/etcd"
 	"github.com/flynn/discoverd/backend/etcd/etcdtest"
 	"github.com/flynn/discoverd/checks"
+	"github.com/flynn/discoverd/internal/testkit"
 	"github.com/flynn/discoverd/rpc"
 	"github.com/flynn/discoverd/server"
 )
@@ -54,27 +54,6 @@ func newChecksEnv(t *testing.T) (url, addr string) {
 	return hs.URL, hs.Listener.Addr().String()
 }
 
-// tcpTarget is a real TCP server that accepts and closes connections.
-func tcpTarget(t *testing.T) string {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			c.Close()
-		}
-	}()
-	t.Cleanup(func() { ln.Close(); <-done })
-	return ln.Addr().String()
-}
-
 // eventually polls cond until it holds, failing after waitTimeout.
 func eventually(t *testing.T, what string, cond func() bool) {
 	t.Helper()
@@ -90,7 +69,7 @@ func eventually(t *testing.T, what string, cond func() bool) {
 
 func TestHTTPCheckedRegistration(t *testing.T) {
 	base, _ := newChecksEnv(t)
-	target := tcpTarget(t)
+	target, _ := testkit.TCPTarget(t)
 	inst := base + "/services/db/instances/" + target
 
 	var st api.CheckStatus
@@ -152,7 +131,7 @@ func TestHTTPCheckedRegistration(t *testing.T) {
 
 func TestRPCCheckedRegistration(t *testing.T) {
 	base, addr := newChecksEnv(t)
-	target := tcpTarget(t)
+	target, _ := testkit.TCPTarget(t)
 	c, err := rpc.Dial(callCtx(t), addr, rpc.Gob)
 	if err != nil {
 		t.Fatal(err)

@@ -27,23 +27,7 @@ func TestRegisterChecked(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			c.Close()
-		}
-	}()
-	defer func() { ln.Close(); <-done }()
-	target := ln.Addr().String()
+	target, stop := testkit.TCPTarget(t)
 	_, port, _ := net.SplitHostPort(target)
 
 	name := testkit.ServiceName(t, "db")
@@ -68,8 +52,7 @@ func TestRegisterChecked(t *testing.T) {
 	}
 	noRecv(t, updates, 2*agentTTL, "a checked registration without heartbeats, past the TTL")
 
-	ln.Close()
-	<-done
+	stop()
 	waitUpdate(t, updates, "offline once its check fails", offline(got))
 
 	if _, err := watcher.RegisterChecked(name, got, nil, discoverd.Check{}); api.ErrorCode(err) != api.CodeInvalidArgument {

@@ -12,6 +12,7 @@ package testkit
 
 import (
 	"bytes"
+	"net"
 	"strings"
 	"sync"
 	"testing"
@@ -86,4 +87,32 @@ func Eventually(tb testing.TB, bound time.Duration, what string, cond func() boo
 func ServiceName(tb testing.TB, suffix string) string {
 	n := strings.NewReplacer("/", "-", "_", "-").Replace(tb.Name())
 	return strings.ToLower(n) + "-" + suffix
+}
+
+// TCPTarget starts a real TCP server on 127.0.0.1 that accepts and closes
+// every connection (a health-check target that passes), and returns its
+// address and stop, which closes it (so that checks fail) and waits for
+// its goroutine. stop may be called more than once; the test's cleanup
+// calls it too.
+func TCPTarget(tb testing.TB) (addr string, stop func()) {
+	tb.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	var once sync.Once
+	stop = func() { once.Do(func() { ln.Close(); <-done }) }
+	tb.Cleanup(stop)
+	return ln.Addr().String(), stop
 }
