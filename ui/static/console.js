@@ -447,7 +447,7 @@ class ServicePage {
         if (this.checksSeen) this.log(`${st.addr}: checked registration added (${st.state}).`);
       } else if (old.state !== st.state) {
         const t = (st.transitions || []).at(-1);
-        this.log(`${st.addr}: check ${old.state} → ${st.state}${t && t.reason ? ` (${t.reason})` : ''}.`);
+        this.log(`${st.addr}: check ${old.state} → ${st.state}${t && t.reason ? `: ${t.reason}` : ''}.`);
       }
     }
     if (this.checksSeen) {
