@@ -101,6 +101,24 @@ func (s *Server) listChecks(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, s.opts.Checks.List(name))
 }
 
+// offlineChecked counts this agent's checked registrations that are not
+// in the store now, by service (nil without checks).
+func (s *Server) offlineChecked() map[string]int {
+	if s.opts.Checks == nil {
+		return nil
+	}
+	var n map[string]int
+	for _, st := range s.opts.Checks.List("") {
+		if !st.Stored {
+			if n == nil {
+				n = make(map[string]int)
+			}
+			n[st.Name]++
+		}
+	}
+	return n
+}
+
 // checksCollector exports checks.Stats.
 type checksCollector struct{ c Checker }
 

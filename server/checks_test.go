@@ -79,7 +79,11 @@ func TestHTTPCheckedRegistration(t *testing.T) {
 		t.Fatalf("PUT with a check answered %+v", st)
 	}
 	eventually(t, "the checked instance online", func() bool { return len(mustList(t, base, "db")) == 1 })
-	decode(t, mustDo(t, newRequest(t, http.MethodGet, inst, "")), http.StatusOK, &st)
+	// stored follows the store write: it may lag the instance's arrival.
+	eventually(t, "the status to say stored", func() bool {
+		decode(t, mustDo(t, newRequest(t, http.MethodGet, inst, "")), http.StatusOK, &st)
+		return st.Stored
+	})
 	if st.State != api.CheckOnline || !st.Stored || st.LastResult != "pass" || len(st.Transitions) != 1 || st.Attrs["role"] != "primary" {
 		t.Fatalf("GET instance: %+v", st)
 	}
@@ -165,4 +169,41 @@ func TestChecksDisabled(t *testing.T) {
 	e := newEnv(t, envConfig{})
 	wantError(t, mustDo(t, newRequest(t, http.MethodPut, e.url+"/services/db/instances/10.0.0.1:1", `{"check":{"tcp":"10.0.0.1:1"}}`)),
 		http.StatusServiceUnavailable, api.CodeUnavailable)
+}
+
+// GET /services counts the checked registrations that are not in the
+// store beside the instances that are (the console's online / total).
+func TestServicesCountOfflineChecks(t *testing.T) {
+	base, _ := newChecksEnv(t)
+	up := tcpTarget(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	down := ln.Addr().String() // nothing listens there: its check fails
+	ln.Close()
+	for _, target := range []string{up, down} {
+		resp := mustDo(t, newRequest(t, http.MethodPut, base+"/services/db/instances/"+target,
+			fmt.Sprintf(`{"check":{"tcp":%q,"interval":"1s","rise":1}}`, target)))
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("PUT %s: %s", target, resp.Status)
+		}
+	}
+	// The passing one's status says stored just after its store write:
+	// wait for the count to settle.
+	var list server.ServiceList
+	eventually(t, "db with 1 instance and 1 offline", func() bool {
+		decode(t, mustDo(t, newRequest(t, http.MethodGet, base+"/services", "")), http.StatusOK, &list)
+		return len(list.Services) == 1 && list.Services[0].Name == "db" && list.Services[0].Instances == 1 && list.Services[0].Offline == 1
+	})
+	// Without a check failing, nothing is offline: the field is absent.
+	resp := mustDo(t, newRequest(t, http.MethodDelete, base+"/services/db/instances/"+down, ""))
+	if resp.StatusCode != http.StatusNoContent {
+		t.Fatalf("DELETE: %s", resp.Status)
+	}
+	eventually(t, "no offline count", func() bool {
+		resp := mustDo(t, newRequest(t, http.MethodGet, base+"/services", ""))
+		body, _ := io.ReadAll(resp.Body)
+		return strings.Contains(string(body), `"instances":1`) && !strings.Contains(string(body), `"offline"`)
+	})
 }

@@ -18,6 +18,11 @@ type ServiceSummary struct {
 	// registration (GET /services/{name}/leader has its attributes).
 	Leader        string `json:"leader"`
 	LeaderCreated uint   `json:"leader_created"`
+	// Offline is the number of this agent's checked registrations of the
+	// service that are not in the store now (offline, flapping, or not
+	// yet written): with Instances, the service's total as this agent
+	// sees it. Absent when zero.
+	Offline int `json:"offline,omitempty"`
 }
 
 // ServiceList is the body of GET /services: one page of services, and
@@ -72,6 +77,7 @@ func (s *Server) listServices(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, "list services", err)
 		return
 	}
+	offline := s.offlineChecked()
 	out := ServiceList{Services: make([]ServiceSummary, 0, len(page)), Next: next}
 	for _, p := range page {
 		if !canRead(p.Name) {
@@ -79,6 +85,7 @@ func (s *Server) listServices(w http.ResponseWriter, r *http.Request) {
 		}
 		out.Services = append(out.Services, ServiceSummary{
 			Name: p.Name, Instances: p.Instances, Leader: p.Leader.Addr, LeaderCreated: uint(p.Leader.Created),
+			Offline: offline[p.Name],
 		})
 	}
 	writeJSON(w, http.StatusOK, out)

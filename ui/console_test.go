@@ -8,6 +8,7 @@ import (
 	"io"
 	"io/fs"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -25,6 +26,7 @@ import (
 	"github.com/flynn/discoverd/agent"
 	"github.com/flynn/discoverd/backend/etcd"
 	"github.com/flynn/discoverd/backend/etcd/etcdtest"
+	"github.com/flynn/discoverd/checks"
 	"github.com/flynn/discoverd/server"
 	"github.com/flynn/discoverd/ui"
 )
@@ -85,10 +87,15 @@ func newEnv(t *testing.T) *env {
 		t.Fatalf("agent.New: %v", err)
 	}
 	t.Cleanup(func() { a.Close() })
+	m, err := checks.New(checks.Config{Registrar: a.NewKeptSession(), Logger: log}) // in memory
+	if err != nil {
+		t.Fatalf("checks.New: %v", err)
+	}
+	t.Cleanup(func() { m.Close() })
 	conns := &server.ConnLimiter{Max: 64}
 	srv, err := server.New(a, server.Options{
 		Services: b, TTL: ttl, Conns: conns, Store: "etcd " + strings.Join(cluster.Endpoints(), ","),
-		HealthTimeout: 500 * time.Millisecond, Logger: log,
+		HealthTimeout: 500 * time.Millisecond, Logger: log, Checks: m,
 	})
 	if err != nil {
 		t.Fatalf("server.New: %v", err)
@@ -151,6 +158,42 @@ func (e *env) mustPut(t *testing.T, name, addr, attrs string) {
 		b, _ := io.ReadAll(resp.Body)
 		t.Fatalf("PUT %s %s: %d %s", name, addr, resp.StatusCode, b)
 	}
+}
+
+// mustPutChecked registers addr of name with a TCP check of target,
+// every second, online after 1 pass and offline after 1 failure.
+func (e *env) mustPutChecked(t *testing.T, name, addr, target string) {
+	t.Helper()
+	body := fmt.Sprintf(`{"attrs":{"kind":"checked"},"check":{"tcp":%q,"interval":"1s","rise":1,"fall":1}}`, target)
+	if resp := e.do(t, http.MethodPut, "/services/"+name+"/instances/"+addr, body); resp.StatusCode != http.StatusOK {
+		b, _ := io.ReadAll(resp.Body)
+		t.Fatalf("PUT %s %s with a check: %d %s", name, addr, resp.StatusCode, b)
+	}
+}
+
+// tcpTarget is a real TCP server that accepts and closes connections, a
+// check's target; stop closes it (idempotent).
+func tcpTarget(t *testing.T) (addr string, stop func()) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	var once sync.Once
+	stop = func() { once.Do(func() { ln.Close(); <-done }) }
+	t.Cleanup(stop)
+	return ln.Addr().String(), stop
 }
 
 func (e *env) mustDelete(t *testing.T, name, addr string) {
@@ -554,6 +597,45 @@ func TestConsole(t *testing.T) {
 			}
 		}
 		b.run(t, "desktop viewport", chromedp.EmulateViewport(1280, 760))
+		b.check(t, false)
+	})
+
+	t.Run("a failing health check shows on both pages without reload", func(t *testing.T) {
+		// Two checked instances: one stays up, so that the service stays
+		// listed on the first page; the other's target goes away.
+		up, _ := tcpTarget(t)
+		down, stop := tcpTarget(t)
+		e.mustPutChecked(t, "checked", up, up)
+		e.mustPutChecked(t, "checked", down, down)
+		defer e.mustDelete(t, "checked", up)
+		defer e.mustDelete(t, "checked", down)
+
+		b.openService(t, e, "checked")
+		row := rowText(`tr[data-addr="` + down + `"]`)
+		b.wait(t, "the instance online with its check passing", `(() => {
+			const r = document.querySelector('tr[data-addr="`+down+`"]');
+			return r && !r.hasAttribute("data-offline") && /\d+\s+(≥ )?\d+ s/.test(r.innerText) &&
+				`+row+`.includes("online passing") && `+row+`.includes("kind=checked");
+		})()`)
+		b.wait(t, "the Check column shown", `getComputedStyle(document.querySelector("#instances-table th.col-check")).display !== "none"`)
+		b.eval(t, markPage, nil)
+		stop()
+		start := time.Now()
+		b.wait(t, "the instance listed offline, failing, with its last error", `(() => {
+			const r = document.querySelector('tr[data-addr="`+down+`"]');
+			return r && r.hasAttribute("data-offline") && `+row+`.includes("offline") &&
+				`+row+`.includes("failing") && `+row+`.includes("refused") && `+row+`.includes("kind=checked");
+		})()`)
+		t.Logf("the failure showed %v after the target closed", time.Since(start))
+		b.wait(t, "the change log", `document.getElementById("log").innerText.includes(`+js(down+": check online → offline")+`)`)
+		b.wait(t, "the other instance still online and leading", `(() => {
+			const r = document.querySelector('tr[data-addr="`+up+`"]');
+			return r && r.classList.contains("leader") && r.innerText.includes("online passing");
+		})()`)
+		b.wait(t, "no reload", unreloded)
+
+		b.open(t, e.url+"/ui/")
+		b.wait(t, "1 online of 2 on the first page", rowText(`tr[data-service="checked"]`)+`.match(/checked\s+1 \/ 2\s/)`)
 		b.check(t, false)
 	})
 

@@ -2,7 +2,8 @@
 // writes: GET /services (polled: a browser holds at most six connections
 // to one host, too few for a stream per service), GET /agent (polled), and
 // on a service's page the SSE streams of /services/{name} and
-// /services/{name}/leader. Times and ages are as this page saw them: the
+// /services/{name}/leader, and GET /checks?service={name} (the agent's
+// health checks of that service: on open, on each change, and polled). Times and ages are as this page saw them: the
 // agent does not record wall-clock times, so a value that was already
 // there when the page (or its stream) opened is marked "≥".
 
@@ -10,6 +11,7 @@ const $ = (id) => document.getElementById(id);
 const COOKIE = 'discoverd_token';
 const SERVICES_EVERY = 1000; // ms between two GET /services
 const AGENT_EVERY = 2000; // ms between two GET /agent
+const CHECKS_EVERY = 2000; // ms between two GET /checks on a service's page
 const RETRY_MAX = 15000; // ms, the longest wait before reopening a stream
 const LOG_MAX = 50; // entries kept in a service's change log
 
@@ -150,6 +152,7 @@ class Poller {
     this.timer = 0;
     this.running = false;
     this.busy = false;
+    this.again = false; // now() was called while busy
   }
 
   start() {
@@ -164,13 +167,22 @@ class Poller {
 
   async now() {
     clearTimeout(this.timer);
-    if (!this.running || this.busy) return;
+    if (!this.running) return;
+    if (this.busy) {
+      this.again = true;
+      return;
+    }
     this.busy = true;
     try {
       await this.fn();
     } finally {
       this.busy = false;
-      if (this.running && !document.hidden) this.timer = setTimeout(() => this.now(), this.every);
+      if (this.again) {
+        this.again = false;
+        this.now();
+      } else if (this.running && !document.hidden) {
+        this.timer = setTimeout(() => this.now(), this.every);
+      }
     }
   }
 }
@@ -321,8 +333,11 @@ async function pollServices() {
   const names = new Set();
   list.services.forEach((s, i) => {
     names.add(s.name);
-    const online = typeof s.online === 'number' ? s.online : s.instances;
-    const key = `${online}/${s.instances} ${s.leader} ${s.leader_created}`;
+    // instances are in the store (online); offline counts this agent's
+    // checked registrations that are not (failing, flapping).
+    const online = s.instances;
+    const total = s.instances + (s.offline || 0);
+    const key = `${online}/${total} ${s.leader} ${s.leader_created}`;
     const leaderKey = `${s.leader} ${s.leader_created}`;
     let e = services.get(s.name);
     if (!e) {
@@ -344,7 +359,7 @@ async function pollServices() {
     if (e.key !== key) {
       e.key = key;
       e.leaderKey = leaderKey;
-      e.cells.count.textContent = `${online} / ${s.instances}`;
+      e.cells.count.textContent = `${online} / ${total}`;
       e.cells.leader.textContent = s.leader || '—';
       e.cells.token.textContent = s.leader ? String(s.leader_created) : '—';
       setSince(e.cells.age, s.leader ? e.leaderSince : null);
@@ -375,6 +390,7 @@ class ServicePage {
     this.leader = null; // the leader instance, or null
     this.leaderSince = null;
     this.leaderSeen = false;
+    this.checks = new Map(); // addr -> api.CheckStatus, from GET /checks
     const base = `/services/${encodeURIComponent(name)}`;
     const what = `service ${name}`;
     $('log').replaceChildren();
@@ -391,18 +407,57 @@ class ServicePage {
       onState: (kind, text) => this.state('lead', kind, text),
     });
     this.showState();
+    this.checksURL = `/checks?service=${encodeURIComponent(name)}`;
+    this.checksWhat = `the health checks of ${name}`;
+    this.checksPoll = new Poller(CHECKS_EVERY, () => this.pollChecks());
     this.sub.open();
     this.lead.open();
+    this.checksPoll.start();
   }
 
   close() {
     this.sub.close();
     this.lead.close();
+    this.checksPoll.stop();
   }
 
   reopen() {
     this.sub.reopen();
     this.lead.reopen();
+    this.checksPoll.now();
+  }
+
+  // pollChecks reads this agent's checked registrations of the service.
+  // An agent without checks answers an empty list; one too old to know
+  // GET /checks (404) shows none.
+  async pollChecks() {
+    let list;
+    try {
+      list = await getJSON(this.checksURL, this.checksWhat);
+    } catch {
+      return; // a 401 or 403 is on the banner; otherwise keep what we had
+    }
+    if (!Array.isArray(list)) return;
+    const next = new Map();
+    for (const st of list) {
+      if (st.name !== this.name) continue;
+      next.set(st.addr, st);
+      const old = this.checks.get(st.addr);
+      if (!old) {
+        if (this.checksSeen) this.log(`${st.addr}: checked registration added (${st.state}).`);
+      } else if (old.state !== st.state) {
+        const t = (st.transitions || []).at(-1);
+        this.log(`${st.addr}: check ${old.state} → ${st.state}${t && t.reason ? `: ${t.reason}` : ''}.`);
+      }
+    }
+    if (this.checksSeen) {
+      for (const addr of this.checks.keys()) {
+        if (!next.has(addr)) this.log(`${addr}: checked registration removed.`);
+      }
+    }
+    this.checksSeen = true;
+    this.checks = next;
+    this.render();
   }
 
   // state records the state of one of the two streams; the page shows
@@ -455,6 +510,7 @@ class ServicePage {
       }
       this.state('sub', 'live', this.sub.opened > 1 ? `Live (reconnected at ${clock(now)}).` : 'Live.');
       this.render();
+      this.checksPoll.now();
       return;
     }
     if (this.pending) { // part of a snapshot
@@ -475,6 +531,7 @@ class ServicePage {
       this.log(`${data.addr} offline.`);
     }
     this.render();
+    this.checksPoll.now();
   }
 
   leaderEvent(inst) {
@@ -501,25 +558,41 @@ class ServicePage {
 
     const table = $('instances-table');
     const list = [...this.instances.values()].sort((a, b) => a.inst.created - b.inst.created);
+    // Checked registrations that are not online (failing, flapping, not
+    // yet passed) are rows too, after the online ones.
+    const off = [...this.checks.values()].filter((c) => !this.instances.has(c.addr))
+      .sort((a, b) => (a.addr < b.addr ? -1 : a.addr > b.addr ? 1 : 0));
     const hasOwner = list.some((x) => x.inst.owner != null);
-    const hasCheck = list.some((x) => x.inst.check != null);
     table.classList.toggle('has-owner', hasOwner);
-    table.classList.toggle('has-check', hasCheck);
+    table.classList.toggle('has-check', this.checks.size > 0);
+    const attrCell = (attrs) => {
+      const td = el('td');
+      for (const [k, v] of Object.entries(attrs || {}).sort()) td.append(el('code', { class: 'attr' }, `${k}=${v}`));
+      return td;
+    };
     const rows = list.map(({ inst, since: s }) => {
       const lead = l && l.addr === inst.addr && l.created === inst.created;
       const age = el('td');
       setSince(age, s);
-      const attrs = el('td');
-      for (const [k, v] of Object.entries(inst.attrs || {}).sort()) attrs.append(el('code', { class: 'attr' }, `${k}=${v}`));
       return el('tr', lead ? { class: 'leader', 'data-addr': inst.addr, 'aria-current': 'true' } : { 'data-addr': inst.addr },
         el('th', { scope: 'row', class: 'mono' }, inst.addr),
         el('td', {}, lead ? el('span', { class: 'badge' }, 'leader') : ''),
         el('td', { class: 'num mono' }, String(inst.created)),
         age,
         el('td', { class: 'col-owner' }, inst.owner != null ? String(inst.owner) : ''),
-        el('td', { class: 'col-check' }, checkText(inst.check)),
-        attrs);
+        checkCell(this.checks.get(inst.addr)),
+        attrCell(inst.attrs));
     });
+    for (const c of off) {
+      rows.push(el('tr', { class: 'offline', 'data-addr': c.addr, 'data-offline': '' },
+        el('th', { scope: 'row', class: 'mono' }, c.addr),
+        el('td', {}, el('span', { class: 'badge bad' }, 'offline')),
+        el('td', { class: 'num mono' }, '—'),
+        el('td', {}, 'not online'),
+        el('td', { class: 'col-owner' }, hasOwner ? 'agent (check)' : ''),
+        checkCell(c),
+        attrCell(c.attrs)));
+    }
     if (rows.length === 0) {
       rows.push(el('tr', {}, el('td', { colspan: '7', class: 'muted' },
         this.synced ? `No instance of ${this.name} is online.` : 'Waiting for the agent…')));
@@ -532,15 +605,31 @@ function attrText(attrs) {
   return Object.entries(attrs || {}).sort().map(([k, v]) => `${k}=${v}`).join(' ');
 }
 
-// checkText renders an instance's health check, whatever its fields: a
-// state and its last result when it has them, its JSON otherwise.
-function checkText(c) {
-  if (c == null) return '';
-  if (typeof c !== 'object') return String(c);
-  const state = c.state ?? c.status;
-  const last = c.output ?? c.last_result ?? c.message ?? c.error;
-  if (state == null && last == null) return JSON.stringify(c);
-  return [state, last].filter((x) => x != null && x !== '').join(': ');
+// checkCell renders the status of a checked registration (GET /checks,
+// api.CheckStatus): its state, its last result with the probes in a row,
+// the last error, a flapping hold and a failed store write; the check
+// itself in the title. Empty for an instance without a check.
+function checkCell(c) {
+  const td = el('td', { class: 'col-check' });
+  if (!c) return td;
+  const chk = c.check || {};
+  const kind = chk.http ? 'http' : chk.tcp ? 'tcp' : chk.grpc ? 'grpc' : '';
+  td.title = `${kind} ${chk.http || chk.tcp || chk.grpc || ''} every ${chk.interval || '?'}, rise ${chk.rise}, fall ${chk.fall}`;
+  const cls = c.state === 'online' ? 'good' : 'badge bad';
+  td.append(el('span', { class: `check-state ${cls}` }, c.state || 'unknown'));
+  let last = 'not probed yet';
+  if (c.last_result === 'pass') last = `passing (${c.passes} in a row)`;
+  else if (c.last_result === 'fail') last = `failing (${c.fails} in a row)`;
+  td.append(' ', el('span', { class: 'check-result' }, last));
+  if (c.last_probe) {
+    td.append(' ', el('span', { class: 'muted' }, `at ${clock(c.last_probe)}`));
+  }
+  if (c.last_error) td.append(el('span', { class: 'check-error' }, c.last_error));
+  if (c.state === 'flapping' && c.held_until) {
+    td.append(el('span', { class: 'check-error' }, `flapping: held offline until ${clock(c.held_until)}`));
+  }
+  if (c.store_error) td.append(el('span', { class: 'check-error' }, `store: ${c.store_error}`));
+  return td;
 }
 
 // ---- routing and start ----
@@ -601,6 +690,7 @@ function start() {
     if (document.hidden) return;
     agentPoll.now();
     if (!page) servicesPoll.now();
+    else page.checksPoll.now();
   });
   // Leaving the page closes its streams at once: a page kept in the
   // back-forward cache must not hold the browser's few connections to the
