@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"path/filepath"
@@ -175,7 +176,7 @@ func TestChecksDisabled(t *testing.T) {
 // store beside the instances that are (the console's online / total).
 func TestServicesCountOfflineChecks(t *testing.T) {
 	base, _ := newChecksEnv(t)
-	up := tcpTarget(t)
+	up, _ := testkit.TCPTarget(t)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

@@ -8,7 +8,6 @@ import (
 	"io"
 	"io/fs"
 	"log/slog"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -27,6 +26,7 @@ import (
 	"github.com/flynn/discoverd/backend/etcd"
 	"github.com/flynn/discoverd/backend/etcd/etcdtest"
 	"github.com/flynn/discoverd/checks"
+	"github.com/flynn/discoverd/internal/testkit"
 	"github.com/flynn/discoverd/server"
 	"github.com/flynn/discoverd/ui"
 )
@@ -169,31 +169,6 @@ func (e *env) mustPutChecked(t *testing.T, name, addr, target string) {
 		b, _ := io.ReadAll(resp.Body)
 		t.Fatalf("PUT %s %s with a check: %d %s", name, addr, resp.StatusCode, b)
 	}
-}
-
-// tcpTarget is a real TCP server that accepts and closes connections, a
-// check's target; stop closes it (idempotent).
-func tcpTarget(t *testing.T) (addr string, stop func()) {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			c.Close()
-		}
-	}()
-	var once sync.Once
-	stop = func() { once.Do(func() { ln.Close(); <-done }) }
-	t.Cleanup(stop)
-	return ln.Addr().String(), stop
 }
 
 func (e *env) mustDelete(t *testing.T, name, addr string) {
@@ -603,8 +578,8 @@ func TestConsole(t *testing.T) {
 	t.Run("a failing health check shows on both pages without reload", func(t *testing.T) {
 		// Two checked instances: one stays up, so that the service stays
 		// listed on the first page; the other's target goes away.
-		up, _ := tcpTarget(t)
-		down, stop := tcpTarget(t)
+		up, _ := testkit.TCPTarget(t)
+		down, stop := testkit.TCPTarget(t)
 		e.mustPutChecked(t, "checked", up, up)
 		e.mustPutChecked(t, "checked", down, down)
 		defer e.mustDelete(t, "checked", up)
