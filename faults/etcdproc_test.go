@@ -57,10 +57,32 @@ func etcdServerBinary(tb testing.TB) string {
 
 // startEtcdProcs starts a 3-member cluster on free loopback ports and
 // blocks until it answers a linearizable read. tb's cleanup resumes and
-// kills every member.
+// kills every member. A port found free can be taken by another test
+// process before etcd binds it; the cluster then starts again on other
+// ports (at most startAttempts times).
 func startEtcdProcs(tb testing.TB) *etcdProcCluster {
 	tb.Helper()
 	bin := etcdServerBinary(tb)
+	const startAttempts = 3
+	for attempt := 1; ; attempt++ {
+		c, err := tryStartEtcdProcs(tb, bin)
+		if err == nil {
+			return c
+		}
+		if !errors.Is(err, errPortTaken) || attempt == startAttempts {
+			tb.Fatal(err)
+		}
+		tb.Logf("starting the etcd cluster again on other ports: %v", err)
+	}
+}
+
+// errPortTaken: a member could not bind its port.
+var errPortTaken = errors.New("a port was taken before etcd bound it")
+
+// tryStartEtcdProcs is one attempt of startEtcdProcs. On error every
+// member it started has been stopped.
+func tryStartEtcdProcs(tb testing.TB, bin string) (*etcdProcCluster, error) {
+	tb.Helper()
 	const n = 3
 	type addrs struct{ client, peer string }
 	var as []addrs
@@ -71,7 +93,13 @@ func startEtcdProcs(tb testing.TB) *etcdProcCluster {
 		peers = append(peers, fmt.Sprintf("m%d=http://%s", i, a.peer))
 	}
 	c := &etcdProcCluster{}
+	ok := false
 	tb.Cleanup(c.stop)
+	defer func() {
+		if !ok {
+			c.stop()
+		}
+	}()
 	for i, a := range as {
 		name := fmt.Sprintf("m%d", i)
 		lb := &logBuffer{}
@@ -95,12 +123,42 @@ func startEtcdProcs(tb testing.TB) *etcdProcCluster {
 		cmd.Stdout, cmd.Stderr = lb, lb
 		m := &etcdProc{name: name, cmd: cmd, log: lb, done: make(chan struct{})}
 		if err := cmd.Start(); err != nil {
-			tb.Fatalf("starting etcd %s: %v", name, err)
+			return nil, fmt.Errorf("starting etcd %s: %w", name, err)
 		}
 		go func() { cmd.Wait(); close(m.done) }() // ends with the process
 		c.members = append(c.members, m)
 		c.eps = append(c.eps, "http://"+a.client)
 	}
+	eps := c.Endpoints()
+	cli, err := clientv3.New(clientv3.Config{Endpoints: eps, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
+	if err != nil {
+		return nil, err
+	}
+	defer cli.Close()
+	deadline := time.Now().Add(wait)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		_, err := cli.Get(ctx, "ready-probe")
+		cancel()
+		if err == nil {
+			break
+		}
+		for _, m := range c.members {
+			select {
+			case <-m.done:
+				log := m.log.String()
+				if strings.Contains(log, "address already in use") {
+					return nil, fmt.Errorf("etcd %s: %w:\n%s", m.name, errPortTaken, log)
+				}
+				return nil, fmt.Errorf("etcd %s exited at start:\n%s", m.name, log)
+			default:
+			}
+		}
+		if time.Now().After(deadline) {
+			return nil, fmt.Errorf("the etcd cluster does not answer within %v: %v", wait, err)
+		}
+	}
+	ok = true
 	tb.Cleanup(func() {
 		if tb.Failed() {
 			for _, m := range c.members {
@@ -112,31 +170,7 @@ func startEtcdProcs(tb testing.TB) *etcdProcCluster {
 			}
 		}
 	})
-	eps := c.Endpoints()
-	cli, err := clientv3.New(clientv3.Config{Endpoints: eps, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
-	if err != nil {
-		tb.Fatal(err)
-	}
-	defer cli.Close()
-	deadline := time.Now().Add(wait)
-	for {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		_, err := cli.Get(ctx, "ready-probe")
-		cancel()
-		if err == nil {
-			return c
-		}
-		for _, m := range c.members {
-			select {
-			case <-m.done:
-				tb.Fatalf("etcd %s exited at start:\n%s", m.name, m.log.String())
-			default:
-			}
-		}
-		if time.Now().After(deadline) {
-			tb.Fatalf("the etcd cluster does not answer within %v: %v", wait, err)
-		}
-	}
+	return c, nil
 }
 
 // Endpoints returns the client URLs of the members.
