@@ -53,7 +53,7 @@ faults:
 SOAKTIME ?= 10m
 SEED ?= 0
 soak:
-	$(GO) test -race -count=1 -v -run 'TestMembershipChecker' -timeout 60m ./faults/ -args -checker.duration=$(SOAKTIME) -checker.seed=$(SEED)
+	$(GO) test -race -count=1 -v -run 'TestMembershipChecker' -timeout 60m ./faults/ -args -checker.strict -checker.duration=$(SOAKTIME) -checker.seed=$(SEED)
 
 # Every fuzz target of every package, FUZZTIME each (default 60s).
 fuzz:
