@@ -110,7 +110,10 @@ func NewView[T any](a *Agent, cfg ViewConfig, compile func(name string, instance
 // Get returns the compiled value of name, and whether it may be stale:
 // the store did not answer the view's last probe, so changes made since
 // may be missing. A name the view holds is answered from memory without
-// blocking, even while the store is unreachable. A name it does not hold
+// blocking, even while the store is unreachable, unless a write this
+// agent made to it is not shown yet: Get then waits for the watch to show
+// it (at most a second after the write; ctx.Err() if ctx ends first), so
+// that what follows a Register or Unregister sees it. A name it does not hold
 // yet starts its watch and blocks until the store's first snapshot, at
 // most until ctx is done or the agent's backend timeout. name must be
 // valid (api.ValidateName): the caller checks it. Errors: CodeUnavailable
@@ -132,6 +135,13 @@ func (v *View[T]) Get(ctx context.Context, name string) (val T, stale bool, err 
 		}
 	}
 	e.w.settle(ctx) // a write this agent made is shown (noteLocal)
+	if err := ctx.Err(); err != nil && e.w.npending.Load() > 0 {
+		// ctx ended before the watch showed a write this agent made: the
+		// value would not show it. (A caller that asks with a done ctx
+		// first, as the DNS server's read loop does, then asks again
+		// with time to wait.)
+		return val, false, err
+	}
 	select {
 	case <-e.w.done: // stopped by itself (backend closed) or by Close
 		v.drop(e)
