@@ -21,8 +21,8 @@ import (
 // A silent keepalive stream is not a lost lease: during a leader election
 // etcd answers nothing, for longer than a short TTL, yet the new leader
 // extends every lease by a TTL plus the election timeout. So when the
-// stream gives up, the keeper asks etcd (TimeToLive) and carries on with
-// the same lease if etcd still holds it. The lease is lost when etcd says
+// stream gives up, the keeper asks etcd (a keepalive of its own) and
+// carries on with the same lease if etcd still holds it. The lease is lost when etcd says
 // so, or when etcd has not answered for one more TTL after the stream
 // gave up.
 //
@@ -119,11 +119,12 @@ func (b *Backend) keep(lease clientv3.LeaseID) {
 		n := len(b.regs)
 		b.mu.Unlock()
 		b.log.Warn("etcd lease lost; renewing it and restoring registrations", "lease", leaseHex(lease), "registrations", n, "reason", why)
-		if lease = b.renew(); lease == 0 {
+		var granted time.Time
+		if lease, granted = b.renew(); lease == 0 {
 			return
 		}
 		b.setStalled(false)
-		expiry = time.Now().Add(ttl)
+		expiry = granted.Add(ttl)
 	}
 }
 
@@ -132,6 +133,14 @@ func (b *Backend) keep(lease clientv3.LeaseID) {
 // that it does not hold it), a writer finds it missing, or the backend
 // closes. It returns when the lease runs out by etcd's last answer
 // (expiry if there was none).
+//
+// The stream sends its first keepalive up to half a second after it opens,
+// later still while it reconnects after an outage; a lease just granted
+// (its TTL counting since the grant, restore included) can expire before
+// that. So whenever the lease is within half a TTL of running out and the
+// stream has not answered, the keeper extends it itself, once per call of
+// at most b.attempt (the stream answers every third of a TTL when it
+// works, so this costs nothing then).
 func (b *Backend) keepAlive(lease clientv3.LeaseID, expiry time.Time) time.Time {
 	ctx, cancel := context.WithCancel(b.ctx)
 	defer cancel()
@@ -140,6 +149,9 @@ func (b *Backend) keepAlive(lease clientv3.LeaseID, expiry time.Time) time.Time 
 		b.log.Warn("etcd lease keepalive failed", "lease", leaseHex(lease), "error", err)
 		return expiry
 	}
+	half := time.Duration(b.ttl) * time.Second / 2
+	backstop := time.NewTimer(time.Until(expiry) - half)
+	defer backstop.Stop()
 	for {
 		select {
 		case resp, ok := <-ch:
@@ -147,10 +159,31 @@ func (b *Backend) keepAlive(lease clientv3.LeaseID, expiry time.Time) time.Time 
 				return expiry
 			}
 			expiry = time.Now().Add(time.Duration(resp.TTL) * time.Second)
+		case <-backstop.C:
+			if e, err := b.extend(lease); err == nil {
+				expiry = e
+			} else if errors.Is(err, rpctypes.ErrLeaseNotFound) {
+				return expiry
+			}
 		case <-b.lost:
 			return expiry
 		}
+		backstop.Reset(max(time.Until(expiry)-half, b.attempt))
 	}
+}
+
+// extend sends one keepalive for lease, bounded by b.attempt, and returns
+// until when etcd then holds it. It fails with rpctypes.ErrLeaseNotFound
+// if etcd no longer holds it.
+func (b *Backend) extend(lease clientv3.LeaseID) (time.Time, error) {
+	ctx, cancel := context.WithTimeout(b.ctx, b.attempt)
+	defer cancel()
+	sent := time.Now()
+	resp, err := b.client.KeepAliveOnce(ctx, lease)
+	if err != nil {
+		return time.Time{}, err
+	}
+	return sent.Add(time.Duration(resp.TTL) * time.Second), nil
 }
 
 // check asks etcd whether it still holds lease, retrying until etcd
@@ -170,15 +203,20 @@ func (b *Backend) check(lease clientv3.LeaseID, expiry *time.Time) (held bool, w
 		"lease", leaseHex(lease), "until", deadline.Format(time.RFC3339Nano))
 	backoff := newBackoff(maxRenewBackoff)
 	for {
+		// A keepalive rather than TimeToLive: it extends the lease as it
+		// asks, and TimeToLive rounds what is left down to whole seconds,
+		// so it reports 0 for a live lease in its last second.
 		ctx, cancel := context.WithTimeout(b.ctx, min(time.Until(deadline), b.attempt))
-		resp, err := b.client.TimeToLive(ctx, lease)
+		sent := time.Now()
+		resp, err := b.client.KeepAliveOnce(ctx, lease)
 		cancel()
 		switch {
-		case err == nil && resp.TTL > 0:
-			*expiry = time.Now().Add(time.Duration(resp.TTL) * time.Second)
-			b.log.Info("etcd lease still held; keeping it alive", "lease", leaseHex(lease), "ttl", time.Duration(resp.TTL)*time.Second)
+		case err == nil:
+			ttl := time.Duration(resp.TTL) * time.Second
+			*expiry = sent.Add(ttl)
+			b.log.Info("etcd lease still held; keeping it alive", "lease", leaseHex(lease), "ttl", ttl)
 			return true, ""
-		case err == nil || errors.Is(err, rpctypes.ErrLeaseNotFound):
+		case errors.Is(err, rpctypes.ErrLeaseNotFound):
 			return false, "etcd no longer holds it"
 		case b.ctx.Err() != nil:
 			return false, "closing"
@@ -193,22 +231,31 @@ func (b *Backend) check(lease clientv3.LeaseID, expiry *time.Time) (held bool, w
 	}
 }
 
+// renewal is one renewal of the lease, across its attempts.
+type renewal struct {
+	lease   clientv3.LeaseID // 0 until granted
+	until   time.Time        // until when etcd holds lease, by its last answer
+	written map[string]*reg  // what the store holds on lease, by key
+}
+
 // renew grants a new lease and restores the registrations on it (see
 // restore), retrying with a short backoff: each attempt waits for a
 // connection, bounded by b.attempt. It returns the new lease, published,
-// or 0 if the backend closed.
-func (b *Backend) renew() clientv3.LeaseID {
+// and until when etcd holds it, or 0 if the backend closed.
+func (b *Backend) renew() (clientv3.LeaseID, time.Time) {
 	backoff := newBackoff(maxRenewBackoff)
-	var lease clientv3.LeaseID
-	var written map[string]*reg // what the store holds on lease, by key
+	var r renewal
 	for failures := 0; ; failures++ {
-		err := b.renewOnce(&lease, &written, failures > 0)
+		err := b.renewOnce(&r)
 		if err == nil {
-			b.log.Info("etcd lease renewed; registrations restored", "lease", leaseHex(lease), "registrations", len(written))
-			return lease
+			b.log.Info("etcd lease renewed; registrations restored", "lease", leaseHex(r.lease), "registrations", len(r.written))
+			return r.lease, r.until
+		}
+		if errors.Is(err, rpctypes.ErrLeaseNotFound) {
+			r.lease = 0 // expired before the restore completed: start over
 		}
 		if b.ctx.Err() != nil {
-			return 0
+			return 0, time.Time{}
 		}
 		level := slog.LevelDebug
 		if failures == 0 {
@@ -216,48 +263,50 @@ func (b *Backend) renew() clientv3.LeaseID {
 		}
 		b.log.Log(context.Background(), level, "etcd lease renewal failed; retrying", "error", err)
 		if !backoff.wait(b.ctx) {
-			return 0
+			return 0, time.Time{}
 		}
 	}
 }
 
-// renewOnce is one attempt of renew. It grants a lease if *lease is 0;
-// on a retry it first checks that the lease granted before still lives
-// (and extends it), since restoring may have taken longer than its TTL.
-func (b *Backend) renewOnce(lease *clientv3.LeaseID, written *map[string]*reg, retry bool) error {
-	if *lease != 0 && retry {
+// renewOnce is one attempt of renew: it grants a lease if r has none,
+// then restores the registrations on it.
+func (b *Backend) renewOnce(r *renewal) error {
+	if r.lease == 0 {
 		ctx, cancel := context.WithTimeout(b.ctx, b.attempt)
-		_, err := b.client.KeepAliveOnce(ctx, *lease)
-		cancel()
-		if errors.Is(err, rpctypes.ErrLeaseNotFound) {
-			*lease = 0 // expired before the restore completed: start over
-		} else if err != nil {
-			return fmt.Errorf("extending the new lease: %w", err)
-		}
-	}
-	if *lease == 0 {
-		ctx, cancel := context.WithTimeout(b.ctx, b.attempt)
+		sent := time.Now()
 		grant, err := b.client.Grant(ctx, b.ttl)
 		cancel()
 		if err != nil {
 			return fmt.Errorf("granting a lease: %w", err)
 		}
-		*lease, *written = grant.ID, make(map[string]*reg)
+		r.lease, r.until, r.written = grant.ID, sent.Add(time.Duration(grant.TTL)*time.Second), make(map[string]*reg)
 		b.mu.Lock()
 		b.pending = grant.ID // for Close to revoke
 		b.own[grant.ID] = struct{}{}
 		b.mu.Unlock()
 	}
-	err := b.restore(*lease, *written)
-	if errors.Is(err, rpctypes.ErrLeaseNotFound) {
-		*lease = 0
-	}
-	return err
+	return b.restore(r)
 }
 
-// restore makes the store hold every remembered registration on lease,
-// then publishes lease as the backend's. written is what the store holds
-// on lease already, by key (done); restore updates it. It writes in rounds: each
+// fresh extends r's lease if less than half its TTL is left: restoring
+// many registrations, or retrying, can take longer than a TTL, and
+// nothing else keeps a lease alive before it is published.
+func (b *Backend) fresh(r *renewal) error {
+	if time.Until(r.until) > time.Duration(b.ttl)*time.Second/2 {
+		return nil
+	}
+	until, err := b.extend(r.lease)
+	if err != nil {
+		return fmt.Errorf("extending the new lease: %w", err)
+	}
+	r.until = until
+	return nil
+}
+
+// restore makes the store hold every remembered registration on rn's
+// lease, then publishes the lease as the backend's. rn.written is what the
+// store holds on the lease already, by key (done); restore updates it, and
+// keeps the lease alive meanwhile (fresh). It writes in rounds: each
 // round puts what regs holds and written does not, and deletes what it
 // put earlier that regs no longer holds (a registration forgotten
 // meanwhile), until a check under b.mu finds nothing to do; the lease is
@@ -267,7 +316,8 @@ func (b *Backend) renewOnce(lease *clientv3.LeaseID, written *map[string]*reg, r
 // its key no longer exists or is on one of b's own leases: a key that
 // another session took over meanwhile is left to it, and the backend
 // stops holding it (counted in SessionState.Lost).
-func (b *Backend) restore(lease clientv3.LeaseID, done map[string]*reg) error {
+func (b *Backend) restore(rn *renewal) error {
+	lease, done := rn.lease, rn.written
 	type item struct {
 		key string
 		r   *reg // nil: a delete
@@ -275,6 +325,9 @@ func (b *Backend) restore(lease clientv3.LeaseID, done map[string]*reg) error {
 		tok uint64
 	}
 	for {
+		if err := b.fresh(rn); err != nil {
+			return err
+		}
 		var items []item
 		b.mu.Lock()
 		for _, k := range slices.Sorted(maps.Keys(b.regs)) {
@@ -321,6 +374,9 @@ func (b *Backend) restore(lease clientv3.LeaseID, done map[string]*reg) error {
 		}
 		items = items[:n]
 		for chunk := range slices.Chunk(items, restoreBatch) {
+			if err := b.fresh(rn); err != nil {
+				return err
+			}
 			ops := make([]clientv3.Op, len(chunk))
 			for i, it := range chunk {
 				if it.r == nil {
