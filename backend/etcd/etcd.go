@@ -172,18 +172,19 @@ type reg struct {
 
 // Timeouts of internal operations.
 const (
-	defaultDialTimeout = 5 * time.Second
-	revokeTimeout      = 2 * time.Second        // Close's bound on revoking the lease
-	maxResyncBackoff   = time.Second            // between retries of a stream's resync
-	maxRenewBackoff    = 250 * time.Millisecond // between the keeper's retries (each call waits for a connection)
-	maxReconnectDelay  = time.Second            // cap of gRPC's reconnect backoff (also ≤ TTL/4)
-	minAttempt         = 500 * time.Millisecond // floor of the keeper's per-call bound (else TTL/2, ≤ DialTimeout)
-	restoreBatch       = 64                     // puts per transaction when restoring registrations (etcd allows 128)
-	restoreChecks      = 32                     // key histories read at once before a restore (takenMeanwhile)
-	writeTimeout       = 5 * time.Second        // floor of the bound on one batched transaction (else DialTimeout)
-	stallGrace         = 2 * time.Second        // streams hold deletions this long after a lease trouble ends
-	holdCheck          = 100 * time.Millisecond // how often a quiet stream looks whether its hold ended
-	streamBuffer       = 16                     // events queued per stream
+	defaultDialTimeout   = 5 * time.Second
+	revokeTimeout        = 2 * time.Second        // Close's bound on revoking the lease
+	maxResyncBackoff     = time.Second            // between retries of a stream's resync
+	maxRenewBackoff      = 250 * time.Millisecond // between the keeper's retries (each call waits for a connection)
+	maxReconnectDelay    = time.Second            // cap of gRPC's reconnect backoff (also ≤ TTL/4)
+	minAttempt           = 500 * time.Millisecond // floor of the keeper's per-call bound (else TTL/2, ≤ DialTimeout)
+	restoreBatch         = 64                     // puts per transaction when restoring registrations (etcd allows 128)
+	restoreChecks        = 32                     // key histories read at once before a restore (takenMeanwhile)
+	restoreCheckAttempts = 3                      // tries of one such read before restoring regardless
+	writeTimeout         = 5 * time.Second        // floor of the bound on one batched transaction (else DialTimeout)
+	stallGrace           = 2 * time.Second        // streams hold deletions this long after a lease trouble ends
+	holdCheck            = 100 * time.Millisecond // how often a quiet stream looks whether its hold ended
+	streamBuffer         = 16                     // events queued per stream
 )
 
 // Open connects to etcd, grants the backend's lease and starts keeping it

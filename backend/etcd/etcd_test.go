@@ -760,3 +760,73 @@ func TestRestoreSkipsTakenOver(t *testing.T) {
 		t.Errorf("SessionState %+v, want Lost 1", st)
 	}
 }
+
+// TestTakenOverAfterDeletionStaysRemoved: the key of a registration is
+// deleted under its owner (as when its lease expires in a store stall),
+// another backend then registers it afresh and removes it. The former
+// owner's key is missing, as if only its own lease had run out, but its
+// history holds the other session's put: neither the restore after a lost
+// lease nor the anti-entropy writes it back (that would bring the old
+// token after the newer one); the former owner drops it instead.
+func TestTakenOverAfterDeletionStaysRemoved(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name string
+		ttl  time.Duration
+		lose bool // revoke the former owner's lease: a restore, not a repair
+	}{
+		{"Restore", 30 * time.Second, true},
+		{"AntiEntropy", time.Second, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			srv := etcdtest.NewServer(t)
+			former, owner := mustOpen(t, srv.Endpoints(), tc.ttl), mustOpen(t, srv.Endpoints(), tc.ttl)
+			cli := mustClient(t, srv.Endpoints())
+			ctx := ctxT(t)
+			name := "deleted" + tc.name
+			key := etcd.DefaultPrefix + name + "/" + addr(0)
+			for i := range 2 {
+				if err := former.Register(ctx, name, addr(i), nil); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if _, err := cli.Delete(ctx, key); err != nil {
+				t.Fatal(err)
+			}
+			if err := owner.Register(ctx, name, addr(0), map[string]string{"by": "owner"}); err != nil {
+				t.Fatal(err)
+			}
+			if err := owner.Unregister(ctx, name, addr(0)); err != nil {
+				t.Fatal(err)
+			}
+			if tc.lose {
+				if _, err := cli.Revoke(ctx, etcd.LeaseOf(former)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			deadline := time.Now().Add(waitTimeout)
+			// Done: addr(0) dropped and, after a lost lease, addr(1)
+			// restored on the new one.
+			done := func(st backend.SessionState) bool {
+				return st.Lost >= 1 && (!tc.lose || st.Established >= 2 && st.Live)
+			}
+			for st := former.SessionState(); !done(st); st = former.SessionState() {
+				if resp, err := cli.Get(ctx, key); err != nil || len(resp.Kvs) > 0 {
+					t.Fatalf("key back in the store (%v, %v): the former owner wrote it again", resp, err)
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("former owner not done after %v: %+v", waitTimeout, st)
+				}
+				time.Sleep(20 * time.Millisecond) // polling SessionState: it has no change notification
+			}
+			resp, err := cli.Get(ctx, etcd.DefaultPrefix+name+"/", clientv3.WithPrefix())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(resp.Kvs) != 1 || string(resp.Kvs[0].Key) != etcd.DefaultPrefix+name+"/"+addr(1) {
+				t.Fatalf("the store holds %d keys (%v), want only %s", len(resp.Kvs), resp.Kvs, addr(1))
+			}
+		})
+	}
+}

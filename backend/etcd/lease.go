@@ -323,6 +323,7 @@ func (b *Backend) restore(rn *renewal) error {
 		r   *reg // nil: a delete
 		val string
 		tok uint64
+		rev int64 // b's last write of the key
 	}
 	for {
 		if err := b.fresh(rn); err != nil {
@@ -332,7 +333,7 @@ func (b *Backend) restore(rn *renewal) error {
 		b.mu.Lock()
 		for _, k := range slices.Sorted(maps.Keys(b.regs)) {
 			if r := b.regs[k]; done[k] != r {
-				items = append(items, item{k, r, r.val, r.token})
+				items = append(items, item{k, r, r.val, r.token, r.modRev})
 			}
 		}
 		for _, k := range slices.Sorted(maps.Keys(done)) {
@@ -361,7 +362,7 @@ func (b *Backend) restore(rn *renewal) error {
 			sem <- struct{}{}
 			wg.Go(func() {
 				defer func() { <-sem }()
-				taken[i] = b.takenMeanwhile(it.key, it.r)
+				taken[i] = b.takenMeanwhile(it.key, it.r, it.rev)
 			})
 		}
 		wg.Wait()
@@ -403,7 +404,7 @@ func (b *Backend) restore(rn *renewal) error {
 				if !succeeded(resp, i) {
 					// The key exists: on an old lease of b's (still alive),
 					// or another session's.
-					w, err = b.putSlow(it.key, it.val, it.tok, lease, putRestore)
+					w, err = b.putSlow(it.key, it.val, it.tok, lease, putRestore, it.rev)
 					if errors.Is(err, errTakenOver) {
 						b.dropLost(it.key, it.r)
 						continue
@@ -422,22 +423,47 @@ func (b *Backend) restore(rn *renewal) error {
 }
 
 // takenMeanwhile reports, for a registration about to be restored with
-// its token, whether another session wrote its key after b's own last
-// write (a takeover through another agent that b had not noticed yet); it
-// then drops it (dropLost). Writing it back would resurrect a registration
-// whose new owner removed it, with an old token. When the history cannot
-// tell, the registration is restored. restore runs restoreChecks of these
-// checks at a time.
-func (b *Backend) takenMeanwhile(key string, r *reg) bool {
-	b.mu.Lock()
-	modRev := r.modRev
-	b.mu.Unlock()
-	taken, known, err := b.changedByOther(key, modRev)
-	if err != nil || !known || !taken {
-		return false
+// its token, whether another session wrote its key after modRev, b's own
+// last write of it (a takeover through another agent that b had not
+// noticed yet); it then drops it (dropLost). Writing it back would
+// resurrect a registration whose new owner removed it, with an old token.
+// A key that exists tells by its lease; a missing one by its history
+// (changedByOther). When the history cannot tell (compacted), the
+// registration is restored; when the store does not answer, it is asked
+// again (restoreCheckAttempts), then the registration is restored. restore
+// runs restoreChecks of these checks at a time.
+func (b *Backend) takenMeanwhile(key string, r *reg, modRev int64) bool {
+	var err error
+	for range restoreCheckAttempts {
+		var taken bool
+		if taken, err = b.takenSince(key, modRev); err == nil {
+			if taken {
+				b.dropLost(key, r)
+			}
+			return taken
+		}
+		if b.ctx.Err() != nil {
+			return false
+		}
 	}
-	b.dropLost(key, r)
-	return true
+	b.log.Warn("etcd: could not read a registration's history before restoring it; restoring it", "key", key, "error", err)
+	return false
+}
+
+// takenSince reports whether key is another session's now, or was put by
+// another session after modRev (it is missing: see changedByOther).
+func (b *Backend) takenSince(key string, modRev int64) (bool, error) {
+	ctx, cancel := context.WithTimeout(b.ctx, b.attempt)
+	resp, err := b.client.Get(ctx, key)
+	cancel()
+	if err != nil {
+		return false, err
+	}
+	if len(resp.Kvs) > 0 {
+		return !b.ours(clientv3.LeaseID(resp.Kvs[0].Lease)), nil
+	}
+	taken, known, err := b.changedByOther(key, modRev)
+	return taken && known, err
 }
 
 // dropLost stops holding r at key, which another session took over.

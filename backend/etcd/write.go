@@ -67,7 +67,7 @@ func (b *Backend) put(ctx context.Context, key, val string, tok uint64, lease cl
 		}
 		return written{tok, out.rev}, nil
 	}
-	return b.putSlow(key, val, tok, lease, mode)
+	return b.putSlow(key, val, tok, lease, mode, 0)
 }
 
 // putMode is what a put does with a key of another session and with a
@@ -94,10 +94,13 @@ const (
 // putSlow is put after its condition failed: it reads the key and writes
 // it conditionally on what it read, until the write applies. The store's
 // token of an existing key wins over tok; a missing key gets tok or a
-// fresh token, as in put. It is bounded by the backend's
-// own timeouts, not by the caller's ctx: a request sent may be applied
-// after its caller gave up.
-func (b *Backend) putSlow(key, val string, tok uint64, lease clientv3.LeaseID, mode putMode) (written, error) {
+// fresh token, as in put. In putRestore mode, modRev is the revision of
+// b's own last write of the key, and a missing key is written again only
+// if no other session put it since (changedByOther): the key may have
+// been taken over and removed since the caller last looked. It is bounded
+// by the backend's own timeouts, not by the caller's ctx: a request sent
+// may be applied after its caller gave up.
+func (b *Backend) putSlow(key, val string, tok uint64, lease clientv3.LeaseID, mode putMode, modRev int64) (written, error) {
 	for range maxWriteAttempts {
 		ctx, cancel := context.WithTimeout(b.ctx, b.attempt)
 		resp, err := b.client.Get(ctx, key)
@@ -119,6 +122,14 @@ func (b *Backend) putSlow(key, val string, tok uint64, lease clientv3.LeaseID, m
 				t = stored
 			}
 			cmp = clientv3.Compare(clientv3.ModRevision(key), "=", kv.ModRevision)
+		} else if mode == putRestore {
+			taken, _, err := b.changedByOther(key, modRev)
+			if err != nil {
+				return written{}, err
+			}
+			if taken {
+				return written{}, errTakenOver
+			}
 		}
 		ctx, cancel = context.WithTimeout(b.ctx, b.attempt)
 		tr, err := b.client.Txn(ctx).If(cmp).Then(clientv3.OpPut(key, encodeValue(val, t, 0), clientv3.WithLease(lease))).Commit()
@@ -177,10 +188,24 @@ func (b *Backend) remove(ctx context.Context, key string, prev *reg) error {
 	return fmt.Errorf("key %s: changed by other writers %d times in a row", key, maxWriteAttempts)
 }
 
-// changedByOther reports whether the first change of key after revision
-// modRev (b's own last write of it) was a put by another session, rather
-// than a deletion; known is false when the history cannot tell (modRev 0,
-// or compacted away).
+// changedByOther reports whether another session put key after revision
+// modRev (b's own last write of it); known is false when the history
+// cannot tell (modRev 0, or compacted away). Callers ask about a key that
+// changed since (it is missing, or on another lease), so the watch from
+// modRev+1 delivers at least one event; the check reads the first response
+// that has events, and every event in it. A watch that starts in the past
+// gets, in that first response, every change up to the store's revision
+// when it caught up (etcd sends a watcher's backlog at once), which covers
+// what the caller read before. The whole backlog counts, not only its
+// first change: during a store stall b's lease can expire (a delete),
+// another agent take the key over afresh (a put) and that agent's lease
+// expire too (a delete), leaving the key missing as if only b's lease had
+// run out; writing it back then would bring an older token after a newer
+// one.
+//
+// (Not a progress notification to learn that the backlog was all sent:
+// etcd 3.4.23, the fault suite's, was seen to send it ahead of the
+// watch's events.)
 func (b *Backend) changedByOther(key string, modRev int64) (taken, known bool, err error) {
 	if modRev == 0 {
 		return false, false, nil
@@ -194,10 +219,15 @@ func (b *Backend) changedByOther(key string, modRev int64) (taken, known bool, e
 		if err := resp.Err(); err != nil {
 			return false, false, err
 		}
-		if len(resp.Events) > 0 {
-			ev := resp.Events[0]
-			return ev.Type == clientv3.EventTypePut && !b.ours(clientv3.LeaseID(ev.Kv.Lease)), true, nil
+		if len(resp.Events) == 0 {
+			continue
 		}
+		for _, ev := range resp.Events {
+			if ev.Type == clientv3.EventTypePut && !b.ours(clientv3.LeaseID(ev.Kv.Lease)) {
+				return true, true, nil
+			}
+		}
+		return false, true, nil
 	}
 	if err := ctx.Err(); err != nil {
 		return false, false, err
@@ -336,10 +366,15 @@ func (b *Backend) repairMissing(key string, lease clientv3.LeaseID) error {
 	if err != nil {
 		return err
 	}
-	if len(resp.Kvs) > 0 && clientv3.LeaseID(resp.Kvs[0].Lease) == lease {
-		return nil // attached since the pass listed the lease's keys
-	}
-	if len(resp.Kvs) == 0 {
+	if len(resp.Kvs) > 0 {
+		switch l := clientv3.LeaseID(resp.Kvs[0].Lease); {
+		case l == lease:
+			return nil // attached since the pass listed the lease's keys
+		case !b.ours(l):
+			b.dropLost(key, r) // taken over through another agent
+			return nil
+		}
+	} else {
 		// Missing: erased (write it again), or taken over through another
 		// agent and then removed there (its owner is gone: it must not come
 		// back). The key's first change after b's own last write tells.
@@ -355,7 +390,7 @@ func (b *Backend) repairMissing(key string, lease clientv3.LeaseID) error {
 			return nil
 		}
 	}
-	w, err := b.putSlow(key, r.val, r.token, lease, putRestore)
+	w, err := b.putSlow(key, r.val, r.token, lease, putRestore, r.modRev)
 	switch {
 	case errors.Is(err, errTakenOver):
 		b.dropLost(key, r)
