@@ -49,11 +49,12 @@ faults:
 
 # The membership checker of issue 11 (faults/checker_test.go) for
 # SOAKTIME (default 10m) of random operations and faults; make test runs it
-# for 20s. SEED=n replays a run's choices.
+# for 20s. SEED=n replays a run's choices; a failed run writes its whole
+# history to soak-history.txt.
 SOAKTIME ?= 10m
 SEED ?= 0
 soak:
-	$(GO) test -race -count=1 -v -run 'TestMembershipChecker' -timeout 60m ./faults/ -args -checker.strict -checker.duration=$(SOAKTIME) -checker.seed=$(SEED)
+	$(GO) test -race -count=1 -v -run 'TestMembershipChecker' -timeout 60m ./faults/ -args -checker.strict -checker.duration=$(SOAKTIME) -checker.seed=$(SEED) -checker.history=$(CURDIR)/soak-history.txt
 
 # Every fuzz target of every package, FUZZTIME each (default 60s).
 fuzz:

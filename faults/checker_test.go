@@ -32,6 +32,7 @@ var (
 	checkerSeed     = flag.Uint64("checker.seed", 0, "seed of TestMembershipChecker (also CHECKER_SEED); 0 picks one")
 	checkerDuration = flag.Duration("checker.duration", 0, "how long TestMembershipChecker runs operations and faults (also CHECKER_DURATION); default 20s")
 	checkerStrict   = flag.Bool("checker.strict", false, "fail on every violation of invariants 3 and 4 (make soak); without it a few are logged as issue 11's known gap")
+	checkerHistory  = flag.String("checker.history", "", "file to write the whole history to, as text, when TestMembershipChecker fails")
 )
 
 // The shape of a checker run.
@@ -103,6 +104,13 @@ func TestMembershipChecker(t *testing.T) {
 	c.run(duration)
 	h := c.quiesce()
 	c.report(h)
+	if t.Failed() && *checkerHistory != "" {
+		if err := os.WriteFile(*checkerHistory, []byte(h.dump()), 0o644); err != nil {
+			t.Errorf("writing the history: %v", err)
+		} else {
+			t.Logf("history written to %s", *checkerHistory)
+		}
+	}
 }
 
 type checker struct {

@@ -27,7 +27,8 @@
 //     operation and every stream update is recorded, and the invariants of
 //     history_test.go are checked on the history at quiescence (each check
 //     is shown failing on hand-made histories in history_check_test.go).
-//     make soak runs it for 10 minutes; -checker.seed replays a seed.
+//     make soak runs it for 10 minutes; -checker.seed replays a seed, and
+//     -checker.history=FILE writes a failed run's whole history to FILE.
 //
 // FuzzHTTPPutBody and FuzzRPCClientReplies fuzz the decoders that have no
 // fuzz target in their own package; `make fuzz` runs every fuzz target of

@@ -187,6 +187,12 @@ func TestCheckOwnership(t *testing.T) {
 	// hold it: not_found is right.
 	closeAtOnce := op{ID: 3, Kind: opCloseAtOnce, Session: "x3", Agent: "a2", Key: kA, Start: at(6), End: at(7), Err: "unknown"}
 	wantViolations(t, checkOwnership(&history{Ops: []op{owner, closeAtOnce, probe(opProbeUnregister, "not_found: unknown")}}), 0)
+	// The owner's session ended while the probe ran: its registration
+	// went with it, and not_found is right; not before the owner ended.
+	kill := op{ID: 4, Kind: opKillClient, Session: "s1", Agent: owner.Agent, Start: at(10), End: at(12)}
+	wantViolations(t, checkOwnership(&history{Ops: []op{owner, kill, probe(opProbeUnregister, "not_found: unknown")}}), 0)
+	kill.Start = at(11)
+	wantViolations(t, checkOwnership(&history{Ops: []op{owner, kill, probe(opProbeUnregister, "not_found: unknown")}}), 1, "want permission_denied")
 	// A probe whose connection died with its agent got no answer.
 	wantViolations(t, checkOwnership(&history{Ops: []op{owner, probe(opProbeUnregister, "rpc: connection is shut down")}}), 0)
 	for _, bad := range []op{probe(opProbeHeartbeat, ""), probe(opProbeUnregister, ""), probe(opProbeHeartbeat, "not_found: unknown")} {

@@ -131,6 +131,44 @@ type history struct {
 	KnownGaps []string
 }
 
+// dump is h as text, one line per operation or update in time order, for
+// reading a failed run (-checker.history).
+func (h *history) dump() string {
+	type line struct {
+		at   time.Time
+		text string
+	}
+	var lines []line
+	for _, o := range h.Ops {
+		lines = append(lines, line{o.Start, o.String()})
+	}
+	for _, s := range h.Streams {
+		for _, u := range s.Updates {
+			state := "offline"
+			if u.Online {
+				state = "online"
+			}
+			if s.Kind == streamLeader {
+				state = "leader"
+			}
+			lines = append(lines, line{u.At, fmt.Sprintf("%s %s: %s %s Created %d op %s snapshot=%v", ts(u.At), s.ID, u.Addr, state, u.Created, u.Op, u.Snapshot)})
+		}
+		if s.Ended != "" {
+			lines = append(lines, line{time.Time{}, fmt.Sprintf("%s ended: %s", s.ID, s.Ended)})
+		}
+	}
+	slices.SortStableFunc(lines, func(a, b line) int { return a.at.Compare(b.at) })
+	var b strings.Builder
+	for _, l := range lines {
+		b.WriteString(l.text)
+		b.WriteByte('\n')
+	}
+	for _, k := range slices.SortedFunc(maps.Keys(h.Store), func(a, b regKey) int { return strings.Compare(a.String(), b.String()) }) {
+		fmt.Fprintf(&b, "stored at quiescence: %s Created %d op %s\n", k, h.Store[k].Created, h.Store[k].Op)
+	}
+	return b.String()
+}
+
 // The model of who holds a key. A key's state is the set of states it may
 // be in, given the outcomes seen so far: free, or held by a session through
 // the version written by one register operation. A failed call leaves both
@@ -642,14 +680,20 @@ func checkNoFalseOffline(h *history) []string {
 // ownerAgent returns the agent of the last successful register of probe's
 // key that ended before the probe started ("" if none).
 func ownerAgent(h *history, probe op) string {
-	agent := ""
+	agent, _ := lastRegister(h, probe)
+	return agent
+}
+
+// lastRegister returns the agent and the session of the last successful
+// register of probe's key that ended before the probe started.
+func lastRegister(h *history, probe op) (agent, session string) {
 	var end time.Time
 	for _, o := range h.Ops {
 		if o.Kind == opRegister && o.Err == "" && o.Key == probe.Key && o.End.Before(probe.Start) && o.End.After(end) {
-			agent, end = o.Agent, o.End
+			agent, session, end = o.Agent, o.Session, o.End
 		}
 	}
-	return agent
+	return agent, session
 }
 
 // uncertainSince reports whether an operation of unknown outcome on
@@ -688,6 +732,7 @@ func formerOwner(h *history, probe op) bool {
 
 func checkOwnership(h *history) []string {
 	var out []string
+	m := replay(h)
 	for _, o := range h.Ops {
 		if o.Kind != opProbeHeartbeat && o.Kind != opProbeUnregister {
 			continue
@@ -702,6 +747,13 @@ func checkOwnership(h *history) []string {
 		// the store is not asked on a Heartbeat or Unregister.
 		if strings.HasPrefix(o.Err, notFound) && (ownerAgent(h, o) != o.Agent || uncertainSince(h, o)) {
 			continue
+		}
+		// The owner's session ended (closed, killed) before the probe was
+		// answered: its registration went with it, and not_found is right.
+		if _, owner := lastRegister(h, o); strings.HasPrefix(o.Err, notFound) && owner != "" {
+			if at, dead := m.dead[owner]; dead && at.Before(o.End) {
+				continue
+			}
 		}
 		// Known gap (issue 11 stays open on it): a former owner whose
 		// registration was taken over through another agent is still
@@ -723,7 +775,6 @@ func checkOwnership(h *history) []string {
 			out = append(out, fmt.Sprintf("%s: a session that does not own %s got %q, want %s", o, o.Key, got, permissionDenied))
 		}
 	}
-	m := replay(h)
 	for _, f := range falseOfflines(h) {
 		t := f.Tenure
 		if t.Previous == "" {
