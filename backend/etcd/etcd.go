@@ -388,7 +388,12 @@ func (b *Backend) register(ctx context.Context, name, addr string, attrs map[str
 		if prev == nil {
 			delete(b.regs, key)
 		} else {
-			b.regs[key] = &reg{val: prev.val, token: next.token} // not known to be stored any more
+			// Not known to be stored any more. prev's last write stays
+			// the point from which the key's history tells a takeover
+			// (a restore reads it): this write, if it was applied, is
+			// b's own; with 0 a restore could not tell, and would write
+			// back a registration another agent took over meanwhile.
+			b.regs[key] = &reg{val: prev.val, token: next.token, modRev: prev.modRev}
 		}
 	}
 	b.mu.Unlock()

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 
@@ -828,5 +829,58 @@ func TestTakenOverAfterDeletionStaysRemoved(t *testing.T) {
 				t.Fatalf("the store holds %d keys (%v), want only %s", len(resp.Kvs), resp.Kvs, addr(1))
 			}
 		})
+	}
+}
+
+// TestFailedRegisterKeepsHistoryCheck: a Register that fails while the
+// store is down leaves the backend holding its previous registration of
+// the key; if another backend took that key over and removed it before,
+// the restore after a lost lease must still see it in the key's history
+// and drop it, not write it back with its old token.
+func TestFailedRegisterKeepsHistoryCheck(t *testing.T) {
+	t.Parallel()
+	c := etcdtest.NewCluster(t, 1)
+	ctx := ctxT(t)
+	former := mustOpen(t, c.Endpoints(), time.Second)
+	owner := mustOpen(t, c.Endpoints(), time.Second)
+	cli := mustClient(t, c.Endpoints())
+	const name = "failed"
+	key := etcd.DefaultPrefix + name + "/" + addr(0)
+	if err := former.Register(ctx, name, addr(0), map[string]string{"v": "1"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := owner.Register(ctx, name, addr(0), map[string]string{"by": "owner"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := owner.Unregister(ctx, name, addr(0)); err != nil {
+		t.Fatal(err)
+	}
+	c.Member(0).Stop()
+	rctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+	err := former.Register(rctx, name, addr(0), map[string]string{"v": "2"})
+	cancel()
+	if err == nil {
+		t.Fatal("Register with the store down = nil error")
+	}
+	if err := c.Member(0).Restart(); err != nil {
+		t.Fatal(err)
+	}
+	// The restarted member extends the lease; lose it, unless it was
+	// lost already (the keeper gave up on it while the member was down).
+	if _, err := cli.Revoke(ctx, etcd.LeaseOf(former)); err != nil && !errors.Is(err, rpctypes.ErrLeaseNotFound) {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(waitTimeout)
+	for st := former.SessionState(); st.Established < 2 || !st.Live; st = former.SessionState() {
+		if time.Now().After(deadline) {
+			t.Fatalf("no renewal within %v: %+v", waitTimeout, st)
+		}
+		time.Sleep(20 * time.Millisecond) // polling SessionState: it has no change notification
+	}
+	if resp, err := cli.Get(ctx, key); err != nil || len(resp.Kvs) > 0 {
+		t.Fatalf("key in the store after the renewal (%v, %v): the former owner wrote it back", resp, err)
+	}
+	if st := former.SessionState(); st.Lost != 1 {
+		t.Errorf("SessionState %+v, want Lost 1", st)
 	}
 }

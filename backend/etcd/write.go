@@ -356,8 +356,17 @@ func (b *Backend) repairExtra(key string, lease clientv3.LeaseID) error {
 func (b *Backend) repairMissing(key string, lease clientv3.LeaseID) error {
 	b.mu.Lock()
 	r := b.regs[key]
+	var (
+		stored bool
+		val    string
+		tok    uint64
+		modRev int64
+	)
+	if r != nil {
+		stored, val, tok, modRev = r.stored, r.val, r.token, r.modRev
+	}
 	b.mu.Unlock()
-	if r == nil || !r.stored {
+	if !stored {
 		return nil
 	}
 	ctx, cancel := context.WithTimeout(b.ctx, b.attempt)
@@ -377,11 +386,11 @@ func (b *Backend) repairMissing(key string, lease clientv3.LeaseID) error {
 	} else {
 		// Missing: erased (write it again), or taken over through another
 		// agent and then removed there (its owner is gone: it must not come
-		// back). The key's first change after b's own last write tells.
+		// back). The key's history since b's own last write tells.
 		// When the history cannot tell, the registration is dropped all
 		// the same: its client, whose heartbeats fail from then on,
 		// registers it again afresh.
-		taken, known, err := b.changedByOther(key, r.modRev)
+		taken, known, err := b.changedByOther(key, modRev)
 		if err != nil {
 			return err
 		}
@@ -390,7 +399,7 @@ func (b *Backend) repairMissing(key string, lease clientv3.LeaseID) error {
 			return nil
 		}
 	}
-	w, err := b.putSlow(key, r.val, r.token, lease, putRestore, r.modRev)
+	w, err := b.putSlow(key, val, tok, lease, putRestore, modRev)
 	switch {
 	case errors.Is(err, errTakenOver):
 		b.dropLost(key, r)
