@@ -260,6 +260,9 @@ func TestSecureAgentACL(t *testing.T) {
 			{"GET", "/services/web", "Bearer wrong", 403},
 			{"GET", "/services", "Bearer wrong", 403},
 			{"GET", "/health", "", 200},
+			// A bad name is a bad request before it is a denied one.
+			{"GET", "/services/-web", "", 400},
+			{"PUT", "/services/web%2Cx/instances/10.0.0.5:80", "", 400},
 		} {
 			code, body := sa.do(t, tt.method, tt.path, tt.auth)
 			if code != tt.want {

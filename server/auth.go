@@ -163,8 +163,15 @@ func (s *Server) authorize(pattern string, h http.HandlerFunc) http.HandlerFunc 
 	}
 	return func(w http.ResponseWriter, r *http.Request) {
 		if s.auth.acl() != nil {
+			// A bad name is a bad request whoever sends it, as on RPC
+			// (allowRPC): 400 before the ACL's 403.
+			name := r.PathValue("name")
+			if err := api.ValidateName(name); err != nil {
+				s.writeError(w, "authorize", err)
+				return
+			}
 			cred, credErr := credentialOf(r, true)
-			if err := s.check("http", r.RemoteAddr, cred, credErr, rt, r.PathValue("name")); err != nil {
+			if err := s.check("http", r.RemoteAddr, cred, credErr, rt, name); err != nil {
 				s.writeError(w, "authorize", err)
 				return
 			}
