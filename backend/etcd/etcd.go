@@ -168,6 +168,11 @@ type reg struct {
 	stored bool   // the store holds val for this key on the current lease
 	token  uint64 // its fencing token (Created); 0 until the first write tells it
 	modRev int64  // the key's ModRevision after b's last write of it; 0 if unknown
+	// writing: a Register's write of it is in flight. A renewal leaves it
+	// to that writer, which writes it again on the new lease (with the
+	// token its first write got; a restore meanwhile would not know the
+	// token and create the key with a fresh one).
+	writing bool
 }
 
 // Timeouts of internal operations.
@@ -342,12 +347,15 @@ func (b *Backend) register(ctx context.Context, name, addr string, attrs map[str
 	b.regs[key] = next
 	owned := prev != nil && prev.stored
 	mode := putTakeover
+	replacedOnce := false
 	for {
 		tok := next.token
+		next.writing = true
 		b.mu.Unlock()
 		var w written
 		w, err = b.put(ctx, key, val, tok, lease, owned, mode)
 		b.mu.Lock()
+		next.writing = false
 		if err == nil && b.lease == lease {
 			// The lease was current from before the write to after it: a
 			// renewal, if one follows, restores next after this write. A
@@ -374,6 +382,7 @@ func (b *Backend) register(ctx context.Context, name, addr string, attrs map[str
 		if !replaced {
 			break
 		}
+		replacedOnce = true
 		// The lease was declared lost during the write. The renewal may
 		// have restored next before this write reached the store, moving
 		// the key back onto the old lease (or it failed on it): write
@@ -393,7 +402,10 @@ func (b *Backend) register(ctx context.Context, name, addr string, attrs map[str
 			// (a restore reads it): this write, if it was applied, is
 			// b's own; with 0 a restore could not tell, and would write
 			// back a registration another agent took over meanwhile.
-			b.regs[key] = &reg{val: prev.val, token: next.token, modRev: prev.modRev}
+			// After a renewal that left this key to this writer, the
+			// store may not hold prev: marked stored, the anti-entropy
+			// writes it back if it is missing (after the history check).
+			b.regs[key] = &reg{val: prev.val, token: next.token, modRev: prev.modRev, stored: replacedOnce}
 		}
 	}
 	b.mu.Unlock()

@@ -37,7 +37,12 @@ import (
 //     regs, checked under mu, and publishes the lease in that same
 //     critical section: a registration forgotten or changed while it ran
 //     (Unregister does not wait for the lease) is deleted or written again
-//     before anyone can see the new lease.
+//     before anyone can see the new lease. It skips a registration whose
+//     writer's write is still in flight (reg.writing): that writer writes
+//     again on the new lease with the token its first write got, which
+//     the renewal cannot know (it would create the key with a fresh token,
+//     and subscribers who saw the first write would see the instance
+//     replaced).
 
 // leaseLost marks lease as lost, if it is still the current one, and wakes
 // the keeper. Writers then wait for the renewal.
@@ -332,7 +337,7 @@ func (b *Backend) restore(rn *renewal) error {
 		var items []item
 		b.mu.Lock()
 		for _, k := range slices.Sorted(maps.Keys(b.regs)) {
-			if r := b.regs[k]; done[k] != r {
+			if r := b.regs[k]; done[k] != r && !r.writing {
 				items = append(items, item{k, r, r.val, r.token, r.modRev})
 			}
 		}
@@ -343,7 +348,9 @@ func (b *Backend) restore(rn *renewal) error {
 		}
 		if len(items) == 0 {
 			for _, r := range b.regs {
-				r.stored = true
+				if !r.writing { // its writer says, after its write again
+					r.stored = true
+				}
 			}
 			b.lease, b.pending = lease, 0
 			b.leases++
