@@ -383,10 +383,10 @@ func (b *Backend) register(ctx context.Context, name, addr string, attrs map[str
 			break
 		}
 		replacedOnce = true
-		// The lease was declared lost during the write. The renewal may
-		// have restored next before this write reached the store, moving
-		// the key back onto the old lease (or it failed on it): write
-		// again on the new lease.
+		// The lease was declared lost during the write, and the renewal
+		// left next to this writer (reg.writing): the write landed on the
+		// old lease, or failed on it. Write again on the new lease, with
+		// the token the first write got if it told one (putRetake).
 		if lease, err = b.lockLease(ctx); err != nil {
 			break
 		}
