@@ -187,6 +187,14 @@ func TestCheckOwnership(t *testing.T) {
 	// hold it: not_found is right.
 	closeAtOnce := op{ID: 3, Kind: opCloseAtOnce, Session: "x3", Agent: "a2", Key: kA, Start: at(6), End: at(7), Err: "unknown"}
 	wantViolations(t, checkOwnership(&history{Ops: []op{owner, closeAtOnce, probe(opProbeUnregister, "not_found: unknown")}}), 0)
+	// A close-at-once that started before the register but whose write
+	// landed after it (a stream saw it) may have taken the key over too;
+	// one whose write was not seen after the register may not.
+	early := op{ID: 5, Kind: opCloseAtOnce, Session: "x5", Agent: "a2", Key: kA, Start: at(0), End: at(1), Err: "unknown"}
+	landed := &streamLog{ID: "subscribe web @a1", Kind: streamSubscribe, Name: kA.Name, Updates: []update{{At: at(8), Addr: kA.Addr, Online: true, Op: "5"}}}
+	wantViolations(t, checkOwnership(&history{Ops: []op{early, owner, probe(opProbeUnregister, "not_found: unknown")}, Streams: []*streamLog{landed}}), 0)
+	landed.Updates[0].At = at(-1)
+	wantViolations(t, checkOwnership(&history{Ops: []op{early, owner, probe(opProbeUnregister, "not_found: unknown")}, Streams: []*streamLog{landed}}), 1, "want permission_denied")
 	// The owner's session ended while the probe ran: its registration
 	// went with it, and not_found is right; not before the owner ended.
 	kill := op{ID: 4, Kind: opKillClient, Session: "s1", Agent: owner.Agent, Start: at(10), End: at(12)}

@@ -700,20 +700,41 @@ func lastRegister(h *history, probe op) (agent, session string) {
 // probe's key (a close-at-once, a failed register) ran between the last
 // successful register of the key and the probe: it may have taken the key
 // over through another agent and ended, so that no agent holds it and
-// not_found is a right answer.
+// not_found is a right answer. One that started earlier counts when a
+// stream saw its write land after the last register began (the agent
+// carries on with a Register whose connection closed).
 func uncertainSince(h *history, probe op) bool {
-	var last time.Time
+	var last, lastStart time.Time
 	for _, o := range h.Ops {
 		if o.Kind == opRegister && o.Err == "" && o.Key == probe.Key && o.End.Before(probe.Start) && o.End.After(last) {
-			last = o.End
+			last, lastStart = o.End, o.Start
 		}
 	}
 	for _, o := range h.Ops {
-		if o.Key != probe.Key || o.Err == "" || o.Start.Before(last) || !o.Start.Before(probe.Start) {
+		if o.Key != probe.Key || o.Err == "" || !o.Start.Before(probe.Start) {
 			continue
 		}
-		if o.Kind == opRegister || o.Kind == opCloseAtOnce {
+		if o.Kind != opRegister && o.Kind != opCloseAtOnce {
+			continue
+		}
+		if !o.Start.Before(last) || landedAfter(h, o, lastStart, probe.Start) {
 			return true
+		}
+	}
+	return false
+}
+
+// landedAfter reports whether a stream saw o's write between from and to.
+func landedAfter(h *history, o op, from, to time.Time) bool {
+	id := fmt.Sprint(o.ID)
+	for _, s := range h.Streams {
+		if s.Kind != streamSubscribe || s.Name != o.Key.Name {
+			continue
+		}
+		for _, u := range s.Updates {
+			if u.Op == id && u.Addr == o.Key.Addr && u.Online && u.At.After(from) && u.At.Before(to) {
+				return true
+			}
 		}
 	}
 	return false

@@ -385,12 +385,21 @@ func (b *Backend) register(ctx context.Context, name, addr string, attrs map[str
 		replacedOnce = true
 		// The lease was declared lost during the write, and the renewal
 		// left next to this writer (reg.writing): the write landed on the
-		// old lease, or failed on it. Write again on the new lease, with
-		// the token the first write got if it told one (putRetake).
+		// old lease, or failed on it. Write again on the new lease: with
+		// the token the first write got if it told one (putRetake);
+		// otherwise as a takeover, which gives a missing key a fresh
+		// token. next.token is then still the previous registration's,
+		// which another agent may have taken over and removed since: a
+		// missing key written back with it would bring an older token
+		// after a newer one (soak 7).
+		writeTold := err == nil
 		if lease, err = b.lockLease(ctx); err != nil {
 			break
 		}
-		owned, mode = false, putRetake
+		owned, mode = false, putTakeover
+		if writeTold {
+			mode = putRetake
+		}
 	}
 	b.mu.Lock()
 	if b.regs[key] == next { // always, under the key lock; for clarity
