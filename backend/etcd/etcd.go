@@ -386,12 +386,13 @@ func (b *Backend) register(ctx context.Context, name, addr string, attrs map[str
 		// The lease was declared lost during the write, and the renewal
 		// left next to this writer (reg.writing): the write landed on the
 		// old lease, or failed on it. Write again on the new lease: with
-		// the token the first write got if it told one (putRetake);
-		// otherwise as a takeover, which gives a missing key a fresh
-		// token. next.token is then still the previous registration's,
-		// which another agent may have taken over and removed since: a
-		// missing key written back with it would bring an older token
-		// after a newer one (soak 7).
+		// the token the first write got if it told one (putRetake).
+		// Otherwise next.token is still the previous registration's,
+		// kept only if the key's history shows no other session's put
+		// since b's last write of it (keepsToken); else as a takeover,
+		// which gives a missing key a fresh token: another agent may have
+		// taken the key over and removed it, and an older token written
+		// back would come after a newer one (soak 7).
 		writeTold := err == nil
 		if lease, err = b.lockLease(ctx); err != nil {
 			break
@@ -399,6 +400,14 @@ func (b *Backend) register(ctx context.Context, name, addr string, attrs map[str
 		owned, mode = false, putTakeover
 		if writeTold {
 			mode = putRetake
+		} else if prev != nil {
+			modRev := next.modRev
+			b.mu.Unlock()
+			keep := b.keepsToken(key, modRev)
+			b.mu.Lock()
+			if keep {
+				mode = putRetake
+			}
 		}
 	}
 	b.mu.Lock()

@@ -473,6 +473,24 @@ func (b *Backend) takenSince(key string, modRev int64) (bool, error) {
 	return taken && known, err
 }
 
+// keepsToken reports whether a Register retried after a renewal may
+// write key again with the token b knew for it: the key exists (the
+// store's token wins then), or it is missing and its history since modRev,
+// b's last write of it, holds no other session's put.
+func (b *Backend) keepsToken(key string, modRev int64) bool {
+	ctx, cancel := context.WithTimeout(b.ctx, b.attempt)
+	resp, err := b.client.Get(ctx, key)
+	cancel()
+	if err != nil {
+		return false
+	}
+	if len(resp.Kvs) > 0 {
+		return true
+	}
+	taken, known, err := b.changedByOther(key, modRev)
+	return err == nil && known && !taken
+}
+
 // dropLost stops holding r at key, which another session took over.
 func (b *Backend) dropLost(key string, r *reg) {
 	b.mu.Lock()
