@@ -743,13 +743,7 @@ func TestRestoreSkipsTakenOver(t *testing.T) {
 	if _, err := cli.Revoke(ctx, etcd.LeaseOf(former)); err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(waitTimeout)
-	for st := former.SessionState(); st.Established < 2 || !st.Live; st = former.SessionState() {
-		if time.Now().After(deadline) {
-			t.Fatalf("no restore within %v: %+v", waitTimeout, st)
-		}
-		time.Sleep(20 * time.Millisecond) // polling SessionState: it has no change notification
-	}
+	waitRenewed(t, former)
 	resp, err := cli.Get(ctx, etcd.DefaultPrefix+"restored/", clientv3.WithPrefix())
 	if err != nil {
 		t.Fatal(err)
@@ -870,17 +864,23 @@ func TestFailedRegisterKeepsHistoryCheck(t *testing.T) {
 	if _, err := cli.Revoke(ctx, etcd.LeaseOf(former)); err != nil && !errors.Is(err, rpctypes.ErrLeaseNotFound) {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(waitTimeout)
-	for st := former.SessionState(); st.Established < 2 || !st.Live; st = former.SessionState() {
-		if time.Now().After(deadline) {
-			t.Fatalf("no renewal within %v: %+v", waitTimeout, st)
-		}
-		time.Sleep(20 * time.Millisecond) // polling SessionState: it has no change notification
-	}
+	waitRenewed(t, former)
 	if resp, err := cli.Get(ctx, key); err != nil || len(resp.Kvs) > 0 {
 		t.Fatalf("key in the store after the renewal (%v, %v): the former owner wrote it back", resp, err)
 	}
 	if st := former.SessionState(); st.Lost != 1 {
 		t.Errorf("SessionState %+v, want Lost 1", st)
+	}
+}
+
+// waitRenewed waits until b has renewed its lease once and published it.
+func waitRenewed(t *testing.T, b *etcd.Backend) {
+	t.Helper()
+	deadline := time.Now().Add(waitTimeout)
+	for st := b.SessionState(); st.Established < 2 || !st.Live; st = b.SessionState() {
+		if time.Now().After(deadline) {
+			t.Fatalf("no lease renewal within %v: %+v", waitTimeout, st)
+		}
+		time.Sleep(20 * time.Millisecond) // polling SessionState: it has no change notification
 	}
 }
