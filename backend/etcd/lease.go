@@ -460,17 +460,8 @@ func (b *Backend) takenMeanwhile(key string, r *reg, modRev int64) bool {
 // takenSince reports whether key is another session's now, or was put by
 // another session after modRev (it is missing: see changedByOther).
 func (b *Backend) takenSince(key string, modRev int64) (bool, error) {
-	ctx, cancel := context.WithTimeout(b.ctx, b.attempt)
-	resp, err := b.client.Get(ctx, key)
-	cancel()
-	if err != nil {
-		return false, err
-	}
-	if len(resp.Kvs) > 0 {
-		return !b.ours(clientv3.LeaseID(resp.Kvs[0].Lease)), nil
-	}
-	taken, known, err := b.changedByOther(key, modRev)
-	return taken && known, err
+	h, err := b.keyHistory(key, modRev)
+	return h.foreign, err
 }
 
 // keepsToken reports whether a Register retried after a renewal may
@@ -478,17 +469,30 @@ func (b *Backend) takenSince(key string, modRev int64) (bool, error) {
 // store's token wins then), or it is missing and its history since modRev,
 // b's last write of it, holds no other session's put.
 func (b *Backend) keepsToken(key string, modRev int64) bool {
+	h, err := b.keyHistory(key, modRev)
+	return err == nil && (h.exists || h.known && !h.foreign)
+}
+
+// keyState is what keyHistory found: whether key exists, and whether it is
+// another session's (an existing key, by its lease) or was put by another
+// session since b's last write (a missing key, by its history; known is
+// false when the history cannot tell).
+type keyState struct{ exists, foreign, known bool }
+
+// keyHistory reads key, and the history of a missing key since modRev
+// (changedByOther).
+func (b *Backend) keyHistory(key string, modRev int64) (keyState, error) {
 	ctx, cancel := context.WithTimeout(b.ctx, b.attempt)
 	resp, err := b.client.Get(ctx, key)
 	cancel()
 	if err != nil {
-		return false
+		return keyState{}, err
 	}
 	if len(resp.Kvs) > 0 {
-		return true
+		return keyState{exists: true, foreign: !b.ours(clientv3.LeaseID(resp.Kvs[0].Lease)), known: true}, nil
 	}
 	taken, known, err := b.changedByOther(key, modRev)
-	return err == nil && known && !taken
+	return keyState{foreign: taken, known: known}, err
 }
 
 // dropLost stops holding r at key, which another session took over.
