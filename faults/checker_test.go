@@ -718,6 +718,7 @@ func (c *checker) spawnChild(rng *rand.Rand, k regKey) {
 	ch := &child{id: id, agent: a.id, out: &logBuffer{}, done: make(chan struct{})}
 	ch.cmd = exec.Command(c.childBin, "-agent", a.addr, "-name", k.Name, "-addr", k.Addr, "-op", strconv.Itoa(o.ID), "-hb", (ttl / 4).String())
 	ch.cmd.Stdout, ch.cmd.Stderr = ch.out, ch.out
+	ch.cmd.SysProcAttr = childAttr()
 	stdin, err := ch.cmd.StdinPipe()
 	if err != nil {
 		c.t.Errorf("child: %v", err)

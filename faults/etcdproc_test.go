@@ -121,6 +121,7 @@ func tryStartEtcdProcs(tb testing.TB, bin string) (*etcdProcCluster, error) {
 			"--log-level", "warn",
 		)
 		cmd.Stdout, cmd.Stderr = lb, lb
+		cmd.SysProcAttr = childAttr()
 		m := &etcdProc{name: name, cmd: cmd, log: lb, done: make(chan struct{})}
 		if err := cmd.Start(); err != nil {
 			return nil, fmt.Errorf("starting etcd %s: %w", name, err)
@@ -196,10 +197,26 @@ func (c *etcdProcCluster) signal(sig syscall.Signal) error {
 	var errs []error
 	for _, m := range c.members {
 		if err := m.cmd.Process.Signal(sig); err != nil {
-			errs = append(errs, fmt.Errorf("etcd %s: %v: %w", m.name, sig, err))
+			errs = append(errs, fmt.Errorf("etcd %s: %v: %w%s", m.name, sig, err, m.exit()))
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// exit tells how the member ended ("" while it runs): its exit status
+// (a signal when something outside the test killed it) and its last log
+// lines.
+func (m *etcdProc) exit() string {
+	select {
+	case <-m.done:
+	default:
+		return ""
+	}
+	s := m.log.String()
+	if len(s) > 2<<10 {
+		s = "..." + s[len(s)-2<<10:]
+	}
+	return fmt.Sprintf(" (%v; last output:\n%s)", m.cmd.ProcessState, s)
 }
 
 // stop resumes and kills every member and waits for them to exit.

@@ -594,6 +594,7 @@ func startProc(tb testing.TB, lb *logBuffer, args ...string) *proc {
 	args = append([]string{"-dns", ""}, args...) // agents of one test cannot share -dns's default port
 	p := &proc{cmd: exec.Command(discoverdBinary(tb), args...), Log: lb, done: make(chan struct{})}
 	p.cmd.Stdout, p.cmd.Stderr = lb, lb
+	p.cmd.SysProcAttr = childAttr()
 	from := lb.mark()
 	if err := p.cmd.Start(); err != nil {
 		tb.Fatalf("starting discoverd: %v", err)
