@@ -108,6 +108,7 @@ type Agent struct {
 	mu       sync.Mutex
 	closed   bool
 	regs     map[regKey]*registration
+	expiry   expiry              // the registrations of regs that can expire, by last heartbeat
 	orphans  map[regKey]struct{} // keys that may still be in the store without being held here
 	watches  map[string]*watch
 	sessions int
@@ -202,6 +203,7 @@ func (a *Agent) Close() error {
 	}
 	a.closed = true
 	a.regs = make(map[regKey]*registration)
+	a.expiry = expiry{}
 	a.orphans = make(map[regKey]struct{})
 	a.sessions = 0
 	a.mu.Unlock()
@@ -319,12 +321,7 @@ func (a *Agent) sweep(now time.Time) {
 		a.mu.Unlock()
 		return
 	}
-	var keys []regKey
-	for k, r := range a.regs {
-		if !r.owner.kept && now.Sub(r.beat) > a.cfg.TTL {
-			keys = append(keys, k)
-		}
-	}
+	keys := a.expiry.expired(now, a.cfg.TTL)
 	// While orphan retries back off, the store is believed down: expiries
 	// are done in memory and their keys join the orphans.
 	storeOK := !now.Before(a.orphanNext)

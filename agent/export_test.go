@@ -57,11 +57,12 @@ func HoldFake(s *Session, name string, n int) {
 	a := s.a
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	now := a.clock.Now()
 	for i := range n {
 		k := regKey{name, fmt.Sprintf("10.%d.%d.%d:80", i>>16&255, i>>8&255, i&255)}
-		a.regs[k] = &registration{owner: s, attrs: map[string]string{"v": "1"}, beat: now}
+		r := &registration{key: k, owner: s, attrs: map[string]string{"v": "1"}}
+		a.regs[k] = r
 		s.regs[k] = struct{}{}
+		a.beatLocked(r)
 	}
 }
 

@@ -14,10 +14,15 @@ type regKey struct{ name, addr string }
 
 // registration is one name/addr held by this agent. Guarded by Agent.mu.
 type registration struct {
+	key   regKey
 	owner *Session
 	attrs map[string]string // as last written to the store
-	beat  time.Time         // last Register or Heartbeat
+	beat  time.Time         // last Register or Heartbeat (beatLocked)
 	dirty bool              // a write of attrs failed: the store may hold others
+
+	// Links in the agent's expiry list (expiry.go); listed while on it.
+	prev, next *registration
+	listed     bool
 }
 
 // Session groups the registrations of one client connection. A
@@ -258,7 +263,7 @@ func (s *Session) keepWrite(ctx context.Context, w *regWrite) error {
 		return errSessionClosed
 	}
 	if r == nil {
-		r = &registration{owner: s}
+		r = &registration{key: k, owner: s}
 		a.regs[k] = r
 		s.regs[k] = struct{}{}
 	} else if r.owner != s && !s.closed {
@@ -270,7 +275,7 @@ func (s *Session) keepWrite(ctx context.Context, w *regWrite) error {
 	// meanwhile keeps the attributes just written.
 	r.attrs = w.attrs
 	r.dirty = false
-	r.beat = a.clock.Now()
+	a.beatLocked(r)
 	closed := s.closed
 	a.mu.Unlock()
 	if closed {
@@ -299,7 +304,7 @@ func (s *Session) refreshLocked(k regKey, attrs map[string]string) (done bool, e
 	if r == nil || r.dirty || r.owner != s || !maps.Equal(r.attrs, attrs) {
 		return false, nil
 	}
-	r.beat = s.a.clock.Now()
+	s.a.beatLocked(r)
 	return true, nil
 }
 
@@ -356,7 +361,7 @@ func (s *Session) Heartbeat(ctx context.Context, args api.Args) error {
 	if err := s.ownerErrLocked(k, r, false); err != nil {
 		return err
 	}
-	r.beat = a.clock.Now()
+	a.beatLocked(r)
 	return nil
 }
 
@@ -428,6 +433,7 @@ func (s *Session) Unregister(ctx context.Context, args api.Args) error {
 func (a *Agent) forgetLocked(k regKey, r *registration) {
 	delete(a.regs, k)
 	delete(r.owner.regs, k)
+	a.expiry.remove(r)
 }
 
 // Close unregisters every registration the session owns and ends the
