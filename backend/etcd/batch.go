@@ -17,12 +17,8 @@ import (
 // Writes made concurrently are gathered into one transaction instead:
 // a writer goroutine takes the oldest queued write, adds whatever else is
 // queued at that moment, and sends them at once. Nothing waits for
-// company (no timer), and batches form only while transactions are in
-// flight, which is when they help. A lone write (nothing queued, a
-// transaction slot free) is sent by its caller itself, without the
-// hand-off to a writer goroutine and back: on a quiet agent that is the
-// common case, one call at a time per connection. At most batchWriters
-// transactions are in flight, whoever sends them.
+// company (no timer): a lone write is sent as soon as a writer is free,
+// and batches form only while writers are busy, which is when they help.
 //
 // Rules of a transaction: at most batchOps writes and about batchBytes
 // of keys and values (etcd refuses more than 128 operations or 1.5 MiB
@@ -46,7 +42,7 @@ import (
 
 // Batching limits.
 const (
-	batchWriters = 4             // transactions in flight at once (writer goroutines, and slots)
+	batchWriters = 4             // transactions in flight at once
 	batchOps     = maxTxnOps / 2 // writes per transaction: each is a nested transaction, whose operations etcd counts against the --max-txn-ops budget (128) left by the outer one
 	batchBytes   = 1 << 19       // bytes of keys and values per transaction (etcd's limit is 1.5 MiB); a larger write goes alone
 	batchQueue   = 1024          // writes queued for the writers; callers block while it is full
@@ -73,8 +69,6 @@ type batcher struct {
 	maxOps   int
 	maxBytes int
 	queue    chan *write
-	slots    chan struct{} // one token per transaction in flight; capacity: the writers
-	waiting  atomic.Int64  // writes queued and not yet sent or abandoned (in the queue or held by a writer)
 	wg       sync.WaitGroup
 }
 
@@ -114,7 +108,6 @@ func newBatcher(ctx context.Context, commit commitFunc, timeout time.Duration, w
 		maxOps:   maxOps,
 		maxBytes: maxBytes,
 		queue:    make(chan *write, queued),
-		slots:    make(chan struct{}, writers),
 	}
 	q.wg.Add(writers)
 	for range writers {
@@ -138,18 +131,12 @@ func (q *batcher) wait() { q.wg.Wait() }
 // when the batcher closes (backend.ErrClosed) or its timeout passes (the
 // commit's error); the write may then have been applied or not.
 func (q *batcher) do(ctx context.Context, key string, lease clientv3.LeaseID, size int, op func(seq int) clientv3.Op) (outcome, error) {
-	if out, sent, err := q.sendAlone(ctx, op); sent {
-		return out, err
-	}
 	w := &write{ctx: ctx, op: op, key: key, lease: lease, size: size, done: make(chan result, 1)}
-	q.waiting.Add(1)
 	select {
 	case q.queue <- w:
 	case <-ctx.Done():
-		q.waiting.Add(-1)
 		return outcome{}, ctx.Err()
 	case <-q.ctx.Done():
-		q.waiting.Add(-1)
 		return outcome{}, backend.ErrClosed
 	}
 	var gaveUp error
@@ -162,40 +149,10 @@ func (q *batcher) do(ctx context.Context, key string, lease clientv3.LeaseID, si
 		gaveUp = backend.ErrClosed
 	}
 	if w.state.CompareAndSwap(writeQueued, writeAbandoned) {
-		q.waiting.Add(-1)
 		return outcome{}, gaveUp
 	}
 	r := <-w.done // sent: wait for its outcome
 	return r.out, q.result(r.err)
-}
-
-// sendAlone sends op as a transaction of its own from the caller's
-// goroutine when no write waits for a writer and a transaction slot is
-// free; sent reports whether it did (else the write goes through the
-// queue). A write waiting, even one a writer holds for a slot, keeps
-// later writes behind it, so that a stream of lone writes cannot keep
-// the writers from a slot.
-func (q *batcher) sendAlone(ctx context.Context, op func(seq int) clientv3.Op) (out outcome, sent bool, err error) {
-	if q.waiting.Load() != 0 {
-		return outcome{}, false, nil
-	}
-	select {
-	case q.slots <- struct{}{}:
-	default:
-		return outcome{}, false, nil
-	}
-	defer func() { <-q.slots }()
-	if err := ctx.Err(); err != nil {
-		return outcome{}, true, err
-	}
-	if q.ctx.Err() != nil {
-		return outcome{}, true, backend.ErrClosed
-	}
-	resp, err := q.send([]clientv3.Op{op(0)})
-	if err != nil {
-		return outcome{}, true, q.result(err)
-	}
-	return outcome{rev: resp.Header.Revision, seq: 0, ok: succeeded(resp, 0)}, true, nil
 }
 
 // result is what the caller of a sent write gets for its transaction's
@@ -226,17 +183,9 @@ func (q *batcher) run() {
 				return
 			}
 		}
-		// A slot first, then the transaction: what is queued while
-		// every slot is busy joins it.
-		select {
-		case q.slots <- struct{}{}:
-		case <-q.ctx.Done():
-			return
-		}
 		batch, held = q.fill(batch[:0], held, keys)
 		clear(keys)
 		if len(batch) == 0 {
-			<-q.slots
 			continue // all abandoned
 		}
 		ops = ops[:0]
@@ -245,7 +194,6 @@ func (q *batcher) run() {
 			ops = append(ops, w.op(i))
 		}
 		resp, err := q.send(ops)
-		<-q.slots
 		for i, w := range batch {
 			r := result{err: err}
 			if err == nil {
@@ -283,7 +231,6 @@ func (q *batcher) fill(batch, held []*write, keys map[string]struct{}) ([]*write
 		if !w.state.CompareAndSwap(writeQueued, writeSent) {
 			return // abandoned just now
 		}
-		q.waiting.Add(-1)
 		if len(batch) == 0 {
 			lease = w.lease
 		}

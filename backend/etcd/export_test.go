@@ -52,9 +52,9 @@ func (q *Batcher) Delete(ctx context.Context, key string) error {
 	return err
 }
 
-// Queued is the number of writes waiting to be sent (in the queue, or
-// taken by a writer that waits for a transaction slot).
-func (q *Batcher) Queued() int { return int(q.waiting.Load()) }
+// Queued is the number of writes waiting in the queue (not yet taken by
+// a writer).
+func (q *Batcher) Queued() int { return len(q.queue) }
 
 func (q *Batcher) Wait() { q.wait() }
 
