@@ -24,14 +24,9 @@ import (
 	"github.com/flynn/discoverd/rpc"
 )
 
-// stallGapBudget is how many reports of invariants 3 and 4 a run
-// without -checker.strict logs instead of failing (see the checks).
-const stallGapBudget = 6
-
 var (
 	checkerSeed     = flag.Uint64("checker.seed", 0, "seed of TestMembershipChecker (also CHECKER_SEED); 0 picks one")
 	checkerDuration = flag.Duration("checker.duration", 0, "how long TestMembershipChecker runs operations and faults (also CHECKER_DURATION); default 20s")
-	checkerStrict   = flag.Bool("checker.strict", false, "fail on every violation of invariants 3 and 4 (make soak); without it a few are logged as issue 11's known gap")
 	checkerHistory  = flag.String("checker.history", "", "file to write the whole history to, as text, when TestMembershipChecker fails")
 )
 
@@ -90,8 +85,8 @@ func checkerParams(t *testing.T) (seed uint64, duration time.Duration) {
 // at the start and on failure. The interleaving depends on timing as well,
 // so a seed replays the same choices, not always the same history.
 // -checker.duration (or CHECKER_DURATION) sets the length: 20 s by default
-// (make test); make soak runs 10 minutes with -checker.strict (see
-// stallGapBudget).
+// (make test); make soak runs 10 minutes. Every run fails on any report
+// of any invariant.
 func TestMembershipChecker(t *testing.T) {
 	seed, duration := checkerParams(t)
 	t.Logf("checker seed %d, duration %v (replay: go test -race -run TestMembershipChecker ./faults/ -args -checker.seed=%d)", seed, duration, seed)
@@ -987,25 +982,8 @@ func (c *checker) report(h *history) {
 	})
 	t.Run("SubscribersConverge", func(t *testing.T) { fail(t, "invariant 1", checkConverged(h)) })
 	t.Run("UniqueCreated", func(t *testing.T) { fail(t, "invariant 2", checkUniqueCreated(h)) })
-	// Invariants 3 and 4 still break, rarely, in races around a store
-	// pause longer than the TTL (issue 11's open gap, docs/BENCHMARKS.md
-	// §9): a soak of 10 minutes sees about three of each. The short run
-	// in make test logs up to stallGapBudget such reports and fails on
-	// more, which is what a storm (every instance offline at each pause,
-	// as before round 2) or a new race gives; -checker.strict (make soak)
-	// fails on any.
-	gap := func(t *testing.T, what string, vs []string) {
-		t.Helper()
-		if *checkerStrict || len(vs) > stallGapBudget {
-			fail(t, what, vs)
-			return
-		}
-		for _, v := range vs {
-			t.Logf("known gap (issue 11, store pause): %s: %s", what, v)
-		}
-	}
-	t.Run("LeaderTokensIncrease", func(t *testing.T) { gap(t, "invariant 3", checkLeaderTokens(h)) })
-	t.Run("NoOfflineWhileOwned", func(t *testing.T) { gap(t, "invariant 4", checkNoFalseOffline(h)) })
+	t.Run("LeaderTokensIncrease", func(t *testing.T) { fail(t, "invariant 3", checkLeaderTokens(h)) })
+	t.Run("NoOfflineWhileOwned", func(t *testing.T) { fail(t, "invariant 4", checkNoFalseOffline(h)) })
 	t.Run("Ownership", func(t *testing.T) {
 		fail(t, "invariant 5", checkOwnership(h))
 		for _, g := range h.KnownGaps {

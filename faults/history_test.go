@@ -776,11 +776,13 @@ func checkOwnership(h *history) []string {
 				continue
 			}
 		}
-		// Known gap (issue 11 stays open on it): a former owner whose
+		// Known gap (docs/API.md, Ownership): a former owner whose
 		// registration was taken over through another agent is still
 		// answered by its own agent, which learns of the takeover only at
-		// its next anti-entropy pass; its Unregister deletes nothing
-		// (the store write is conditional), but reports success.
+		// its next anti-entropy pass: its heartbeats from memory, and its
+		// Unregister of a key the new owner has removed meanwhile with
+		// success (there is nothing left to delete; a key still there is
+		// refused, the store write being conditional).
 		// (Under a store outage its agent answers unavailable and retries
 		// the conditional delete, which deletes nothing either.)
 		answered := o.Err == "" || strings.HasPrefix(o.Err, string(api.CodeUnavailable))

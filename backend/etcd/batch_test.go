@@ -658,3 +658,21 @@ func TestCloseWithWritesInFlight(t *testing.T) {
 		t.Errorf("%d registrations left in the store after Close (%d acknowledged)", resp.Count, ok.Load())
 	}
 }
+
+// BenchmarkBatcherLoneWrite: one caller's writes in a row, one at a time,
+// through a commit that answers at once: the batcher's own cost per write
+// when nothing else is queued (a quiet agent, one call in flight per
+// connection), which is the hand-off to a writer goroutine and back. A
+// store write costs about a millisecond; docs/BENCHMARKS.md §12 has the
+// figures, and why sending a lone write from its caller was tried and
+// left out.
+func BenchmarkBatcherLoneWrite(b *testing.B) {
+	ctx, cancel := context.WithCancel(context.Background())
+	q := etcd.NewBatcher(ctx, func(context.Context, []clientv3.Op) error { return nil }, 4, 64, 1<<19, 1024)
+	b.Cleanup(func() { cancel(); q.Wait() })
+	for b.Loop() {
+		if err := q.Put(context.Background(), "k", "v", 1); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
