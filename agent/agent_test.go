@@ -429,6 +429,51 @@ func TestExpiry(t *testing.T) {
 	}
 }
 
+// TestExpiryKept runs in fake time: a registration of the agent's kept
+// class (a health check's) never expires by the TTL, while a connection's
+// beside it does; taken over by a connection, it expires like that
+// connection's own once its heartbeats stop.
+func TestExpiryKept(t *testing.T) {
+	t.Parallel()
+	const ttl = 10 * time.Second
+	clock := clockwork.NewFakeClock()
+	srv := etcdtest.NewServer(t)
+	a := mustAgentClock(t, mustBackend(t, srv, 10*time.Second), agent.Config{TTL: ttl}, clock)
+	sub := mustSubscribe(t, a, "web")
+	mustSnapshot(t, sub)
+	kept := a.NewKeptSession()
+	defer kept.Close()
+	conn := a.NewSession(0)
+	defer conn.Close()
+
+	mustRegister(t, kept, "web", "10.0.0.1:80", nil)
+	mustRegister(t, conn, "web", "10.0.0.2:80", nil)
+	mustNextIs(t, sub, "10.0.0.1:80", true)
+	mustNextIs(t, sub, "10.0.0.2:80", true)
+	mustAdvance(t, clock, ttl*11/10)
+	mustNextIs(t, sub, "10.0.0.2:80", false)
+	// Two more sweeps, each TTLs after the kept registration's last
+	// Register; mustAdvance returns once the sweep before has finished.
+	mustAdvance(t, clock, ttl)
+	mustAdvance(t, clock, ttl)
+	mustAdvance(t, clock, ttl)
+	if st := a.Stats(); st.Expired != 1 {
+		t.Fatalf("stats %+v: want 1 expired (the connection's only)", st)
+	}
+	ins, err := a.Instances(ctxT(t), "web")
+	if err != nil || len(ins) != 1 || ins[0].Addr != "10.0.0.1:80" {
+		t.Fatalf("Instances: %v, %v; want the kept registration alone", ins, err)
+	}
+
+	// A connection takes it over: from then on its heartbeats count.
+	mustRegister(t, conn, "web", "10.0.0.1:80", nil)
+	mustAdvance(t, clock, ttl*11/10)
+	mustNextIs(t, sub, "10.0.0.1:80", false)
+	if st := a.Stats(); st.Expired != 2 {
+		t.Fatalf("stats %+v: want 2 expired", st)
+	}
+}
+
 // TestAgentDeath: an agent whose backend drops its client without revoking
 // the lease loses its registrations after the backend TTL.
 func TestAgentDeath(t *testing.T) {

@@ -163,7 +163,7 @@ type testServer struct {
 	addr  string
 }
 
-func startServer(t *testing.T, configure func(*rpc.Server)) *testServer {
+func startServer(t testing.TB, configure func(*rpc.Server)) *testServer {
 	t.Helper()
 	srv := rpc.NewServer()
 	if configure != nil {
@@ -194,7 +194,7 @@ func startServer(t *testing.T, configure func(*rpc.Server)) *testServer {
 	return &testServer{srv: srv, arith: arith, addr: ln.Addr().String()}
 }
 
-func mustDial(t *testing.T, addr string, codec rpc.Codec) *rpc.Client {
+func mustDial(t testing.TB, addr string, codec rpc.Codec) *rpc.Client {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
 	defer cancel()
