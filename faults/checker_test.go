@@ -131,6 +131,7 @@ type checker struct {
 	keyLocks   map[regKey]*sync.Mutex
 	hbFailures int
 	hbSample   []string
+	agentLogs  []*logBuffer // of every agent started, killed ones too
 }
 
 type checkerAgent struct {
@@ -222,6 +223,35 @@ func (c *checker) record(o op) {
 	c.model.apply(o)
 }
 
+// repairs counts, in the logs of every agent of the run, what the etcd
+// backend did to keep the store equal to what its sessions hold: the
+// anti-entropy's repairs (metric discoverd_store_repairs_total), the
+// lease renewals that restored registrations, and the registrations
+// dropped because another session had taken them over.
+func (c *checker) repairs() string {
+	kinds := []struct{ what, line string }{
+		{"anti-entropy deletions", "etcd anti-entropy: deleted a key"},
+		{"anti-entropy rewrites", "etcd anti-entropy: wrote again"},
+		{"lease renewals with restores", "etcd lease renewed; registrations restored"},
+		{"registrations dropped as taken over", "registration taken over by another session; no longer held here"},
+	}
+	c.mu.Lock()
+	logs := slices.Clone(c.agentLogs)
+	c.mu.Unlock()
+	n := make([]int, len(kinds))
+	for _, lb := range logs {
+		text := lb.String()
+		for i, k := range kinds {
+			n[i] += strings.Count(text, k.line)
+		}
+	}
+	var parts []string
+	for i, k := range kinds {
+		parts = append(parts, fmt.Sprintf("%d %s", n[i], k.what))
+	}
+	return fmt.Sprintf("%s (%d agents)", strings.Join(parts, ", "), len(logs))
+}
+
 // startAgent starts an agent process on a new port, its streams and its
 // sessions. It runs on the test's goroutine.
 func (c *checker) startAgent() {
@@ -239,6 +269,7 @@ func (c *checker) startAgent() {
 	a := &checkerAgent{id: id, addr: addr, p: p, streams: sc}
 	c.mu.Lock()
 	c.agents[id] = a
+	c.agentLogs = append(c.agentLogs, lb)
 	c.mu.Unlock()
 	for _, name := range c.names {
 		c.openStream(a, streamSubscribe, name)
@@ -964,6 +995,7 @@ func (c *checker) report(h *history) {
 	c.mu.Unlock()
 	t.Logf("history: %d operations (%d failed) %v; %d streams, %d updates; %d stored registrations; %d heartbeat failures %q",
 		len(h.Ops), failed, counts, len(h.Streams), updates, len(h.Store), hbFailures, hbSample)
+	t.Logf("agents' repairs: %s", c.repairs())
 	fail := func(t *testing.T, what string, vs []string) {
 		t.Helper()
 		const show = 20
