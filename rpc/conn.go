@@ -100,9 +100,39 @@ type serverConn struct {
 
 	mu      sync.Mutex
 	dead    bool
-	ready   []*outQueue // queues with replies to write (or sources to pull), in round-robin order
+	ready   round // queues with replies to write (or sources to pull), in round-robin order
 	active  map[uint64]*serverStream
 	closing []Source // sources of ended streams, for the writer to close
+}
+
+// round is the writer's FIFO of ready queues. It reuses its array: a
+// fan-out readies one queue per stream of a connection, and a slice taken
+// from the front would be reallocated as it grows at the back.
+type round struct {
+	qs   []*outQueue // qs[head:] are waiting
+	head int
+}
+
+func (r *round) empty() bool { return r.head == len(r.qs) }
+
+func (r *round) push(q *outQueue) {
+	if len(r.qs) == cap(r.qs) && r.head > 0 {
+		n := copy(r.qs, r.qs[r.head:])
+		clear(r.qs[n:])
+		r.qs, r.head = r.qs[:n], 0
+	}
+	r.qs = append(r.qs, q)
+}
+
+// pop takes the oldest queue; the round must not be empty.
+func (r *round) pop() *outQueue {
+	q := r.qs[r.head]
+	r.qs[r.head] = nil
+	r.head++
+	if r.head == len(r.qs) {
+		r.qs, r.head = r.qs[:0], 0
+	}
+	return q
 }
 
 // outQueue holds the replies of one call waiting for the writer. The writer
@@ -158,7 +188,7 @@ func (c *serverConn) shutdown(reason error) {
 	c.closeOnce.Do(func() {
 		c.mu.Lock()
 		c.dead = true
-		c.ready = nil
+		c.ready = round{}
 		c.mu.Unlock()
 		if isDisconnect(reason) {
 			c.log.Debug("rpc: connection ended", "reason", reason)
@@ -387,7 +417,7 @@ func (c *serverConn) enqueueLocked(q *outQueue, r response) {
 	q.msgs = append(q.msgs, r)
 	if !q.queued {
 		q.queued = true
-		c.ready = append(c.ready, q)
+		c.ready.push(q)
 	}
 	select {
 	case c.wake <- struct{}{}:
@@ -426,7 +456,7 @@ func (c *serverConn) writeLoop() {
 		if len(c.closing) > 0 {
 			c.closeEnded() // unlocks and locks c.mu
 		}
-		for len(c.ready) == 0 && !c.dead {
+		for c.ready.empty() && !c.dead {
 			c.mu.Unlock()
 			if !yielded {
 				runtime.Gosched()
@@ -453,9 +483,7 @@ func (c *serverConn) writeLoop() {
 			c.mu.Unlock()
 			return
 		}
-		q := c.ready[0]
-		c.ready[0] = nil
-		c.ready = c.ready[1:]
+		q := c.ready.pop()
 		if len(q.msgs) == 0 && q.st != nil && q.st.src != nil {
 			var ok bool
 			pulled, ok = c.pullLocked(q.st)
@@ -474,7 +502,7 @@ func (c *serverConn) writeLoop() {
 		q.msgs[0] = response{}
 		q.msgs = q.msgs[1:]
 		if len(q.msgs) > 0 {
-			c.ready = append(c.ready, q)
+			c.ready.push(q)
 		} else {
 			q.queued = false
 		}

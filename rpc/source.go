@@ -121,7 +121,7 @@ func (c *serverConn) readyLocked(st *serverStream) {
 		return
 	}
 	st.q.queued = true
-	c.ready = append(c.ready, &st.q)
+	c.ready.push(&st.q)
 	select {
 	case c.wake <- struct{}{}:
 	default:
