@@ -580,7 +580,10 @@ func (s *Subscription) push(u *api.ServiceUpdate, limit int) bool {
 		s.err = api.Errorf(api.CodeResourceExhausted, "subscriber too slow: %d updates queued", live)
 		ok = false
 	} else {
-		if len(s.q) == cap(s.q) && s.head > 0 {
+		// Full, and at least half of it consumed: move the pending part
+		// to the front rather than grow. (For less, a consumer keeping
+		// just behind would have it moved on every push.)
+		if len(s.q) == cap(s.q) && s.head >= len(s.q)/2 {
 			n := copy(s.q, s.q[s.head:])
 			clear(s.q[n:])
 			s.q, s.head = s.q[:n], 0

@@ -115,8 +115,13 @@ type round struct {
 
 func (r *round) empty() bool { return r.head == len(r.qs) }
 
+// push adds q at the back. When the array is full and at least half of it
+// is already taken, the waiting queues move to its front instead of
+// growing it; moving them for less would cost as much as the pushes it
+// saves, and a writer that keeps just behind the pushes would move nearly
+// the whole array on every push.
 func (r *round) push(q *outQueue) {
-	if len(r.qs) == cap(r.qs) && r.head > 0 {
+	if len(r.qs) == cap(r.qs) && r.head >= len(r.qs)/2 {
 		n := copy(r.qs, r.qs[r.head:])
 		clear(r.qs[n:])
 		r.qs, r.head = r.qs[:n], 0
