@@ -452,8 +452,9 @@ func TestExpiryKept(t *testing.T) {
 	mustNextIs(t, sub, "10.0.0.2:80", true)
 	mustAdvance(t, clock, ttl*11/10)
 	mustNextIs(t, sub, "10.0.0.2:80", false)
-	// Two more sweeps, each TTLs after the kept registration's last
-	// Register; mustAdvance returns once the sweep before has finished.
+	// Three more sweeps, each a TTL or more after the kept registration's
+	// last Register; mustAdvance returns once the janitor waits again, so
+	// after the third the first two have finished.
 	mustAdvance(t, clock, ttl)
 	mustAdvance(t, clock, ttl)
 	mustAdvance(t, clock, ttl)
