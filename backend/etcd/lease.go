@@ -442,12 +442,12 @@ func (b *Backend) restore(rn *renewal) error {
 func (b *Backend) takenMeanwhile(key string, r *reg, modRev int64) bool {
 	var err error
 	for range restoreCheckAttempts {
-		var taken bool
-		if taken, err = b.takenSince(key, modRev); err == nil {
-			if taken {
+		var h keyState
+		if h, err = b.keyHistory(key, modRev); err == nil {
+			if h.foreign {
 				b.dropLost(key, r)
 			}
-			return taken
+			return h.foreign
 		}
 		if b.ctx.Err() != nil {
 			return false
@@ -455,13 +455,6 @@ func (b *Backend) takenMeanwhile(key string, r *reg, modRev int64) bool {
 	}
 	b.log.Warn("etcd: could not read a registration's history before restoring it; restoring it", "key", key, "error", err)
 	return false
-}
-
-// takenSince reports whether key is another session's now, or was put by
-// another session after modRev (it is missing: see changedByOther).
-func (b *Backend) takenSince(key string, modRev int64) (bool, error) {
-	h, err := b.keyHistory(key, modRev)
-	return h.foreign, err
 }
 
 // keepsToken reports whether a Register retried after a renewal may
@@ -473,11 +466,14 @@ func (b *Backend) keepsToken(key string, modRev int64) bool {
 	return err == nil && (h.exists || h.known && !h.foreign)
 }
 
-// keyState is what keyHistory found: whether key exists, and whether it is
-// another session's (an existing key, by its lease) or was put by another
-// session since b's last write (a missing key, by its history; known is
-// false when the history cannot tell).
-type keyState struct{ exists, foreign, known bool }
+// keyState is what keyHistory found: whether key exists (and on which
+// lease), and whether it is another session's (an existing key, by its
+// lease) or was put by another session since b's last write (a missing
+// key, by its history; known is false when the history cannot tell).
+type keyState struct {
+	exists, foreign, known bool
+	lease                  clientv3.LeaseID // of an existing key
+}
 
 // keyHistory reads key, and the history of a missing key since modRev
 // (changedByOther).
@@ -489,7 +485,8 @@ func (b *Backend) keyHistory(key string, modRev int64) (keyState, error) {
 		return keyState{}, err
 	}
 	if len(resp.Kvs) > 0 {
-		return keyState{exists: true, foreign: !b.ours(clientv3.LeaseID(resp.Kvs[0].Lease)), known: true}, nil
+		l := clientv3.LeaseID(resp.Kvs[0].Lease)
+		return keyState{exists: true, foreign: !b.ours(l), known: true, lease: l}, nil
 	}
 	taken, known, err := b.changedByOther(key, modRev)
 	return keyState{foreign: taken, known: known}, err

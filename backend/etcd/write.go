@@ -369,35 +369,23 @@ func (b *Backend) repairMissing(key string, lease clientv3.LeaseID) error {
 	if !stored {
 		return nil
 	}
-	ctx, cancel := context.WithTimeout(b.ctx, b.attempt)
-	resp, err := b.client.Get(ctx, key)
-	cancel()
-	if err != nil {
+	// Attached to the lease since the pass listed it: nothing to do.
+	// Another session's, or missing with another session's put in its
+	// history since b's own last write (taken over through another agent,
+	// perhaps removed there: its owner is gone, it must not come back):
+	// dropped. Missing with a history that cannot tell: dropped all the
+	// same; its client, whose heartbeats fail from then on, registers it
+	// again afresh. Otherwise (erased, or on an old lease of b's) it is
+	// written again.
+	h, err := b.keyHistory(key, modRev)
+	switch {
+	case err != nil:
 		return err
-	}
-	if len(resp.Kvs) > 0 {
-		switch l := clientv3.LeaseID(resp.Kvs[0].Lease); {
-		case l == lease:
-			return nil // attached since the pass listed the lease's keys
-		case !b.ours(l):
-			b.dropLost(key, r) // taken over through another agent
-			return nil
-		}
-	} else {
-		// Missing: erased (write it again), or taken over through another
-		// agent and then removed there (its owner is gone: it must not come
-		// back). The key's history since b's own last write tells.
-		// When the history cannot tell, the registration is dropped all
-		// the same: its client, whose heartbeats fail from then on,
-		// registers it again afresh.
-		taken, known, err := b.changedByOther(key, modRev)
-		if err != nil {
-			return err
-		}
-		if taken || !known {
-			b.dropLost(key, r)
-			return nil
-		}
+	case h.exists && h.lease == lease:
+		return nil
+	case h.foreign || !h.known:
+		b.dropLost(key, r)
+		return nil
 	}
 	w, err := b.putSlow(key, val, tok, lease, putRestore, modRev)
 	switch {
